@@ -1,0 +1,29 @@
+"""DeepSeek-V3 (arXiv 2412.19437) for the Hugging Face stack, as a plugin framework.
+
+``import modeling_deepseek_v3`` registers the built-in plugins and our classes with ``AutoConfig``,
+``AutoModel`` and ``AutoModelForCausalLM`` for ``model_type == "deepseek_v3"``.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from . import plugins, quantization  # noqa: F401  (importing registers the built-in plugins)
+from .configuration_deepseek_v3 import DeepseekV3Config
+from .modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Model, DeepseekV3PreTrainedModel
+from .registry import list_plugins, register_plugin
+from .training import ExpertBiasUpdateCallback, update_expert_bias
+
+AutoConfig.register("deepseek_v3", DeepseekV3Config, exist_ok=True)
+AutoModel.register(DeepseekV3Config, DeepseekV3Model, exist_ok=True)
+AutoModelForCausalLM.register(DeepseekV3Config, DeepseekV3ForCausalLM, exist_ok=True)
+
+__version__ = "0.1.0"
+__all__ = [
+    "DeepseekV3Config",
+    "DeepseekV3Model",
+    "DeepseekV3ForCausalLM",
+    "DeepseekV3PreTrainedModel",
+    "ExpertBiasUpdateCallback",
+    "list_plugins",
+    "register_plugin",
+    "update_expert_bias",
+]

@@ -1,0 +1,147 @@
+"""DeepseekV3Config: the released config.json, plus the fields that pick plugins and set training knobs.
+
+The class extends transformers' own ``DeepseekV3Config`` so that every official field (legacy
+``rope_scaling`` YaRN block, ``rope_theta``, ``auto_map``, ``quantization_config``, ...) loads exactly as
+transformers reads it, and a folder we save stays readable by transformers' class, vLLM and SGLang.
+"""
+
+from __future__ import annotations
+
+from transformers import DeepseekV3Config as _TransformersDeepseekV3Config
+
+from .registry import get_plugin
+
+# config field -> plugin kind it selects
+PLUGIN_FIELDS = {
+    "attention_backend": "attention",
+    "topk_method": "router",
+    "experts_backend": "experts",
+    "mtp_backend": "mtp",
+    "quantizer": "quantizer",
+}
+
+_POSITIVE_INT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "kv_lora_rank",
+    "qk_rope_head_dim",
+    "qk_nope_head_dim",
+    "v_head_dim",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "n_group",
+    "topk_group",
+    "max_position_embeddings",
+)
+_NON_NEGATIVE_INT_FIELDS = ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers")
+_NON_NEGATIVE_FLOAT_FIELDS = ("router_bias_update_speed", "aux_loss_alpha", "mtp_loss_weight", "routed_scaling_factor")
+
+
+class DeepseekV3Config(_TransformersDeepseekV3Config):
+    r"""Configuration of a DeepSeek-V3 model (arXiv 2412.19437).
+
+    Accepts every field of the released ``config.json`` (see transformers' ``DeepseekV3Config``) and adds:
+
+    attention_backend (`str`, defaults to `"mla"`):
+        Attention plugin: `"mla"` (multi-head latent attention, the paper's) or `"mha"` (plain multi-head
+        baseline of the same width, for ablations).
+    mla_absorb (`bool`, defaults to `False`):
+        MLA execution mode. `False` up-projects keys and values from the latent cache ("expanded", best for
+        training and prefill); `True` folds `W_uk` into the query and `W_uv` into the output and attends
+        directly over the latent cache ("absorbed", best for decoding). Both give the same result.
+    topk_method (`str`, defaults to `"noaux_tc"`):
+        Router plugin (the official field): `"noaux_tc"` (sigmoid scores, bias-based aux-loss-free
+        balancing, group-limited top-k) or `"greedy"` (softmax top-k with the classic auxiliary loss).
+    experts_backend (`str`, defaults to `"gather"`):
+        How the routed experts execute.
+    mtp_backend (`str`, defaults to `"sequential"`):
+        Multi-token-prediction plugin used when `num_nextn_predict_layers > 0`.
+    quantizer (`str` or `None`, defaults to `None`):
+        Quantizer plugin applied to the model after it is built (e.g. `"fp8_block"`).
+    router_bias_update_speed (`float`, defaults to 0.001):
+        γ of the aux-loss-free bias update `b_i += γ·sign(mean_load − load_i)`; 0 freezes the bias.
+    aux_loss_alpha (`float`, defaults to 0.0001):
+        α of the balance loss (sequence-wise for `noaux_tc`, batch-wise for `greedy`).
+    mtp_loss_weight (`float`, defaults to 0.3):
+        λ weighting the MTP loss in the training loss.
+    """
+
+    model_type = "deepseek_v3"
+
+    def __init__(
+        self,
+        attention_backend: str = "mla",
+        mla_absorb: bool = False,
+        topk_method: str = "noaux_tc",
+        scoring_func: str = "sigmoid",
+        experts_backend: str = "gather",
+        mtp_backend: str = "sequential",
+        quantizer: str | None = None,
+        router_bias_update_speed: float = 0.001,
+        aux_loss_alpha: float = 0.0001,
+        mtp_loss_weight: float = 0.3,
+        **kwargs,
+    ):
+        self.attention_backend = attention_backend
+        self.mla_absorb = mla_absorb
+        self.topk_method = topk_method
+        self.scoring_func = scoring_func
+        self.experts_backend = experts_backend
+        self.mtp_backend = mtp_backend
+        self.quantizer = quantizer
+        self.router_bias_update_speed = router_bias_update_speed
+        self.aux_loss_alpha = aux_loss_alpha
+        self.mtp_loss_weight = mtp_loss_weight
+        super().__init__(**kwargs)
+        self.validate_deepseek_fields()
+
+    def plugin(self, field: str) -> type:
+        """The plugin class the value of ``field`` names (a ``ValueError`` naming the field if unknown)."""
+        return get_plugin(PLUGIN_FIELDS[field], getattr(self, field), field=field)
+
+    def validate_deepseek_fields(self) -> None:
+        """Raise ``ValueError`` naming the field for any value the model cannot be built from."""
+        for field in _POSITIVE_INT_FIELDS:
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"Config field `{field}` must be a positive integer, got {value!r}.")
+        for field in _NON_NEGATIVE_INT_FIELDS:
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"Config field `{field}` must be a non-negative integer, got {value!r}.")
+        for field in _NON_NEGATIVE_FLOAT_FIELDS:
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise ValueError(f"Config field `{field}` must be a non-negative number, got {value!r}.")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+            raise ValueError(f"Config field `q_lora_rank` must be null or a positive integer, got {self.q_lora_rank!r}.")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"Config field `qk_rope_head_dim` must be even (rotary pairs), got {self.qk_rope_head_dim}.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"Config field `num_attention_heads` ({self.num_attention_heads}) must be a multiple of "
+                f"`num_key_value_heads` ({self.num_key_value_heads})."
+            )
+        if self.n_routed_experts % self.n_group:
+            raise ValueError(
+                f"Config field `n_routed_experts` ({self.n_routed_experts}) must be divisible by `n_group` ({self.n_group})."
+            )
+        if self.topk_group > self.n_group:
+            raise ValueError(f"Config field `topk_group` ({self.topk_group}) must not exceed `n_group` ({self.n_group}).")
+        selectable = self.topk_group * (self.n_routed_experts // self.n_group)
+        if self.num_experts_per_tok > selectable:
+            raise ValueError(
+                f"Config field `num_experts_per_tok` ({self.num_experts_per_tok}) exceeds the {selectable} experts that "
+                f"`topk_group`={self.topk_group} kept groups of {self.n_routed_experts // self.n_group} hold."
+            )
+        for field in PLUGIN_FIELDS:
+            if field == "quantizer" and self.quantizer is None:
+                continue
+            self.plugin(field).check_config(self)
+
+
+__all__ = ["DeepseekV3Config"]

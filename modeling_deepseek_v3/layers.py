@@ -1,0 +1,186 @@
+"""Building blocks shared by the model and its plugins: RMSNorm, rotary embedding, SwiGLU MLP, the
+DeepSeekMoE block and the decoder layer.
+
+Plugins may import this module; it composes plugins only through the config (``config.plugin(field)``),
+never by importing them, so the dependency direction stays registry <- plugins <- model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from .configuration_deepseek_v3 import DeepseekV3Config
+
+
+class DeepseekV3RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the activation dtype, then scale in the input dtype (as the reference).
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class DeepseekV3RotaryEmbedding(nn.Module):
+    """cos/sin tables for the ``qk_rope_head_dim`` rotary channels; YaRN and the other transformers rope
+    types come from ``transformers.modeling_rope_utils``."""
+
+    def __init__(self, config: DeepseekV3Config):
+        super().__init__()
+        self.config = config
+        inv_freq, self.attention_scaling = self.compute_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(config: DeepseekV3Config) -> tuple[torch.Tensor, float]:
+        """Inverse frequencies [rope/2] and the cos/sin scaling of the configured rope type."""
+        rope_type = config.rope_parameters.get("rope_type", "default")
+        if rope_type != "default":
+            return ROPE_INIT_FUNCTIONS[rope_type](config)
+        dim = config.qk_rope_head_dim
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        return 1.0 / (config.rope_parameters["rope_theta"] ** exponents), 1.0
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids [B, T] -> cos, sin [B, T, qk_rope_head_dim], both halves holding the same angles
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float32)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate ``x`` [B, heads, T, d] by the angles in ``cos``/``sin`` [B, T, d].
+
+    ``interleaved`` (the checkpoint's layout) pairs channels (0,1), (2,3), ...; the result is written in
+    the half-split layout ``[rotated evens; rotated odds]``, which is the same rotation for queries and keys
+    alike, so their dot products are unchanged and no de-interleaving copy is needed.
+    """
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        cos, sin = cos[..., :half], sin[..., :half]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    x1, x2 = x[..., :half], x[..., half:]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def yarn_softmax_scale(config: DeepseekV3Config, head_dim: int) -> float:
+    """``head_dim^-0.5``, times ``(0.1·mscale_all_dim·ln(factor) + 1)²`` under YaRN (DESIGN §4)."""
+    scale = head_dim**-0.5
+    rope = config.rope_parameters
+    factor = rope.get("factor", 1.0)
+    mscale_all_dim = rope.get("mscale_all_dim", 0)
+    if rope.get("rope_type", "default") != "default" and mscale_all_dim and factor > 1:
+        mscale = 0.1 * mscale_all_dim * math.log(factor) + 1.0
+        scale *= mscale * mscale
+    return scale
+
+
+class DeepseekV3MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(act(gate(x)) * up(x))``. Dense layers, shared and routed experts."""
+
+    def __init__(self, config: DeepseekV3Config, intermediate_size: int | None = None):
+        super().__init__()
+        intermediate_size = config.intermediate_size if intermediate_size is None else intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DeepseekV3MoE(nn.Module):
+    """DeepSeekMoE: ``h' = Σ shared FFN(u) + Σ_i g_i FFN_i(u)`` (the residual is added by the layer).
+
+    The router and the routed-expert executor are plugins; balancing and its statistics live in the router.
+    ``aux_loss`` holds the router's balance loss of the last forward (None when it computes none).
+    """
+
+    def __init__(self, config: DeepseekV3Config):
+        super().__init__()
+        self.gate = config.plugin("topk_method")(config)
+        self.experts = config.plugin("experts_backend")(config)
+        self.shared_experts = (
+            DeepseekV3MLP(config, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, seq_len, hidden_size = hidden_states.shape
+        topk_idx, topk_weight, self.aux_loss = self.gate(hidden_states)
+        routed = self.experts(hidden_states.reshape(-1, hidden_size), topk_idx, topk_weight)
+        routed = routed.view(batch_size, seq_len, hidden_size)
+        if self.shared_experts is not None:
+            routed = routed + self.shared_experts(hidden_states)
+        return routed
+
+
+class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: attention plugin, then a dense MLP (``layer_idx < first_k_dense_replace``) or MoE."""
+
+    def __init__(self, config: DeepseekV3Config, layer_idx: int):
+        super().__init__()
+        self.self_attn = config.plugin("attention_backend")(config, layer_idx)
+        is_dense = layer_idx < config.first_k_dense_replace
+        self.mlp = DeepseekV3MLP(config) if is_dense else DeepseekV3MoE(config)
+        self.input_layernorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+def linear_weight(linear: nn.Module) -> torch.Tensor:
+    """The dense weight of a Linear-like layer, dequantized if the layer stores it quantized."""
+    dequantize = getattr(linear, "dequantize_weight", None)
+    return dequantize() if callable(dequantize) else linear.weight
+
+
+__all__ = [
+    "DeepseekV3RMSNorm",
+    "DeepseekV3RotaryEmbedding",
+    "DeepseekV3MLP",
+    "DeepseekV3MoE",
+    "DeepseekV3DecoderLayer",
+    "apply_rotary",
+    "yarn_softmax_scale",
+    "linear_weight",
+]

@@ -1,0 +1,221 @@
+"""DeepSeek-V3 (arXiv 2412.19437) as transformers PreTrainedModels, composed from plugins named in the config.
+
+``DeepseekV3Model``: embeddings, ``num_hidden_layers`` decoder layers (each with the configured attention
+backend and a dense MLP or a DeepSeekMoE block with the configured router and expert executor), final norm.
+The ``num_nextn_predict_layers`` MTP modules live after them in ``model.layers`` so that their parameters sit
+at the official names ``model.layers.{num_hidden_layers + k}.*``; the main forward never runs them.
+``DeepseekV3ForCausalLM`` adds the output head, the loss and ``generate``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_deepseek_v3 import DeepseekV3Config
+from .layers import DeepseekV3DecoderLayer, DeepseekV3MoE, DeepseekV3RMSNorm, DeepseekV3RotaryEmbedding
+from .registry import AttentionPlugin, RouterPlugin
+from .training import update_expert_bias
+
+
+class DeepseekV3PreTrainedModel(PreTrainedModel):
+    config_class = DeepseekV3Config
+    config: DeepseekV3Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DeepseekV3DecoderLayer", "SequentialMTPModule"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False  # q/k and v head widths differ (192 vs 128)
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # the gather executor reads expert counts on the host
+    _can_record_outputs = {"hidden_states": DeepseekV3DecoderLayer, "attentions": AttentionPlugin}
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+
+    def __init__(self, config: DeepseekV3Config, *inputs, **kwargs):
+        super().__init__(config, *inputs, **kwargs)
+        # Checkpoints carry copies of the shared embedding/head inside each MTP layer, and MTP layers beyond the
+        # configured depth (e.g. `num_nextn_predict_layers=0`): neither is a parameter of ours.
+        built_layers = "|".join(str(i) for i in range(config.num_hidden_layers + config.num_nextn_predict_layers))
+        self._keys_to_ignore_on_load_unexpected = [
+            r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$",
+            rf"model\.layers\.(?!({built_layers})\.)\d+\.",
+        ]
+
+    def update_expert_bias(self, update_speed: float | None = None, process_group=None):
+        """One aux-loss-free balancing step from the loads counted since the last call (see ``training``)."""
+        return update_expert_bias(self, update_speed, process_group)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        # Buffers too: models are built on the meta device when loading, and non-persistent buffers are not loaded.
+        if isinstance(module, DeepseekV3RotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq(module.config)[0])
+        if isinstance(module, RouterPlugin):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if getattr(module, "tokens_per_expert", None) is not None:
+                init.zeros_(module.tokens_per_expert)
+            if getattr(module, "e_score_correction_bias", None) is not None:
+                init.zeros_(module.e_score_correction_bias)
+
+
+class DeepseekV3Model(DeepseekV3PreTrainedModel):
+    def __init__(self, config: DeepseekV3Config):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        mtp_module = config.plugin("mtp_backend") if config.num_nextn_predict_layers else None
+        self.layers = nn.ModuleList(
+            [DeepseekV3DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+            + [mtp_module(config, depth) for depth in range(config.num_nextn_predict_layers)]
+        )
+        self.norm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = DeepseekV3RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.layers[: self.config.num_hidden_layers]
+
+    @property
+    def mtp_layers(self) -> nn.ModuleList:
+        return self.layers[self.config.num_hidden_layers :]
+
+    def _check_inputs(self, input_ids, inputs_embeds, position_ids) -> None:
+        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+        if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
+            raise ValueError(f"Expected a non-empty batch of shape [batch, seq_len], got `input_ids` of shape {tuple(shape)}.")
+        if input_ids is not None and not torch.compiler.is_compiling():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"`input_ids` must lie in [0, vocab_size={self.config.vocab_size}), got values in [{low}, {high}].")
+        if not torch.compiler.is_compiling():
+            last_position = int(position_ids.max())
+            if last_position >= self.config.max_position_embeddings:
+                raise ValueError(
+                    f"Position {last_position} is beyond `max_position_embeddings`={self.config.max_position_embeddings}: "
+                    "the input (plus the cached prefix) is too long for this model."
+                )
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            device = (input_ids if input_ids is not None else inputs_embeds).device
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(seq_len, device=device) + past_seen).unsqueeze(0)
+        self._check_inputs(input_ids, inputs_embeds, position_ids)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+
+        hidden_states = inputs_embeds
+        for layer in self.decoder_layers:
+            hidden_states = layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=causal_mask,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DeepseekV3Config):
+        super().__init__(config)
+        self.model = DeepseekV3Model(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+        if config.quantizer is not None:
+            config.plugin("quantizer")(config).apply(self)
+
+    def moe_aux_loss(self) -> torch.Tensor | None:
+        """Sum of the balance losses the routers returned in the last forward (None if none did)."""
+        losses = [m.aux_loss for m in self.model.decoder_layers.modules() if isinstance(m, DeepseekV3MoE) and m.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast:
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        aux_loss = self.moe_aux_loss() if self.training else None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if aux_loss is not None:
+                loss = loss + aux_loss.to(loss.device)
+
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = ["DeepseekV3PreTrainedModel", "DeepseekV3Model", "DeepseekV3ForCausalLM"]

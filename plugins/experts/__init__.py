@@ -1,0 +1,5 @@
+"""Routed-expert executors."""
+
+from .gather import GatherScatterExperts
+
+__all__ = ["GatherScatterExperts"]

@@ -1,0 +1,5 @@
+"""Multi-token prediction modules."""
+
+from .sequential import SequentialMTPModule
+
+__all__ = ["SequentialMTPModule"]

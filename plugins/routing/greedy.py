@@ -1,0 +1,21 @@
+"""Classic softmax top-k router (``topk_method: "greedy"``) with the batch-wise auxiliary balance loss
+``α Σ f_i P_i``: the ablation baseline the paper compares aux-loss-free balancing against."""
+
+from __future__ import annotations
+
+from modeling_deepseek_v3.registry import register_plugin
+
+from .topk_router import TopKRouter
+
+
+@register_plugin("router", "greedy")
+class GreedyRouter(TopKRouter):
+    def forward(self, hidden_states):
+        probs = self.router_logits(hidden_states).softmax(dim=-1).view(-1, self.n_routed_experts)  # [N, E]
+        topk_prob, topk_idx = probs.topk(self.top_k, dim=-1, sorted=False)
+        topk_weight = self.scale_weights(topk_prob)
+        self.count_tokens(topk_idx)
+        aux_loss = None
+        if self.training and self.aux_loss_alpha > 0:
+            aux_loss = self.balance_loss(probs.unsqueeze(0), topk_idx)
+        return topk_idx, topk_weight, aux_loss

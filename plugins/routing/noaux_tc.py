@@ -1,0 +1,61 @@
+"""Aux-loss-free router (``topk_method: "noaux_tc"``): sigmoid affinities, bias-corrected group-limited top-k.
+
+Selection uses ``s_i + b_i`` with ``b`` = ``e_score_correction_bias`` (fp32, adjusted outside the gradient by
+the bias-balancing update); the gate value uses ``s_i`` alone. A group scores the sum of its two best
+``s + b``; the ``topk_group`` best groups are kept and the top ``num_experts_per_tok`` experts chosen inside them.
+While training with ``aux_loss_alpha > 0`` it also returns the complementary sequence-wise balance loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from modeling_deepseek_v3.registry import register_plugin
+
+from .topk_router import TopKRouter
+
+
+@register_plugin("router", "noaux_tc")
+class NoAuxTCRouter(TopKRouter):
+    def __init__(self, config):
+        super().__init__(config)
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_routed_experts, dtype=torch.float32))
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        if config.n_routed_experts // config.n_group < 2:
+            raise ValueError(
+                f"Config field `n_group` ({config.n_group}) leaves fewer than 2 experts per group of "
+                f"`n_routed_experts`={config.n_routed_experts}; router `noaux_tc` scores a group by its top-2 experts."
+            )
+
+    def _apply(self, fn, recurse=True):
+        # The bias is updated by ±γ steps far below bf16 resolution: it stays fp32 whatever dtype the model takes.
+        fp32_bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        if self.e_score_correction_bias.dtype != torch.float32 and fp32_bias.dtype == torch.float32:
+            self.e_score_correction_bias = fp32_bias.to(self.e_score_correction_bias.device)
+        return self
+
+    def forward(self, hidden_states: torch.Tensor):
+        batch_size, seq_len, _ = hidden_states.shape
+        scores = self.router_logits(hidden_states).sigmoid().view(-1, self.n_routed_experts)  # [N, E]
+        scores_for_choice = scores + self.e_score_correction_bias.float()
+        grouped = scores_for_choice.view(-1, self.n_group, self.n_routed_experts // self.n_group)
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [N, G]
+        group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(-1, self.n_routed_experts)
+        scores_for_choice = scores_for_choice.masked_fill(~expert_mask, float("-inf"))
+        topk_idx = scores_for_choice.topk(self.top_k, dim=-1, sorted=False).indices  # [N, K]
+        topk_weight = self.scale_weights(scores.gather(1, topk_idx))
+        self.count_tokens(topk_idx)
+
+        aux_loss = None
+        if self.training and self.aux_loss_alpha > 0:
+            # Sequence-wise: P uses the affinities normalised over all experts, per token.
+            probs = scores / scores.sum(dim=-1, keepdim=True)
+            aux_loss = self.balance_loss(probs.view(batch_size, seq_len, -1), topk_idx)
+        return topk_idx, topk_weight, aux_loss
