@@ -7,6 +7,9 @@ transformers reads it, and a folder we save stays readable by transformers' clas
 
 from __future__ import annotations
 
+import dataclasses
+from types import SimpleNamespace
+
 from transformers import DeepseekV3Config as _TransformersDeepseekV3Config
 
 from .registry import get_plugin
@@ -96,52 +99,81 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         self.router_bias_update_speed = router_bias_update_speed
         self.aux_loss_alpha = aux_loss_alpha
         self.mtp_loss_weight = mtp_loss_weight
+        # Check before transformers' own validators run, so that the error names the field the user wrote.
+        validate_fields(self._incoming_values(kwargs))
         super().__init__(**kwargs)
-        self.validate_deepseek_fields()
+
+    def _incoming_values(self, kwargs: dict) -> SimpleNamespace:
+        values = {f.name: f.default for f in dataclasses.fields(_TransformersDeepseekV3Config) if f.default is not dataclasses.MISSING}
+        for key, value in kwargs.items():
+            values[self.attribute_map.get(key, key)] = value
+        values.update({field: getattr(self, field) for field in _OWN_FIELDS})
+        if values.get("num_key_value_heads") is None:
+            values["num_key_value_heads"] = values["num_attention_heads"]
+        return SimpleNamespace(**values)
 
     def plugin(self, field: str) -> type:
         """The plugin class the value of ``field`` names (a ``ValueError`` naming the field if unknown)."""
-        return get_plugin(PLUGIN_FIELDS[field], getattr(self, field), field=field)
+        return plugin_for(self, field)
 
-    def validate_deepseek_fields(self) -> None:
-        """Raise ``ValueError`` naming the field for any value the model cannot be built from."""
-        for field in _POSITIVE_INT_FIELDS:
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"Config field `{field}` must be a positive integer, got {value!r}.")
-        for field in _NON_NEGATIVE_INT_FIELDS:
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"Config field `{field}` must be a non-negative integer, got {value!r}.")
-        for field in _NON_NEGATIVE_FLOAT_FIELDS:
-            value = getattr(self, field)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-                raise ValueError(f"Config field `{field}` must be a non-negative number, got {value!r}.")
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
-            raise ValueError(f"Config field `q_lora_rank` must be null or a positive integer, got {self.q_lora_rank!r}.")
-        if self.qk_rope_head_dim % 2:
-            raise ValueError(f"Config field `qk_rope_head_dim` must be even (rotary pairs), got {self.qk_rope_head_dim}.")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"Config field `num_attention_heads` ({self.num_attention_heads}) must be a multiple of "
-                f"`num_key_value_heads` ({self.num_key_value_heads})."
-            )
-        if self.n_routed_experts % self.n_group:
-            raise ValueError(
-                f"Config field `n_routed_experts` ({self.n_routed_experts}) must be divisible by `n_group` ({self.n_group})."
-            )
-        if self.topk_group > self.n_group:
-            raise ValueError(f"Config field `topk_group` ({self.topk_group}) must not exceed `n_group` ({self.n_group}).")
-        selectable = self.topk_group * (self.n_routed_experts // self.n_group)
-        if self.num_experts_per_tok > selectable:
-            raise ValueError(
-                f"Config field `num_experts_per_tok` ({self.num_experts_per_tok}) exceeds the {selectable} experts that "
-                f"`topk_group`={self.topk_group} kept groups of {self.n_routed_experts // self.n_group} hold."
-            )
-        for field in PLUGIN_FIELDS:
-            if field == "quantizer" and self.quantizer is None:
-                continue
-            self.plugin(field).check_config(self)
+
+_OWN_FIELDS = (
+    "attention_backend",
+    "mla_absorb",
+    "topk_method",
+    "scoring_func",
+    "experts_backend",
+    "mtp_backend",
+    "quantizer",
+    "router_bias_update_speed",
+    "aux_loss_alpha",
+    "mtp_loss_weight",
+)
+
+
+def plugin_for(config, field: str) -> type:
+    return get_plugin(PLUGIN_FIELDS[field], getattr(config, field), field=field)
+
+
+def validate_fields(config) -> None:
+    """Raise ``ValueError`` naming the field for any value a model cannot be built from."""
+    for field in _POSITIVE_INT_FIELDS:
+        value = getattr(config, field)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"Config field `{field}` must be a positive integer, got {value!r}.")
+    for field in _NON_NEGATIVE_INT_FIELDS:
+        value = getattr(config, field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"Config field `{field}` must be a non-negative integer, got {value!r}.")
+    for field in _NON_NEGATIVE_FLOAT_FIELDS:
+        value = getattr(config, field)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+            raise ValueError(f"Config field `{field}` must be a non-negative number, got {value!r}.")
+    if config.q_lora_rank is not None and (not isinstance(config.q_lora_rank, int) or config.q_lora_rank <= 0):
+        raise ValueError(f"Config field `q_lora_rank` must be null or a positive integer, got {config.q_lora_rank!r}.")
+    if config.qk_rope_head_dim % 2:
+        raise ValueError(f"Config field `qk_rope_head_dim` must be even (rotary pairs), got {config.qk_rope_head_dim}.")
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ValueError(
+            f"Config field `num_attention_heads` ({config.num_attention_heads}) must be a multiple of "
+            f"`num_key_value_heads` ({config.num_key_value_heads})."
+        )
+    if config.n_routed_experts % config.n_group:
+        raise ValueError(
+            f"Config field `n_routed_experts` ({config.n_routed_experts}) must be divisible by `n_group` ({config.n_group})."
+        )
+    if config.topk_group > config.n_group:
+        raise ValueError(f"Config field `topk_group` ({config.topk_group}) must not exceed `n_group` ({config.n_group}).")
+    selectable = config.topk_group * (config.n_routed_experts // config.n_group)
+    if config.num_experts_per_tok > selectable:
+        raise ValueError(
+            f"Config field `num_experts_per_tok` ({config.num_experts_per_tok}) exceeds the {selectable} experts that "
+            f"`topk_group`={config.topk_group} kept groups of {config.n_routed_experts // config.n_group} hold."
+        )
+    for field in PLUGIN_FIELDS:
+        if field == "quantizer" and config.quantizer is None:
+            continue
+        plugin_for(config, field).check_config(config)
 
 
 __all__ = ["DeepseekV3Config"]

@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny DeepSeek-V3 configs and official-layout checkpoint folders built on the spot."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import transformers  # noqa: E402
+
+import modeling_deepseek_v3  # noqa: E402,F401
+from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+YARN = {
+    "type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 32,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
+
+
+def tiny_config(**overrides) -> DeepseekV3Config:
+    """A DeepSeek-V3 with every feature switched on (q-LoRA, 2 expert groups, YaRN, a dense first layer)."""
+    fields = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=12,
+        v_head_dim=10,
+        n_routed_experts=8,
+        n_group=2,
+        topk_group=1,
+        num_experts_per_tok=3,
+        first_k_dense_replace=1,
+        n_shared_experts=1,
+        num_nextn_predict_layers=0,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+        rope_scaling=dict(YARN),
+        rope_theta=10000.0,
+    )
+    fields.update(overrides)
+    return DeepseekV3Config(**fields)
+
+
+def build_model(config: DeepseekV3Config, seed: int = 0) -> DeepseekV3ForCausalLM:
+    """A randomly initialised fp32 model whose router biases are non-zero (so tests exercise them)."""
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0.0, 0.2)
+    return model
+
+
+def save_checkpoint(config: DeepseekV3Config, folder, seed: int = 0) -> str:
+    build_model(config, seed).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """Folder of an official-layout tiny checkpoint (fp32)."""
+    return save_checkpoint(tiny_config(), tmp_path / "tiny")
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.float() - expected.float()).norm() / expected.float().norm())

@@ -1,0 +1,109 @@
+"""Config: the released config.json loads unchanged; plugin fields; validation errors name the field."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import transformers
+from conftest import tiny_config
+
+from modeling_deepseek_v3 import DeepseekV3Config
+
+OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "deepseek_v3_official_config.json"
+
+
+@pytest.fixture
+def official_dict():
+    if not OFFICIAL.exists():
+        pytest.skip(f"official config fixture not found at {OFFICIAL}")
+    return json.loads(OFFICIAL.read_text())
+
+
+def test_official_config_loads_unchanged(official_dict, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(official_dict))
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, DeepseekV3Config)
+    for field in ("hidden_size", "num_hidden_layers", "n_routed_experts", "n_group", "topk_group", "kv_lora_rank",
+                  "q_lora_rank", "topk_method", "scoring_func", "num_nextn_predict_layers", "routed_scaling_factor",
+                  "quantization_config", "auto_map", "first_k_dense_replace", "moe_layer_freq", "ep_size"):
+        assert getattr(config, field) == official_dict[field], field
+    rope = config.rope_parameters
+    assert rope["rope_type"] == "yarn" and rope["factor"] == 40 and rope["rope_theta"] == 10000
+    assert rope["original_max_position_embeddings"] == 4096 and rope["mscale_all_dim"] == 1.0
+    # The paper's choices are what the official file selects.
+    assert (config.attention_backend, config.topk_method, config.quantizer) == ("mla", "noaux_tc", None)
+
+
+def test_official_softmax_scale_has_yarn_mscale(official_dict):
+    from modeling_deepseek_v3.layers import yarn_softmax_scale
+
+    config = DeepseekV3Config(**official_dict)
+    expected = 192**-0.5 * (0.1 * 1.0 * math.log(40) + 1) ** 2
+    assert yarn_softmax_scale(config, 192) == pytest.approx(expected, rel=1e-12)
+
+
+def test_transformers5_rope_parameters_load():
+    config = tiny_config(rope_scaling=None, rope_parameters={"rope_type": "yarn", "rope_theta": 5000.0, "factor": 2.0,
+                                                              "original_max_position_embeddings": 64, "mscale_all_dim": 1.0})
+    assert config.rope_parameters["rope_type"] == "yarn" and config.rope_parameters["rope_theta"] == 5000.0
+
+
+def test_config_round_trip_keeps_plugin_fields(tmp_path):
+    config = tiny_config(attention_backend="mha", topk_method="greedy", mla_absorb=True, router_bias_update_speed=0.01)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["attention_backend"] == "mha" and saved["topk_method"] == "greedy" and saved["model_type"] == "deepseek_v3"
+    again = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert (again.attention_backend, again.topk_method, again.mla_absorb, again.router_bias_update_speed) == ("mha", "greedy", True, 0.01)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(attention_backend="flash_mla_v9"), "attention_backend"),
+        (dict(topk_method="sinkhorn"), "topk_method"),
+        (dict(experts_backend="nope"), "experts_backend"),
+        (dict(quantizer="int3"), "quantizer"),
+        (dict(mtp_backend="parallel"), "mtp_backend"),
+    ],
+)
+def test_unknown_plugin_names_list_registered(overrides, field):
+    with pytest.raises(ValueError, match=rf"`{field}`.*registered"):
+        tiny_config(**overrides)
+
+
+def test_unknown_attention_backend_lists_names():
+    with pytest.raises(ValueError) as error:
+        tiny_config(attention_backend="flash_mla_v9")
+    assert "'mla'" in str(error.value) and "'mha'" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(n_routed_experts=10, n_group=4), "n_routed_experts"),
+        (dict(topk_group=3, n_group=2), "topk_group"),
+        (dict(num_experts_per_tok=5, n_group=2, topk_group=1), "num_experts_per_tok"),
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(num_hidden_layers=-1), "num_hidden_layers"),
+        (dict(kv_lora_rank=0), "kv_lora_rank"),
+        (dict(q_lora_rank=0), "q_lora_rank"),
+        (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
+        (dict(n_routed_experts=8, n_group=8, topk_group=2, num_experts_per_tok=2), "n_group"),
+        (dict(router_bias_update_speed=-0.001), "router_bias_update_speed"),
+        (dict(aux_loss_alpha=-1.0), "aux_loss_alpha"),
+        (dict(mtp_loss_weight=-0.3), "mtp_loss_weight"),
+        (dict(num_nextn_predict_layers=-1), "num_nextn_predict_layers"),
+    ],
+)
+def test_bad_values_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=rf"`{field}`"):
+        tiny_config(**overrides)
+
+
+def test_greedy_router_does_not_need_groups():
+    config = tiny_config(topk_method="greedy", n_group=8, topk_group=8, num_experts_per_tok=2)
+    assert config.topk_method == "greedy"
