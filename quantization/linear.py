@@ -1,0 +1,341 @@
+"""FP8 linear layers: the paper's training recipe and the checkpoint's inference format.
+
+* ``FP8TrainingLinear`` — a drop-in ``nn.Linear`` (same parameters, same state dict) whose three GEMMs run
+  in FP8 E4M3 with fp32 accumulation (DeepSeek-V3 §3.3, Fig. 6):
+
+  ====================  ========================  ==========================  ======================
+  GEMM                  A operand (1×128 tiles)   B operand                   output
+  ====================  ========================  ==========================  ======================
+  Fprop  y  = x Wᵀ      x, per token              W, 128×128 blocks           model dtype
+  Dgrad  dx = dy W      dy, per token             Wᵀ, 128×128 blocks          model dtype
+  Wgrad  dW = dyᵀ x     dyᵀ, 128 tokens × 1 chan   xᵀ, 128 tokens × 1 chan     weight dtype
+  ====================  ========================  ==========================  ======================
+
+  The master weight and its gradient stay in the model dtype; FP8 copies live only inside the autograd
+  function (the forward keeps the FP8 ``xᵀ`` for Wgrad instead of the high-precision input, as the paper
+  caches activations in FP8), so nothing FP8 reaches the optimizer.
+
+* ``FP8Linear`` — inference with weights kept in the checkpoint format: ``weight`` (float8_e4m3fn
+  ``[out, in]``) and ``weight_scale_inv`` (fp32 ``[ceil(out/128), ceil(in/128)]``); activations are
+  quantized per 1×128 tile on the fly.
+
+Both run the Triton kernels on CUDA GPUs with FP8 tensor cores (compute capability 8.9+) and otherwise
+the PyTorch references of ``formats`` (one warning per process): the numbers are the same FP8 numbers,
+only slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch import nn
+
+from . import formats
+from .formats import BLOCK, ceil_div
+
+
+# ---------------------------------------------------------------------------------------------------
+# dispatch: Triton where FP8 tensor cores exist, the references elsewhere
+# ---------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_fp8_supported(device_index: int) -> bool:
+    if torch.cuda.get_device_capability(device_index) < (8, 9):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_warned_fallback = False
+
+
+def use_triton(device: torch.device) -> bool:
+    """True on a CUDA GPU with FP8 support and triton installed; otherwise warn once and use the reference."""
+    global _warned_fallback
+    if device.type == "cuda" and _triton_fp8_supported(device.index if device.index is not None else torch.cuda.current_device()):
+        return True
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(
+            f"FP8 kernels need a CUDA GPU with FP8 support (compute capability 8.9+) and triton; running on "
+            f"{device} with the PyTorch reference implementation instead (same FP8 numerics, much slower).",
+            stacklevel=3,
+        )
+    return False
+
+
+def quantize_act(x: torch.Tensor, power_of_two: bool = False, name: str = "input"):
+    """1×128 tiles: ``[M, K] -> (fp8 [M, K], scale [M, ceil(K/128)])``."""
+    if use_triton(x.device):
+        from .kernels import act_quant_1x128
+
+        return act_quant_1x128(x, power_of_two, name)
+    return formats.quantize_act_1x128(x, power_of_two, name)
+
+
+def quantize_act_transposed(x: torch.Tensor, power_of_two: bool = False, name: str = "input"):
+    """128×1 tiles, transposed: ``[M, K] -> (fp8 [K, M], scale [K, ceil(M/128)])``."""
+    if use_triton(x.device):
+        from .kernels import act_quant_128x1_transposed
+
+        return act_quant_128x1_transposed(x, power_of_two, name)
+    return formats.quantize_act_128x1_transposed(x, power_of_two, name)
+
+
+def quantize_weight(w: torch.Tensor, power_of_two: bool = False, name: str = "weight"):
+    """128×128 blocks: ``[N, K] -> (fp8 [N, K], weight_scale_inv [ceil(N/128), ceil(K/128)])``."""
+    if use_triton(w.device):
+        from .kernels import weight_quant_128x128
+
+        return weight_quant_128x128(w, power_of_two, name)
+    return formats.quantize_weight_128x128(w, power_of_two, name)
+
+
+def fp8_matmul(a, a_scale, b, b_scale, b_scale_rows: int = BLOCK, out_dtype: torch.dtype = torch.bfloat16):
+    """``A @ Bᵀ`` of two scaled FP8 operands with fp32 accumulation (see ``formats.fp8_gemm_reference``)."""
+    if use_triton(a.device):
+        from .kernels import fp8_gemm
+
+        return fp8_gemm(a, a_scale, b, b_scale, b_scale_rows, out_dtype)
+    return formats.fp8_gemm_reference(a, a_scale, b, b_scale, b_scale_rows, out_dtype)
+
+
+def fp8_grouped_matmul(a, a_scale, b, b_scale, m_offsets, out_dtype: torch.dtype = torch.bfloat16):
+    """Per-expert ``A_e @ B_eᵀ`` for tokens sorted by expert (see ``formats.fp8_grouped_gemm_reference``)."""
+    if use_triton(a.device):
+        from .kernels import fp8_grouped_gemm
+
+        return fp8_grouped_gemm(a, a_scale, b, b_scale, m_offsets, out_dtype)
+    return formats.fp8_grouped_gemm_reference(a, a_scale, b, b_scale, m_offsets, out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------------
+
+
+class FP8LinearFunction(torch.autograd.Function):
+    """``y = x Wᵀ + b`` with Fprop, Dgrad and Wgrad in FP8 (see the table in the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, power_of_two: bool = False):
+        out_features, in_features = weight.shape
+        x2d = x.reshape(-1, in_features)
+        x_q, x_s = quantize_act(x2d, power_of_two, "input")
+        w_q, w_s = quantize_weight(weight, power_of_two, "weight")
+        y = fp8_matmul(x_q, x_s, w_q, w_s, BLOCK, x.dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        if ctx.needs_input_grad[1]:
+            # Wgrad reduces over tokens: keep x in FP8 with 128-token tiles (already transposed) rather than x itself
+            ctx.x_t = quantize_act_transposed(x2d, power_of_two, "input")
+        else:
+            ctx.x_t = None
+        ctx.save_for_backward(w_q, w_s)
+        ctx.power_of_two = power_of_two
+        ctx.shapes = (x.shape, x.dtype, weight.dtype, bias is not None)
+        return y.view(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        w_q, w_s = ctx.saved_tensors
+        x_shape, x_dtype, w_dtype, has_bias = ctx.shapes
+        out_features = w_q.shape[0]
+        g2d = grad_out.reshape(-1, out_features)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # Dgrad: dy tiled 1×128 along out_features; Wᵀ keeps the 128×128 blocks, scales transposed
+            g_q, g_s = quantize_act(g2d, ctx.power_of_two, "grad_output")
+            grad_x = fp8_matmul(g_q, g_s, w_q.t().contiguous(), w_s.t().contiguous(), BLOCK, x_dtype).view(x_shape)
+        if ctx.needs_input_grad[1]:
+            # Wgrad: both operands tiled 128 tokens × 1 channel, laid out [channels, tokens]
+            g_t, g_ts = quantize_act_transposed(g2d, ctx.power_of_two, "grad_output")
+            x_t, x_ts = ctx.x_t
+            grad_w = fp8_matmul(g_t, g_ts, x_t, x_ts, 1, w_dtype)
+        if has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2d.float().sum(0).to(w_dtype)
+        ctx.x_t = None
+        return grad_x, grad_w, grad_b, None
+
+
+class FP8TrainingLinear(nn.Linear):
+    """``nn.Linear`` whose forward and backward GEMMs run in FP8 (DeepSeek-V3 §3.3).
+
+    Parameters, their names, dtypes and initialization are ``nn.Linear``'s, so checkpoints, optimizers,
+    FSDP and ``save_pretrained`` see an ordinary Linear.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, power_of_two_scales: bool = False):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.power_of_two_scales = power_of_two_scales
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, power_of_two_scales: bool = False) -> "FP8TrainingLinear":
+        """Wrap an existing ``nn.Linear``, sharing (not copying) its parameters."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.power_of_two_scales = power_of_two_scales
+        new.train(linear.training)
+        return new
+
+    def to_linear(self) -> nn.Linear:
+        """The plain ``nn.Linear`` with the same (shared) parameters."""
+        linear = nn.Linear.__new__(nn.Linear)
+        nn.Module.__init__(linear)
+        linear.in_features, linear.out_features = self.in_features, self.out_features
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"FP8TrainingLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}.")
+        if x.numel() == 0:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        return FP8LinearFunction.apply(x, self.weight, self.bias, self.power_of_two_scales)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", fp8=e4m3, power_of_two_scales={self.power_of_two_scales}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# inference: the checkpoint's FP8 weight format
+# ---------------------------------------------------------------------------------------------------
+
+
+class FP8Linear(nn.Module):
+    """Linear layer holding ``weight`` (float8_e4m3fn ``[out, in]``) and ``weight_scale_inv`` (fp32
+    ``[ceil(out/128), ceil(in/128)]``) as in the released checkpoint; activations quantized per 1×128 tile.
+
+    The output has the input's dtype. Not trainable: fine-tune with ``FP8TrainingLinear`` instead.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None,
+                 power_of_two_scales: bool = False, bias_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.power_of_two_scales = power_of_two_scales
+        self.weight = nn.Parameter(
+            torch.zeros(out_features, in_features, dtype=formats.FP8_DTYPE, device=device), requires_grad=False
+        )
+        self.weight_scale_inv = nn.Parameter(
+            torch.ones(ceil_div(out_features, BLOCK), ceil_div(in_features, BLOCK), dtype=torch.float32, device=device),
+            requires_grad=False,
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, power_of_two_scales: bool = False) -> "FP8Linear":
+        """Quantize a high-precision ``nn.Linear`` (or ``FP8TrainingLinear``) per 128×128 block."""
+        weight = linear.weight.detach()
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.device,
+                  power_of_two_scales, linear.bias.dtype if linear.bias is not None else torch.bfloat16)
+        q, s = quantize_weight(weight, power_of_two_scales, "weight")
+        new.weight.data.copy_(q)
+        new.weight_scale_inv.data.copy_(s)
+        if linear.bias is not None:
+            new.bias.data.copy_(linear.bias.detach())
+        return new
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """``weight * weight_scale_inv`` per 128×128 block."""
+        return formats.dequantize_weight_128x128(self.weight, self.weight_scale_inv, dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> nn.Linear:
+        """A plain ``nn.Linear`` with the dequantized weight."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.dequantize_weight(dtype))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"FP8Linear expects inputs [..., {self.in_features}], got {tuple(x.shape)}.")
+        out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
+        if x.numel() == 0:
+            return x.new_zeros(*x.shape[:-1], self.out_features, dtype=out_dtype)
+        x_q, x_s = quantize_act(x.reshape(-1, self.in_features), self.power_of_two_scales, "input")
+        y = fp8_matmul(x_q, x_s, self.weight, self.weight_scale_inv, BLOCK, out_dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(out_dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8=e4m3 128x128"
+
+
+# ---------------------------------------------------------------------------------------------------
+# routed experts: one grouped GEMM for all experts
+# ---------------------------------------------------------------------------------------------------
+
+
+def stack_expert_weights(linears, power_of_two_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[E, N, K]`` FP8 weights and ``[E, ceil(N/128), ceil(K/128)]`` scales from one projection of every
+    expert (``FP8Linear`` are taken as stored; other linears are quantized)."""
+    weights, scales = [], []
+    for linear in linears:
+        if isinstance(linear, FP8Linear):
+            q, s = linear.weight.detach(), linear.weight_scale_inv.detach()
+        else:
+            q, s = quantize_weight(linear.weight.detach(), power_of_two_scales, "weight")
+        weights.append(q)
+        scales.append(s)
+    return torch.stack(weights), torch.stack(scales)
+
+
+def fp8_grouped_linear(x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, weight: torch.Tensor,
+                       weight_scale_inv: torch.Tensor, power_of_two_scales: bool = False) -> torch.Tensor:
+    """``out[rows of e] = x_sorted[rows of e] @ weight[e]ᵀ`` for all experts in one grouped FP8 GEMM.
+
+    ``x_sorted [T, K]`` holds the tokens sorted by expert, ``tokens_per_expert [E]`` how many each expert got
+    (a device tensor; on the GPU path it is never copied to the host). ``weight [E, N, K]`` fp8 and
+    ``weight_scale_inv [E, ceil(N/128), ceil(K/128)]`` as built by ``stack_expert_weights``. Inference only
+    (no autograd). Returns ``[T, N]`` in ``x_sorted``'s dtype.
+    """
+    if tokens_per_expert.dim() != 1 or tokens_per_expert.numel() != weight.shape[0]:
+        raise ValueError(
+            f"`tokens_per_expert` must have one entry per expert ({weight.shape[0]}), got {tuple(tokens_per_expert.shape)}."
+        )
+    m_offsets = torch.zeros(weight.shape[0] + 1, dtype=torch.int32, device=x_sorted.device)
+    m_offsets[1:] = torch.cumsum(tokens_per_expert.to(device=x_sorted.device), 0)
+    if x_sorted.shape[0] == 0:
+        return x_sorted.new_zeros(0, weight.shape[1])
+    x_q, x_s = quantize_act(x_sorted, power_of_two_scales, "x_sorted")
+    return fp8_grouped_matmul(x_q, x_s, weight, weight_scale_inv, m_offsets, x_sorted.dtype)
+
+
+def fp8_grouped_expert_mlp(experts, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, act_fn=None,
+                           power_of_two_scales: bool = False) -> torch.Tensor:
+    """The routed experts' SwiGLU MLPs, ``down(act(gate(x)) * up(x))``, as three grouped FP8 GEMMs.
+
+    ``experts`` is the ``nn.ModuleList`` at ``mlp.experts`` (each with ``gate_proj``, ``up_proj``,
+    ``down_proj``; ``nn.Linear``, ``FP8TrainingLinear`` or ``FP8Linear``). The stacked FP8 weights are cached on
+    the list and rebuilt when any expert weight changes. Inference only: no autograd through the GEMMs.
+    """
+    act_fn = act_fn or nn.functional.silu
+    stamp = tuple((e.gate_proj.weight.data_ptr(), e.gate_proj.weight._version, e.up_proj.weight._version,
+                   e.down_proj.weight._version) for e in experts)
+    cache = getattr(experts, "_fp8_stacked", None)
+    if cache is None or cache[0] != stamp:
+        stacked = {p: stack_expert_weights([getattr(e, p) for e in experts], power_of_two_scales)
+                   for p in ("gate_proj", "up_proj", "down_proj")}
+        cache = (stamp, stacked)
+        experts._fp8_stacked = cache
+    stacked = cache[1]
+    gate = fp8_grouped_linear(x_sorted, tokens_per_expert, *stacked["gate_proj"], power_of_two_scales)
+    up = fp8_grouped_linear(x_sorted, tokens_per_expert, *stacked["up_proj"], power_of_two_scales)
+    return fp8_grouped_linear(act_fn(gate) * up, tokens_per_expert, *stacked["down_proj"], power_of_two_scales)
