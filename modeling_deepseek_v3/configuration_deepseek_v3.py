@@ -102,9 +102,28 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         # Check before transformers' own validators run, so that the error names the field the user wrote.
         validate_fields(self._incoming_values(kwargs))
         super().__init__(**kwargs)
+        # The official FP8 block dispatches to our quantizer (checkpoint.py); it still serializes as "fp8".
+        if getattr(self, "quantization_config", None) is not None:
+            from .checkpoint import as_quantization_config
+
+            self.quantization_config = as_quantization_config(self.quantization_config)
+
+    def to_dict(self):
+        output = super().to_dict()
+        # vLLM, SGLang and transformers < 5 read YaRN from the legacy `rope_scaling` field; transformers 5 reads
+        # `rope_parameters` and accepts both side by side.
+        rope = output.get("rope_parameters")
+        if output.get("rope_scaling") is None and isinstance(rope, dict) and rope.get("rope_type", "default") != "default":
+            legacy = {k: v for k, v in rope.items() if k not in ("rope_theta", "rope_type")}
+            legacy["type"] = rope["rope_type"]
+            output["rope_scaling"] = legacy
+        return output
 
     def _incoming_values(self, kwargs: dict) -> SimpleNamespace:
-        values = {f.name: f.default for f in dataclasses.fields(_TransformersDeepseekV3Config) if f.default is not dataclasses.MISSING}
+        values = {}
+        for f in dataclasses.fields(_TransformersDeepseekV3Config):
+            if f.default is not dataclasses.MISSING:
+                values[self.attribute_map.get(f.name, f.name)] = f.default
         for key, value in kwargs.items():
             values[self.attribute_map.get(key, key)] = value
         values.update({field: getattr(self, field) for field in _OWN_FIELDS})

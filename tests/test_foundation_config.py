@@ -28,8 +28,11 @@ def test_official_config_loads_unchanged(official_dict, tmp_path):
     assert isinstance(config, DeepseekV3Config)
     for field in ("hidden_size", "num_hidden_layers", "n_routed_experts", "n_group", "topk_group", "kv_lora_rank",
                   "q_lora_rank", "topk_method", "scoring_func", "num_nextn_predict_layers", "routed_scaling_factor",
-                  "quantization_config", "auto_map", "first_k_dense_replace", "moe_layer_freq", "ep_size"):
+                  "auto_map", "first_k_dense_replace", "moe_layer_freq", "ep_size"):
         assert getattr(config, field) == official_dict[field], field
+    quantization = config.quantization_config
+    quantization = quantization.to_dict() if hasattr(quantization, "to_dict") else quantization
+    assert official_dict["quantization_config"].items() <= quantization.items()
     rope = config.rope_parameters
     assert rope["rope_type"] == "yarn" and rope["factor"] == 40 and rope["rope_theta"] == 10000
     assert rope["original_max_position_embeddings"] == 4096 and rope["mscale_all_dim"] == 1.0

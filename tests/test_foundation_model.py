@@ -225,3 +225,14 @@ def test_wheel_holds_only_our_namespace(tmp_path):
     assert "modeling_deepseek_v3/plugins/attention/mla.py" in names
     assert "modeling_deepseek_v3/quantization/__init__.py" in names
     assert not any(name.startswith(("plugins/", "quantization/")) for name in names)
+
+
+def test_demo_main_job_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "modeling_deepseek_v3.demo", "--steps", "2", "--batch-size", "2",
+         "--max-new-tokens", "4", "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Reloaded model generates the same tokens." in result.stdout
+    assert (tmp_path / "model" / "config.json").exists()
