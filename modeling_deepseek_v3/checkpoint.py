@@ -1,0 +1,583 @@
+"""The released DeepSeek-V3 checkpoint layout, both ways (DESIGN §3).
+
+Loading
+    bf16/fp32 folders need nothing special: our parameters sit at the official names. FP8 folders carry
+    ``quantization_config = {quant_method: "fp8", fmt: "e4m3", weight_block_size: [128, 128], ...}``.
+    transformers maps ``"fp8"`` to its own ``FineGrainedFP8HfQuantizer``, whose layers are not ours and whose
+    CPU path rejects sides that are not multiples of 128 (``kv_a_proj_with_mqa`` has 576 rows). So
+    ``DeepseekV3Config`` turns that block into a :class:`DeepseekV3FP8Config`, whose ``quant_method`` is the
+    key we register with transformers' quantizer registry (``register_quantization_config`` /
+    ``register_quantizer``), while its ``to_dict`` writes the official block back unchanged. transformers'
+    ``from_pretrained`` then drives :class:`DeepseekV3FP8HfQuantizer` through its normal machinery (index,
+    ``dtype``, ``device_map``, meta-device init): before the weights are read it swaps every eligible Linear for
+    ``quantization.FP8Linear`` (parameters ``weight`` e4m3 and ``weight_scale_inv`` fp32 — the checkpoint's own
+    names, so no renaming is needed and the tensors load byte for byte).
+
+    ``dequantize`` picks the mode, as with transformers' ``FineGrainedFP8Config``: ``False`` keeps FP8;
+    ``True`` replaces each ``FP8Linear`` after loading by an ``nn.Linear`` of the load ``dtype`` holding
+    ``weight * weight_scale_inv``; ``None`` (default) keeps FP8 when CUDA is available, dequantizes otherwise.
+    Pass it as ``from_pretrained(path, quantization_config=DeepseekV3FP8Config(dequantize=True))``
+    (``FineGrainedFP8Config(dequantize=True)`` is accepted too).
+
+    Before any tensor is read, every checkpoint file is checked from its header (:func:`validate_checkpoint_files`):
+    truncated/corrupt files, shards the index names but that do not exist, FP8 weights without
+    ``weight_scale_inv``, scale grids of the wrong shape, tensors whose shape differs from the model's — each is a
+    ``CheckpointError`` naming the tensor and the file.
+
+    MTP modules load from layer ``num_hidden_layers + k``. The copies of ``embed_tokens`` / ``shared_head.head``
+    that official checkpoints carry there are not parameters of ours (the MTP modules use the main model's
+    tensors), so they are skipped; an MTP module the checkpoint lacks is freshly initialised with a warning.
+
+Saving
+    :func:`official_state_dict` adds the per-MTP-layer copies of the embedding and the head (vLLM and SGLang
+    read them there). ``save_pretrained`` writes into a temporary sibling folder and renames into place, so an
+    interrupted save never leaves a half-written checkpoint, and writes a model card (``README.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import FineGrainedFP8Config
+
+from .quantization.converter import CheckpointError, read_safetensors_header
+from .quantization.formats import BLOCK, FP8_DTYPE, ceil_div
+from .quantization.linear import FP8Linear
+from .quantization.quantizer import is_fp8_eligible
+
+logger = logging.getLogger(__name__)
+
+OFFICIAL_QUANT_METHOD = "fp8"
+QUANT_METHOD = "deepseek_v3_fp8"  # our key in transformers' quantizer registry; never written to config.json
+OFFICIAL_FP8_FIELDS = {"activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [BLOCK, BLOCK]}
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# quantization config + HfQuantizer
+# ---------------------------------------------------------------------------------------------------
+
+
+class DeepseekV3FP8Config(FineGrainedFP8Config):
+    """The official FP8 block of DeepSeek-V3's ``config.json``, dispatched to :class:`DeepseekV3FP8HfQuantizer`.
+
+    ``dequantize``: ``False`` keeps the weights in FP8 (``FP8Linear``), ``True`` dequantizes them at load to the
+    load ``dtype``, ``None`` (default) keeps FP8 on a CUDA machine and dequantizes elsewhere.
+    """
+
+    def __init__(self, activation_scheme="dynamic", weight_block_size=(BLOCK, BLOCK), dequantize=None,
+                 modules_to_not_convert=None, fmt="e4m3", **kwargs):
+        kwargs.pop("quant_method", None)
+        super().__init__(activation_scheme=activation_scheme, weight_block_size=tuple(weight_block_size),
+                         dequantize=bool(dequantize), modules_to_not_convert=modules_to_not_convert)
+        self.dequantize = dequantize  # keep None ("auto"): the parent stores a bool
+        self.fmt = fmt
+        self.quant_method = QUANT_METHOD
+        for key, value in kwargs.items():  # unknown official fields survive a load/save round trip
+            setattr(self, key, value)
+        self._extra_fields = sorted(kwargs)
+        self.check_official()
+
+    def check_official(self) -> None:
+        if list(self.weight_block_size) != [BLOCK, BLOCK]:
+            raise ValueError(f"quantization_config.weight_block_size must be [128, 128] (DeepSeek-V3 FP8), got {list(self.weight_block_size)}.")
+        if str(self.fmt).lower() != "e4m3":
+            raise ValueError(f"quantization_config.fmt must be 'e4m3' (DeepSeek-V3 FP8), got {self.fmt!r}.")
+        if self.activation_scheme != "dynamic":
+            raise ValueError(f"quantization_config.activation_scheme must be 'dynamic', got {self.activation_scheme!r}.")
+
+    @classmethod
+    def from_official(cls, block: dict) -> "DeepseekV3FP8Config":
+        return cls(**{k: v for k, v in block.items() if k != "quant_method"})
+
+    @classmethod
+    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
+        config = cls(**{**config_dict, **kwargs})
+        return (config, {}) if return_unused_kwargs else config
+
+    def to_dict(self) -> dict:
+        """The official block: what the released config.json holds, plus fields the user set."""
+        out = {"activation_scheme": self.activation_scheme, "fmt": self.fmt, "quant_method": OFFICIAL_QUANT_METHOD,
+               "weight_block_size": list(self.weight_block_size)}
+        if self.modules_to_not_convert:
+            out["modules_to_not_convert"] = list(self.modules_to_not_convert)
+        for key in self._extra_fields:
+            out[key] = getattr(self, key)
+        return out
+
+    def to_diff_dict(self) -> dict:
+        return self.to_dict()
+
+    # transformers' `get_hf_quantizer` reads `config.quantization_config` as a mapping when it is one
+    def get(self, key, default=None):
+        return getattr(self, key, default)
+
+    def __getitem__(self, key):
+        return self.to_dict()[key]
+
+
+def as_quantization_config(value):
+    """``config.quantization_config`` as DeepseekV3Config stores it: the official FP8 block becomes a
+    :class:`DeepseekV3FP8Config`; anything else is returned unchanged."""
+    if isinstance(value, DeepseekV3FP8Config):
+        return value
+    if isinstance(value, FineGrainedFP8Config):
+        return DeepseekV3FP8Config(activation_scheme=value.activation_scheme, weight_block_size=value.weight_block_size,
+                                   dequantize=value.dequantize, modules_to_not_convert=value.modules_to_not_convert)
+    if isinstance(value, dict) and value.get("quant_method") in (OFFICIAL_QUANT_METHOD, QUANT_METHOD):
+        return DeepseekV3FP8Config.from_official(value)
+    return value
+
+
+def _swap_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+class DeepseekV3FP8HfQuantizer(HfQuantizer):
+    """Loads the official FP8 checkpoint into ``FP8Linear`` layers (or dequantizes them, see the module doc)."""
+
+    requires_calibration = False  # the checkpoint is already quantized; we never quantize on the fly here
+
+    def __init__(self, quantization_config, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.load_dtype = None
+
+    def validate_environment(self, *args, **kwargs):
+        if not self.pre_quantized:
+            raise ValueError(
+                "DeepSeek-V3 FP8 loading needs an FP8 checkpoint. To quantize a bf16 model, use the `fp8_block` quantizer "
+                "plugin (`quantizer='fp8_block'`) or the offline converter `python -m modeling_deepseek_v3.quantization.converter`."
+            )
+        if self.quantization_config.dequantize is None:
+            # FP8 GEMMs only pay off on a GPU; on the CPU the reference path is slow, so load dequantized there.
+            self.quantization_config.dequantize = not torch.cuda.is_available()
+            if self.quantization_config.dequantize:
+                logger.info("No CUDA device: dequantizing the FP8 checkpoint at load (pass dequantize=False to keep FP8).")
+
+    def update_dtype(self, dtype):
+        self.load_dtype = dtype
+        return dtype
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        skip = set(self.quantization_config.modules_to_not_convert or ())
+        for name, module in list(model.named_modules()):
+            if type(module) is nn.Linear and is_fp8_eligible(name) and not any(name == s or name.startswith(s + ".") for s in skip):
+                _swap_module(model, name, FP8Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                                    device=module.weight.device))
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.quantization_config.dequantize:
+            self._dequantize(model, self.load_dtype)
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        dtype = dtype or getattr(model.config, "dtype", None) or torch.bfloat16
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, FP8Linear):
+                _swap_module(model, name, module.dequantize(dtype))  # one layer at a time: FP8 storage freed as we go
+        return model
+
+    def get_state_dict_and_metadata(self, model):
+        # transformers' save path asks the quantizer for the state dict of a quantized model
+        return official_state_dict(model), {}
+
+    def is_serializable(self, *args, **kwargs):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def register_with_transformers() -> None:
+    """Register our config and quantizer under :data:`QUANT_METHOD` (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(DeepseekV3FP8Config)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(DeepseekV3FP8HfQuantizer)
+
+
+register_with_transformers()
+
+
+# ---------------------------------------------------------------------------------------------------
+# MTP layout
+# ---------------------------------------------------------------------------------------------------
+
+
+def mtp_shared_keys(config) -> dict[str, str]:
+    """``{copy name: main name}`` for the embedding/head copies each MTP layer carries in official checkpoints."""
+    out = {}
+    for k in range(config.num_nextn_predict_layers):
+        layer = config.num_hidden_layers + k
+        out[f"model.layers.{layer}.embed_tokens.weight"] = "model.embed_tokens.weight"
+        out[f"model.layers.{layer}.shared_head.head.weight"] = "lm_head.weight"
+    return out
+
+
+def official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` plus the MTP layers' copies of the shared embedding and head.
+
+    The copies are clones: safetensors refuses aliased tensors and transformers would drop an alias on save.
+    """
+    state_dict = model.state_dict()
+    config = model.config
+    if not hasattr(model, "lm_head"):  # base model: no head to copy, and its keys carry no "model." prefix
+        return state_dict
+    for copy_name, main_name in mtp_shared_keys(config).items():
+        if main_name in state_dict and copy_name not in state_dict:
+            state_dict[copy_name] = state_dict[main_name].detach().clone()
+    return state_dict
+
+
+def report_missing_mtp(model, missing_keys) -> None:
+    """Warn once per MTP layer the checkpoint did not provide (those modules keep their fresh initialisation)."""
+    config = model.config
+    if not config.num_nextn_predict_layers:
+        return
+    missing_layers = set()
+    for key in missing_keys:
+        parts = key.split(".")
+        if len(parts) > 2 and parts[-3:-1] != [] and "layers" in parts:
+            i = parts.index("layers")
+            if i + 1 < len(parts) and parts[i + 1].isdigit() and int(parts[i + 1]) >= config.num_hidden_layers:
+                missing_layers.add(int(parts[i + 1]))
+    if missing_layers:
+        layers = sorted(missing_layers)
+        logger.warning(
+            "The checkpoint has no (or incomplete) weights for MTP layer(s) %s although num_nextn_predict_layers=%d: "
+            "those MTP modules are freshly initialised. Load with num_nextn_predict_layers=%d to skip them.",
+            layers, config.num_nextn_predict_layers, min(layers) - config.num_hidden_layers,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoint validation (headers only: no tensor data is read)
+# ---------------------------------------------------------------------------------------------------
+
+
+def checkpoint_headers(files) -> dict[str, tuple[str, dict]]:
+    """``{tensor name: (file, header entry)}`` over several checkpoint files."""
+    out = {}
+    for path in files:
+        for name, info in read_safetensors_header(path).items():
+            out[name] = (os.fspath(path), info)
+    return out
+
+
+def validate_checkpoint_files(model: nn.Module, files, index_path: str | None = None) -> None:
+    """Check, from the headers alone, that ``files`` can load into ``model`` (built, possibly on meta)."""
+    files = [os.fspath(f) for f in files]
+    if index_path is not None and os.path.isfile(index_path):
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map", {})
+        folder = os.path.dirname(index_path)
+        for shard in sorted(set(weight_map.values())):
+            if not os.path.isfile(os.path.join(folder, shard)):
+                names = [k for k, v in weight_map.items() if v == shard]
+                raise CheckpointError(
+                    f"The index {index_path} maps {len(names)} tensor(s) (e.g. {names[0]!r}) to {shard}, which does not exist."
+                )
+    headers = checkpoint_headers(files)
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    for name, param in params.items():
+        if name not in headers:
+            continue
+        path, info = headers[name]
+        shape = tuple(info["shape"])
+        expected = tuple(param.shape)
+        is_fp8 = info["dtype"] == "F8_E4M3"
+        if shape != expected:
+            raise CheckpointError(
+                f"Tensor {name!r} in {path} has shape {list(shape)}, but the model (config) expects {list(expected)}."
+            )
+        owner = name.rpartition(".")[0]
+        if is_fp8 and name.endswith(".weight") and len(shape) == 2:
+            scale_name = owner + ".weight_scale_inv"
+            grid = [ceil_div(shape[0], BLOCK), ceil_div(shape[1], BLOCK)]
+            if scale_name not in headers:
+                raise CheckpointError(
+                    f"FP8 tensor {name!r} in {path} has no {scale_name!r} (its per-128x128-block scales) in any checkpoint file."
+                )
+            scale_path, scale_info = headers[scale_name]
+            if list(scale_info["shape"]) != grid:
+                raise CheckpointError(
+                    f"Scale grid {scale_name!r} in {scale_path} has shape {scale_info['shape']}, but weight {list(shape)} needs "
+                    f"{grid} (ceil(rows/128), ceil(cols/128))."
+                )
+            if scale_info["dtype"] != "F32":
+                raise CheckpointError(f"Scale grid {scale_name!r} in {scale_path} must be F32, got {scale_info['dtype']}.")
+            if param.dtype != FP8_DTYPE:
+                # an FP8 tensor headed for a high-precision Linear: this module was not converted to FP8Linear
+                raise CheckpointError(
+                    f"Tensor {name!r} in {path} is FP8 but the model holds {owner!r} in {param.dtype}: the checkpoint's "
+                    "config.json needs the official `quantization_config` (quant_method 'fp8')."
+                )
+        if param.dtype == FP8_DTYPE and not is_fp8:
+            raise CheckpointError(
+                f"Tensor {name!r} in {path} is {info['dtype']}, but the checkpoint is declared FP8 (quantization_config) and "
+                f"{owner!r} is an FP8 layer: convert the folder with `python -m modeling_deepseek_v3.quantization.converter`."
+            )
+    for name, param in params.items():
+        if param.dtype == FP8_DTYPE and name.endswith(".weight") and name in headers:
+            continue
+        if name.endswith(".weight_scale_inv") and name not in headers and name[: -len("_scale_inv")] in headers:
+            weight_path = headers[name[: -len("_scale_inv")]][0]
+            raise CheckpointError(f"FP8 weight {name[: -len('_scale_inv')]!r} in {weight_path} has no {name!r} in any checkpoint file.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# saving
+# ---------------------------------------------------------------------------------------------------
+
+
+def atomic_save(save_directory: str | os.PathLike, write) -> None:
+    """Run ``write(tmp_dir)`` in a temporary sibling folder, then move its files into ``save_directory``.
+
+    A fresh target is a single directory rename. An existing one gets each file by ``os.replace`` (atomic per
+    file), the index last, and loses the weight files of an earlier save that the new one does not have. If
+    ``write`` fails, the target is untouched.
+    """
+    target = Path(save_directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write(str(tmp))
+        if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+            if target.exists():
+                target.rmdir()
+            os.replace(tmp, target)
+            return
+        new = sorted(p.name for p in tmp.iterdir())
+        new.sort(key=lambda n: n.endswith(".index.json"))  # index after the shards it names
+        for name in new:
+            os.replace(tmp / name, target / name)
+        for old in target.iterdir():
+            if old.name not in new and old.suffix == ".safetensors" and old.name.startswith("model"):
+                old.unlink()
+        if not any(p.name.endswith(".index.json") for p in tmp.iterdir()) and "model.safetensors.index.json" not in new:
+            stale_index = target / "model.safetensors.index.json"
+            if stale_index.exists() and (target / "model.safetensors").exists():
+                stale_index.unlink()
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_pretrained(model, base_save, save_directory, *args, state_dict=None, push_to_hub=False, is_main_process=True, **kwargs):
+    """``PreTrainedModel.save_pretrained`` in the official layout, atomically, with a model card.
+
+    ``base_save`` is transformers' implementation. With ``push_to_hub=True`` transformers writes into
+    ``save_directory`` and uploads what changed there, so that path is left to it (the card is written by
+    ``prepare_push``, called from ``_upload_modified_files``).
+    """
+    if state_dict is None and getattr(model, "hf_quantizer", None) is None:
+        # a quantized model's state dict comes from its quantizer (``get_state_dict_and_metadata``), which adds the copies
+        state_dict = official_state_dict(model)
+    if push_to_hub or not is_main_process:
+        return base_save(save_directory, *args, state_dict=state_dict, push_to_hub=push_to_hub,
+                         is_main_process=is_main_process, **kwargs)
+
+    def write(tmp_dir):
+        base_save(tmp_dir, *args, state_dict=state_dict, is_main_process=is_main_process, **kwargs)
+        existing = Path(save_directory) / "README.md"
+        if existing.exists() and not is_generated_card(existing.read_text(encoding="utf-8")):
+            shutil.copy2(existing, Path(tmp_dir) / "README.md")  # a card the user wrote is theirs: keep it
+        else:
+            build_model_card(model).save(os.path.join(tmp_dir, "README.md"))
+
+    atomic_save(save_directory, write)
+
+
+def load_pretrained_model(base_load, model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+    """transformers' ``_load_pretrained_model`` with the header checks before and the MTP report after."""
+    if state_dict is None and checkpoint_files:
+        files = [f for f in checkpoint_files if str(f).endswith(".safetensors")]
+        index_path = os.path.join(os.path.dirname(os.fspath(checkpoint_files[0])), "model.safetensors.index.json")
+        if files:
+            validate_checkpoint_files(model, files, index_path)
+    result = base_load(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
+    info = result[0] if isinstance(result, tuple) else result
+    report_missing_mtp(model, getattr(info, "missing_keys", ()))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# model card
+# ---------------------------------------------------------------------------------------------------
+
+CARD_MARKER = "<!-- generated by modeling_deepseek_v3 -->"
+_TRANSFORMERS_GENERIC_CARD = "This is the model card of a 🤗 transformers model that has been pushed on the Hub"
+CARD_TEMPLATE = "deepseek_v3.md"
+
+
+def card_template_path() -> str:
+    """The template in ``model_cards/``: from the installed package data if mapped, else next to the package."""
+    try:
+        from importlib.resources import files
+
+        candidate = files("modeling_deepseek_v3.model_cards") / CARD_TEMPLATE
+        if candidate.is_file():
+            return str(candidate)
+    except (ModuleNotFoundError, TypeError):
+        pass
+    candidate = Path(__file__).resolve().parent.parent / "model_cards" / CARD_TEMPLATE
+    if candidate.is_file():
+        return str(candidate)
+    raise FileNotFoundError(f"Model card template {CARD_TEMPLATE} not found (looked in modeling_deepseek_v3.model_cards and {candidate.parent}).")
+
+
+def is_generated_card(text: str) -> bool:
+    """Whether a README is one a tool wrote (ours or transformers' placeholder) rather than the user."""
+    return CARD_MARKER in text or _TRANSFORMERS_GENERIC_CARD in text
+
+
+def count_parameters(model) -> dict[str, int]:
+    """Total / activated-per-token parameters of the main model and the MTP modules' own parameters.
+
+    Scales (``weight_scale_inv``) are not counted: they are not weights. Routed experts count
+    ``num_experts_per_tok / n_routed_experts`` toward the activated total.
+    """
+    config = model.config
+    main = activated = mtp = 0
+    for name, param in model.named_parameters():
+        if name.endswith("weight_scale_inv"):
+            continue
+        n = param.numel()
+        parts = name.split(".")
+        if "layers" in parts:
+            i = parts.index("layers")
+            if parts[i + 1].isdigit() and int(parts[i + 1]) >= config.num_hidden_layers:
+                mtp += n
+                continue
+        main += n
+        if ".mlp.experts." in name:
+            activated += n * config.num_experts_per_tok / config.n_routed_experts
+        else:
+            activated += n
+    return {"total": main, "activated": int(round(activated)), "mtp": mtp}
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit} ({n:,})"
+    return f"{n:,}"
+
+
+def _hub_id(name: str | None) -> str | None:
+    """``name`` if it looks like a Hub repository id rather than a local path."""
+    if not name or os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        return None
+    return name
+
+
+def build_model_card(model, repo_id: str | None = None):
+    """A ``huggingface_hub.ModelCard`` for ``model`` from the template in ``model_cards/``."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    config = model.config
+    quant = getattr(config, "quantization_config", None)
+    is_fp8 = isinstance(quant, DeepseekV3FP8Config) or any(isinstance(m, FP8Linear) for m in model.modules())
+    counts = count_parameters(model)
+    base_model = _hub_id(getattr(config, "name_or_path", None))
+    tags = ["deepseek_v3", "modeling_deepseek_v3", "moe", "mla"]
+    if config.num_nextn_predict_layers:
+        tags.append("mtp")
+    if is_fp8:
+        tags.append("fp8")
+    card_data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=tags,
+                              base_model=base_model)
+    rope = getattr(config, "rope_parameters", None) or {}
+    context = f"{config.max_position_embeddings:,} tokens"
+    if rope.get("rope_type", "default") != "default":
+        context += f" ({rope['rope_type']}, factor {rope.get('factor')})"
+    plugin_fields = ["attention_backend", "mla_absorb", "topk_method", "scoring_func", "experts_backend", "mtp_backend",
+                     "quantizer", "router_bias_update_speed", "aux_loss_alpha", "mtp_loss_weight"]
+    card = ModelCard.from_template(
+        card_data,
+        template_path=card_template_path(),
+        model_name=repo_id or base_model or "DeepSeek-V3 model",
+        repo_id=repo_id or base_model or "path/to/this/folder",
+        total_params=_human(counts["total"]),
+        activated_params=_human(counts["activated"]),
+        mtp_params=_human(counts["mtp"]),
+        mtp_depth=config.num_nextn_predict_layers,
+        num_layers=config.num_hidden_layers,
+        dense_layers=min(config.first_k_dense_replace, config.num_hidden_layers),
+        moe_layers=max(config.num_hidden_layers - config.first_k_dense_replace, 0),
+        n_routed_experts=config.n_routed_experts,
+        experts_per_token=config.num_experts_per_tok,
+        n_shared_experts=config.n_shared_experts,
+        hidden_size=config.hidden_size,
+        vocab_size=config.vocab_size,
+        context=context,
+        quantization=("FP8 E4M3, 128×128 block scales (`weight_scale_inv`); embeddings, norms, router, head and "
+                      "MTP `eh_proj` in BF16") if is_fp8 else str(getattr(config, "dtype", None) or "float32"),
+        is_fp8=is_fp8,
+        plugins=[(f, getattr(config, f, None)) for f in plugin_fields],
+    )
+    card.text = card.text.rstrip() + "\n\n" + CARD_MARKER + "\n"
+    return card
+
+
+def prepare_push(model, working_dir: str, repo_id: str) -> None:
+    """Before transformers uploads ``working_dir``: replace a placeholder README (transformers' generic card, or
+    ours from an earlier save) by our card for ``repo_id``, keeping the tags the placeholder carried."""
+    from huggingface_hub import ModelCard
+
+    readme = Path(working_dir) / "README.md"
+    if readme.exists() and not is_generated_card(readme.read_text(encoding="utf-8")):
+        return  # the repository already has a card someone wrote
+    extra_tags = []
+    if readme.exists():
+        extra_tags = list(ModelCard.load(readme).data.tags or [])
+    card = build_model_card(model, repo_id=repo_id)
+    for tag in extra_tags:
+        if tag not in card.data.tags:
+            card.data.tags.append(tag)
+    card.save(readme)
+
+
+__all__ = [
+    "CheckpointError",
+    "DeepseekV3FP8Config",
+    "DeepseekV3FP8HfQuantizer",
+    "QUANT_METHOD",
+    "as_quantization_config",
+    "atomic_save",
+    "build_model_card",
+    "count_parameters",
+    "load_pretrained_model",
+    "prepare_push",
+    "save_pretrained",
+    "checkpoint_headers",
+    "mtp_shared_keys",
+    "official_state_dict",
+    "read_safetensors_header",
+    "report_missing_mtp",
+    "validate_checkpoint_files",
+]
