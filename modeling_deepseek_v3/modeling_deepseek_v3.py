@@ -21,6 +21,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from . import checkpoint
 from .configuration_deepseek_v3 import DeepseekV3Config
 from .layers import DeepseekV3DecoderLayer, DeepseekV3MoE, DeepseekV3RMSNorm, DeepseekV3RotaryEmbedding
 from .registry import AttentionPlugin, RouterPlugin
@@ -51,6 +52,31 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
             r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$",
             rf"model\.layers\.(?!({built_layers})\.)\d+\.",
         ]
+
+    # --- official checkpoint layout (see checkpoint.py) ---------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        # transformers' FineGrainedFP8Config(dequantize=...) becomes ours, so the "fp8" block stays with our quantizer
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = checkpoint.as_quantization_config(kwargs["quantization_config"])
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+        # header checks (clear errors naming tensor and file) before transformers reads, MTP report after
+        return checkpoint.load_pretrained_model(
+            PreTrainedModel._load_pretrained_model, model, state_dict, checkpoint_files, load_config, *args, **kwargs
+        )
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # official layout (MTP copies of embedding/head), written to a temporary folder then renamed, plus README.md
+        return checkpoint.save_pretrained(self, super().save_pretrained, save_directory, *args, **kwargs)
+
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        # transformers' push_to_hub put a placeholder README.md there; ours describes the model
+        checkpoint.prepare_push(self, working_dir, repo_id)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     def update_expert_bias(self, update_speed: float | None = None, process_group=None):
         """One aux-loss-free balancing step from the loads counted since the last call (see ``training``)."""
