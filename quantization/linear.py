@@ -241,6 +241,8 @@ class FP8Linear(nn.Module):
         weight = linear.weight.detach()
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.device,
                   power_of_two_scales, linear.bias.dtype if linear.bias is not None else torch.bfloat16)
+        if weight.is_meta:  # a model being built on the meta device: the loader fills weight and weight_scale_inv
+            return new
         q, s = quantize_weight(weight, power_of_two_scales, "weight")
         new.weight.data.copy_(q)
         new.weight_scale_inv.data.copy_(s)

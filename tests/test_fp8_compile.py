@@ -71,3 +71,12 @@ def test_grouped_gemm_kernel_compiles(capability):
     ptx = compile_ptx(G.fp8_grouped_gemm_kernel, GEMM_POINTERS, {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128}, capability,
                       num_warps=4, num_stages=4)
     assert re.search(r"(wgmma\.mma_async|mma\.sync\.aligned)[\w.]*e4m3\.e4m3", ptx)
+
+
+def test_autotuned_kernels_key_on_kernel_arguments():
+    gemm, grouped = G._tuned_kernels()
+    for tuned, kernel in ((gemm, G.fp8_gemm_kernel), (grouped, G.fp8_grouped_gemm_kernel)):
+        assert set(tuned.keys) <= set(kernel.arg_names) and "M_BUCKET" in tuned.keys
+        for config in tuned.configs:  # every tuned parameter is a constexpr of the kernel
+            assert set(config.kwargs) <= set(kernel.arg_names)
+    assert [G._m_bucket(m) for m in (1, 100, 4096, 5000, 10**6)] == [16, 128, 4096, 8192, 16384]

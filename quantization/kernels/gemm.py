@@ -46,7 +46,7 @@ def fp8_gemm_kernel(
     M, N, K,
     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
     stride_asm, stride_ask, stride_bsn, stride_bsk,
-    NUM_PROGRAMS,
+    NUM_PROGRAMS, M_BUCKET,  # M_BUCKET: only an autotuning key (power-of-two bucket of M)
     B_SCALE_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     USE_TMA: tl.constexpr,
@@ -87,7 +87,7 @@ def fp8_gemm_kernel(
 @triton.jit
 def fp8_grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, offsets_ptr,
-    N, K, NUM_EXPERTS,
+    N, K, NUM_EXPERTS, M_BUCKET,  # M_BUCKET: only an autotuning key
     stride_am, stride_be, stride_bn, stride_cm,
     stride_asm, stride_bse, stride_bsn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -154,9 +154,14 @@ def _num_sms(device_index: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _tuned_kernels():
-    gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["M", "N", "K", "B_SCALE_ROWS", "USE_TMA"])(fp8_gemm_kernel)
-    grouped = triton.autotune(configs=_GROUPED_CONFIGS, key=["N", "K"])(fp8_grouped_gemm_kernel)
+    # keyed on a power-of-two bucket of M, not M: token counts change every step (MoE experts above all)
+    gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "B_SCALE_ROWS", "USE_TMA"])(fp8_gemm_kernel)
+    grouped = triton.autotune(configs=_GROUPED_CONFIGS, key=["M_BUCKET", "N", "K"])(fp8_grouped_gemm_kernel)
     return gemm, grouped
+
+
+def _m_bucket(m: int) -> int:
+    return min(max(triton.next_power_of_2(m), 16), 16384)
 
 
 def _tma_available(*tensors: torch.Tensor) -> bool:
@@ -192,7 +197,7 @@ def fp8_gemm(a, a_scale, b, b_scale, b_scale_rows: int = BLOCK, out_dtype: torch
         cfg = _INTERPRETER_GEMM
         tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
         programs = max(1, min(3, tiles))  # fewer programs than tiles, so the persistent loop is exercised
-        fp8_gemm_kernel[(programs,)](*args, programs, B_SCALE_ROWS=b_scale_rows, BLOCK_K=BLOCK, USE_TMA=use_tma, **cfg)
+        fp8_gemm_kernel[(programs,)](*args, programs, _m_bucket(m), B_SCALE_ROWS=b_scale_rows, BLOCK_K=BLOCK, USE_TMA=use_tma, **cfg)
         return c
     programs = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
     gemm, _ = _tuned_kernels()
@@ -200,7 +205,7 @@ def fp8_gemm(a, a_scale, b, b_scale, b_scale_rows: int = BLOCK, out_dtype: torch
     def grid(meta):
         return (min(programs, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
 
-    gemm[grid](*args, programs, B_SCALE_ROWS=b_scale_rows, BLOCK_K=BLOCK, USE_TMA=use_tma)
+    gemm[grid](*args, programs, _m_bucket(m), B_SCALE_ROWS=b_scale_rows, BLOCK_K=BLOCK, USE_TMA=use_tma)
     return c
 
 
@@ -217,7 +222,7 @@ def fp8_grouped_gemm(a, a_scale, b, b_scale, m_offsets, out_dtype: torch.dtype =
         raise ValueError("grouped FP8 GEMM expects operands and scales contiguous along K.")
     offsets = m_offsets.to(device=a.device, dtype=torch.int32)
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
-    args = (a, b, c, a_scale, b_scale, offsets, n, k, num_experts, a.stride(0), b.stride(0), b.stride(1), c.stride(0),
+    args = (a, b, c, a_scale, b_scale, offsets, n, k, num_experts, _m_bucket(m), a.stride(0), b.stride(0), b.stride(1), c.stride(0),
             a_scale.stride(0), b_scale.stride(0), b_scale.stride(1))
 
     def grid(meta):
