@@ -7,6 +7,7 @@ never by importing them, so the dependency direction stays registry <- plugins <
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -126,10 +127,17 @@ class DeepseekV3MoE(nn.Module):
             else None
         )
         self.aux_loss: torch.Tensor | None = None
+        # Routers written before `token_mask` joined the contract take `hidden` alone; they still work, unmasked.
+        parameters = inspect.signature(self.gate.forward).parameters.values()
+        self._gate_takes_token_mask = any(p.name == "token_mask" or p.kind is p.VAR_KEYWORD for p in parameters)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # token_mask [B, T]: True at real tokens; the router leaves padding out of its loads and balance loss.
         batch_size, seq_len, hidden_size = hidden_states.shape
-        topk_idx, topk_weight, self.aux_loss = self.gate(hidden_states)
+        if self._gate_takes_token_mask:
+            topk_idx, topk_weight, self.aux_loss = self.gate(hidden_states, token_mask=token_mask)
+        else:
+            topk_idx, topk_weight, self.aux_loss = self.gate(hidden_states)
         routed = self.experts(hidden_states.reshape(-1, hidden_size), topk_idx, topk_weight)
         routed = routed.view(batch_size, seq_len, hidden_size)
         if self.shared_experts is not None:
@@ -154,6 +162,7 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values=None,
+        token_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         residual = hidden_states
@@ -165,7 +174,9 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
             **kwargs,
         )
         hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        normed = self.post_attention_layernorm(hidden_states)
+        mlp_out = self.mlp(normed, token_mask=token_mask) if isinstance(self.mlp, DeepseekV3MoE) else self.mlp(normed)
+        return hidden_states + mlp_out
 
 
 def linear_weight(linear: nn.Module) -> torch.Tensor:

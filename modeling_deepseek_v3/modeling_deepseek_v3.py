@@ -9,6 +9,8 @@ at the official names ``model.layers.{num_hidden_layers + k}.*``; the main forwa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers import initialization as init
@@ -26,6 +28,14 @@ from .configuration_deepseek_v3 import DeepseekV3Config
 from .layers import DeepseekV3DecoderLayer, DeepseekV3MoE, DeepseekV3RMSNorm, DeepseekV3RotaryEmbedding
 from .registry import AttentionPlugin, RouterPlugin
 from .training import update_expert_bias
+
+
+def token_mask_from_attention_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """[B, T] bool, True at the real tokens of the current input, from a 2-D padding mask [B, past + T]; None when
+    there is no 2-D mask (no padding, or a prepared 4-D mask that no longer says which tokens are padding)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    return attention_mask[:, -seq_len:].bool()
 
 
 class DeepseekV3PreTrainedModel(PreTrainedModel):
@@ -169,6 +179,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             position_ids=position_ids,
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        # The routers leave padding out of their loads and balance losses; only a 2-D padding mask says where it is.
+        token_mask = token_mask_from_attention_mask(attention_mask, inputs_embeds.shape[1])
 
         hidden_states = inputs_embeds
         for layer in self.decoder_layers:
@@ -178,6 +190,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
                 attention_mask=causal_mask,
                 past_key_values=past_key_values,
                 position_ids=position_ids,
+                token_mask=token_mask,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
@@ -212,8 +225,35 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        return_mtp_loss: bool | None = None,
         **kwargs,
-    ) -> MoeCausalLMOutputWithPast:
+    ) -> DeepseekV3CausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` [B, T], *optional*):
+            Token ids aligned with the input (position i predicts ``labels[i + 1]``); -100 is ignored. Positions that
+            a 2-D ``attention_mask`` marks as padding are ignored as sources and as targets, at every depth.
+        return_mtp_loss (`bool`, *optional*):
+            Run the ``num_nextn_predict_layers`` MTP modules and compute ``mtp_loss`` (needs ``labels``). Defaults to
+            ``self.training``: training gets the MTP objective, inference skips the modules.
+
+        With labels, ``loss = CE + mtp_loss_weight · mtp_loss + aux_loss`` (DESIGN §4): ``CE`` the next-token
+        cross-entropy, ``mtp_loss = (1/D) Σ_k CE_k`` with ``CE_k`` the cross-entropy of MTP module k predicting
+        ``t_{i+k+1}``, ``aux_loss`` the routers' balance losses (training only; MTP modules' routers included
+        when they ran). Each cross-entropy is a mean over its targets (0 when there are none). When the Trainer
+        passes ``num_items_in_batch`` (targets in the whole gradient-accumulation batch), ``CE`` is summed over
+        this micro-batch and divided by it, and the per-micro-batch means ``mtp_loss`` and ``aux_loss`` are
+        weighted by this micro-batch's share of those targets, so the accumulated gradient is that of the
+        whole batch. ``mtp_loss`` and ``aux_loss`` are reported unweighted.
+        """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        depth = self.config.num_nextn_predict_layers
+        run_mtp = labels is not None and depth > 0 and (self.training if return_mtp_loss is None else return_mtp_loss)
+        if run_mtp and labels.shape[1] < depth + 2:
+            raise ValueError(
+                f"num_nextn_predict_layers={depth}: MTP module {depth} predicts the token {depth + 1} positions ahead, "
+                f"so sequences need at least {depth + 2} tokens; got labels of length {labels.shape[1]}."
+            )
+
         outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -227,21 +267,126 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
 
-        loss = None
+        loss = mtp_loss = None
         aux_loss = self.moe_aux_loss() if self.training else None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            token_mask = token_mask_from_attention_mask(attention_mask, labels.shape[1])
+            targets = _depth_targets(labels, token_mask, 0)[:, slice_indices]
+            loss, num_targets = _cross_entropy(logits, targets, num_items_in_batch)
+            extra = None  # the per-micro-batch means added to CE
+            if run_mtp:
+                embeds = inputs_embeds if inputs_embeds is not None else self.model.embed_tokens(input_ids)
+                mtp_loss, mtp_aux_loss = self._mtp_forward(hidden_states, embeds, labels, token_mask, position_ids)
+                extra = self.config.mtp_loss_weight * mtp_loss
+                if mtp_aux_loss is not None:
+                    aux_loss = mtp_aux_loss if aux_loss is None else aux_loss + mtp_aux_loss.to(aux_loss.device)
             if aux_loss is not None:
-                loss = loss + aux_loss.to(loss.device)
+                extra = aux_loss.to(loss.device) if extra is None else extra + aux_loss.to(loss.device)
+            if extra is not None:
+                if num_items_in_batch is not None:
+                    extra = extra * (num_targets / _at_least_one(num_items_in_batch, loss.device))
+                loss = loss + extra
 
-        return MoeCausalLMOutputWithPast(
+        return DeepseekV3CausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
+            mtp_loss=mtp_loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
 
+    def _mtp_forward(self, main_hidden, embeds, labels, token_mask, position_ids):
+        """``(mtp_loss, aux_loss of the MTP modules' routers or None)``: the D sequential modules of DESIGN §4.
 
-__all__ = ["DeepseekV3PreTrainedModel", "DeepseekV3Model", "DeepseekV3ForCausalLM"]
+        Module k (1-based) at position i combines ``h^{k-1}_i`` with the embedding of ``t_{i+k}`` and predicts
+        ``t_{i+k+1}``. Positions i ≥ T−k have no token ``t_{i+k}``, so depth k runs on the first T−k positions
+        only (causal attention makes that identical to running the full length and ignoring the tail).
+        ``h^0`` is the main model's last hidden state after ``model.norm``; ``h^k`` is module k's output before
+        its ``shared_head.norm``.
+        """
+        seq_len = main_hidden.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(seq_len, device=main_hidden.device).unsqueeze(0)
+        cos, sin = self.model.rotary_emb(main_hidden, position_ids)
+        hidden, ce_losses, aux_losses = main_hidden, [], []
+        for k, module in enumerate(self.model.mtp_layers, start=1):
+            length = seq_len - k
+            # A source position is real only if t_i, ..., t_{i+k} all are (h^{k-1}_i saw t_i; the input adds t_{i+k}).
+            source_mask = None if token_mask is None else _window_all(token_mask, k + 1, length)
+            hidden = hidden[:, :length]
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=source_mask,
+                past_key_values=None,
+                position_ids=position_ids[:, :length],
+            )
+            hidden = module(
+                hidden,
+                embeds[:, k:],
+                (cos[:, :length], sin[:, :length]),
+                causal_mask,
+                position_ids=position_ids[:, :length],
+                token_mask=source_mask,
+            )
+            logits = self.lm_head(module.shared_head.norm(hidden))
+            ce_losses.append(_cross_entropy(logits, _depth_targets(labels, token_mask, k))[0])
+            if isinstance(module.mlp, DeepseekV3MoE) and module.mlp.aux_loss is not None:
+                aux_losses.append(module.mlp.aux_loss)
+        mtp_loss = torch.stack(ce_losses).mean()
+        return mtp_loss, (torch.stack(aux_losses).sum() if aux_losses else None)
+
+
+@dataclass
+class DeepseekV3CausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    r"""
+    mtp_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Mean over the MTP depths of their cross-entropies (computed when the MTP modules ran), before the weight
+        ``mtp_loss_weight``.
+    aux_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Sum of the routers' balance losses (already multiplied by ``aux_loss_alpha``), in training.
+    """
+
+    mtp_loss: torch.FloatTensor | None = None
+
+
+def _window_all(token_mask: torch.Tensor, width: int, length: int) -> torch.Tensor:
+    """[B, length]: position i is True iff ``token_mask[:, i : i + width]`` is all True (False beyond the end)."""
+    padded = torch.cat([token_mask, token_mask.new_zeros(token_mask.shape[0], width)], dim=1)
+    out = padded[:, :length].clone()
+    for j in range(1, width):
+        out &= padded[:, j : j + length]
+    return out
+
+
+def _depth_targets(labels: torch.Tensor, token_mask: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Targets [B, T−k] of depth k (0 = the main head): position i predicts ``labels[i + k + 1]``; -100 where that
+    token does not exist, or where the source tokens ``t_i..t_{i+k}`` or the target is padding."""
+    batch, seq_len = labels.shape
+    length = seq_len - k
+    targets = labels.new_full((batch, length), -100)
+    targets[:, : length - 1] = labels[:, k + 1 :]
+    if token_mask is not None:
+        targets = targets.masked_fill(~_window_all(token_mask.to(labels.device), k + 2, length), -100)
+    return targets
+
+
+def _at_least_one(count, device) -> torch.Tensor:
+    return torch.as_tensor(count, device=device).clamp(min=1)
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch=None):
+    """``(loss, number of targets)``: the summed cross-entropy over targets ≠ -100, divided by their number (by
+    ``num_items_in_batch`` when given; never by 0, so all -100 gives a zero loss that still backpropagates)."""
+    targets = targets.to(logits.device)
+    total = nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    count = (targets != -100).sum()
+    denominator = _at_least_one(count if num_items_in_batch is None else num_items_in_batch, logits.device)
+    return total / denominator, count
+
+
+__all__ = ["DeepseekV3PreTrainedModel", "DeepseekV3Model", "DeepseekV3ForCausalLM", "DeepseekV3CausalLMOutputWithPast"]

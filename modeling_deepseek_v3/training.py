@@ -1,9 +1,14 @@
 """Training concerns kept out of the model math: the aux-loss-free bias update and its Trainer callback.
 
-During training every router counts the tokens it sends to each expert (``tokens_per_expert``). Once per
-optimizer step, ``update_expert_bias`` turns the counts into ``b_i += γ · sign(mean_load − load_i)`` for the
-routers that have an ``e_score_correction_bias`` (DESIGN §4), all-reduced over the data-parallel group, and
-resets them; it returns the per-layer loads and ``MaxVio = max_i load_i / mean_load − 1``.
+During training every router counts the real (non-padding) tokens it sends to each expert
+(``tokens_per_expert``). Once per optimizer step, ``update_expert_bias`` sums the counts over the data-parallel
+group, turns them into ``b_i += γ · sign(mean_load − load_i)`` for the routers that have an
+``e_score_correction_bias`` (DESIGN §4), resets them, and returns the per-layer loads and
+``MaxVio = max_i load_i / mean_load − 1``. Since the counts cover everything since the previous call, calling it
+once per optimizer step counts every micro-batch of a gradient-accumulation step exactly once.
+
+``ExpertBiasUpdateCallback`` does that call for ``transformers.Trainer`` and puts the MaxVio statistics into the
+Trainer's logs (and so into ``trainer.state.log_history``).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from .registry import RouterPlugin
 
 @dataclass
 class ExpertBalanceStats:
-    """Loads of one bias update: ``load[layer]`` [E] token counts and ``max_vio[layer]``."""
+    """Loads of one bias update: ``load[layer]`` [E] token counts (summed over ranks) and ``max_vio[layer]``."""
 
     load: dict[str, torch.Tensor] = field(default_factory=dict)
     max_vio: dict[str, float] = field(default_factory=dict)
@@ -34,8 +39,20 @@ class ExpertBalanceStats:
         return max(self.max_vio.values()) if self.max_vio else 0.0
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DistributedDataParallel (and similar wrappers) hide the config behind `.module`.
+    while not hasattr(model, "config") and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
 def routers(model: nn.Module) -> dict[str, RouterPlugin]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, RouterPlugin)}
+    """The routers of ``model`` that count loads, by module name (MTP layers' routers included)."""
+    return {
+        name: module
+        for name, module in _unwrap(model).named_modules()
+        if isinstance(module, RouterPlugin) and hasattr(module, "tokens_per_expert")
+    }
 
 
 @torch.no_grad()
@@ -43,18 +60,21 @@ def update_expert_bias(model: nn.Module, update_speed: float | None = None, proc
     """Apply one aux-loss-free bias step from the counts gathered since the last call, then reset them.
 
     ``update_speed`` (γ) defaults to ``model.config.router_bias_update_speed``; 0 only measures and resets.
-    Counts are summed over ``process_group`` (default: the world) when ``torch.distributed`` is initialised,
-    so every rank applies the same update.
+    Counts are summed over ``process_group`` (default: the world) when ``torch.distributed`` is initialised, so
+    every rank applies the same update and the biases stay identical across ranks. Every rank must call it.
     """
+    model = _unwrap(model)
     gamma = model.config.router_bias_update_speed if update_speed is None else update_speed
-    if gamma < 0:
+    if not gamma >= 0:
         raise ValueError(f"`router_bias_update_speed` (γ) must be non-negative, got {gamma}.")
     found = routers(model)
     stats = ExpertBalanceStats()
     if not found:
         return stats
     names = list(found)
-    counts = torch.stack([found[n].tokens_per_expert.float() for n in names])  # [layers, E]
+    # One all-reduce for all layers, on the device the routers live on (NCCL needs CUDA tensors, gloo CPU ones).
+    device = next(found[n].weight.device for n in names)
+    counts = torch.stack([found[n].tokens_per_expert.to(device=device, dtype=torch.float32) for n in names])  # [L, E]
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=process_group)
     for name, load in zip(names, counts):
@@ -64,27 +84,55 @@ def update_expert_bias(model: nn.Module, update_speed: float | None = None, proc
         stats.max_vio[name] = float(load.max() / mean_load - 1) if mean_load > 0 else 0.0
         bias = getattr(router, "e_score_correction_bias", None)
         if bias is not None and gamma > 0 and mean_load > 0:
+            # Overloaded experts (load > mean) lose γ, underloaded ones gain γ, exactly balanced ones keep theirs.
             bias += gamma * torch.sign(mean_load - load).to(bias.device, bias.dtype)
-        router.tokens_per_expert.zero_()
+        router.reset_counts()
     return stats
 
 
 class ExpertBiasUpdateCallback(TrainerCallback):
-    """Calls ``model.update_expert_bias()`` once per optimizer step and logs mean and max MaxVio."""
+    """Calls ``model.update_expert_bias()`` once per optimizer step and logs the load balance.
 
-    def __init__(self):
-        self._last: ExpertBalanceStats | None = None
+    At every Trainer log it adds ``max_vio_mean`` (MaxVio averaged over layers and over the optimizer steps since
+    the previous log) and ``max_vio_max`` (the largest per-layer MaxVio of those steps); with
+    ``log_per_layer=True`` also ``max_vio/<router name>`` per layer. ``history`` keeps, for every optimizer step,
+    ``{"step": ..., <router name>: MaxVio, ...}`` (for plots).
+
+    The values land in the ``logs`` dict every later callback sees and in ``trainer.state.log_history``.
+    Reporting callbacks that the Trainer registered before this one (``report_to`` integrations) have already
+    been called by then; put this callback first (``trainer.callback_handler.callbacks.insert(0, cb)``) if they
+    must see the values too.
+    """
+
+    def __init__(self, log_per_layer: bool = False):
+        self.log_per_layer = log_per_layer
+        self.history: list[dict[str, float]] = []
+        self._pending: list[ExpertBalanceStats] = []
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
-            self._last = update_expert_bias(model)
+            stats = update_expert_bias(model)
+            if stats.max_vio:
+                self._pending.append(stats)
+                self.history.append({"step": state.global_step, **stats.max_vio})
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and self._last is not None and self._last.max_vio:
-            logs["max_vio_mean"] = self._last.mean_max_vio
-            logs["max_vio_max"] = self._last.max_max_vio
+        if logs is None or not self._pending or "loss" not in logs:  # training logs only, not eval metrics
+            return control
+        pending, self._pending = self._pending, []
+        values = {
+            "max_vio_mean": sum(s.mean_max_vio for s in pending) / len(pending),
+            "max_vio_max": max(s.max_max_vio for s in pending),
+        }
+        if self.log_per_layer:
+            for name in pending[-1].max_vio:
+                values[f"max_vio/{name}"] = sum(s.max_vio[name] for s in pending) / len(pending)
+        logs.update(values)
+        # Trainer.log appends a copy of `logs` to the history before calling the callbacks: update that entry too.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)
         return control
 
 
-__all__ = ["ExpertBalanceStats", "ExpertBiasUpdateCallback", "update_expert_bias"]
+__all__ = ["ExpertBalanceStats", "ExpertBiasUpdateCallback", "update_expert_bias", "routers"]

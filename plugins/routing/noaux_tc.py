@@ -4,9 +4,15 @@ Selection uses ``s_i + b_i`` with ``b`` = ``e_score_correction_bias`` (fp32, adj
 the bias-balancing update); the gate value uses ``s_i`` alone. A group scores the sum of its two best
 ``s + b``; the ``topk_group`` best groups are kept and the top ``num_experts_per_tok`` experts chosen inside them.
 While training with ``aux_loss_alpha > 0`` it also returns the complementary sequence-wise balance loss.
+
+The bias itself is moved by ``update_expert_bias`` (``modeling_deepseek_v3.training``), once per optimizer step.
+A router that trains for ``warn_after_forwards`` forwards with γ > 0 and no update warns: the bias would stay
+frozen, which is almost always a forgotten ``ExpertBiasUpdateCallback``.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -21,6 +27,7 @@ class NoAuxTCRouter(TopKRouter):
         super().__init__(config)
         self.n_group = config.n_group
         self.topk_group = config.topk_group
+        self.config = config  # γ is read at forward time, so a changed `config.router_bias_update_speed` counts
         self.register_buffer("e_score_correction_bias", torch.zeros(self.n_routed_experts, dtype=torch.float32))
 
     @classmethod
@@ -39,7 +46,10 @@ class NoAuxTCRouter(TopKRouter):
             self.e_score_correction_bias = fp32_bias.to(self.e_score_correction_bias.device)
         return self
 
-    def forward(self, hidden_states: torch.Tensor):
+    # Generous on purpose: gradient accumulation legitimately runs hundreds of micro-batches between two updates.
+    warn_after_forwards = 1000
+
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None):
         batch_size, seq_len, _ = hidden_states.shape
         scores = self.router_logits(hidden_states).sigmoid().view(-1, self.n_routed_experts)  # [N, E]
         scores_for_choice = scores + self.e_score_correction_bias.float()
@@ -51,11 +61,25 @@ class NoAuxTCRouter(TopKRouter):
         scores_for_choice = scores_for_choice.masked_fill(~expert_mask, float("-inf"))
         topk_idx = scores_for_choice.topk(self.top_k, dim=-1, sorted=False).indices  # [N, K]
         topk_weight = self.scale_weights(scores.gather(1, topk_idx))
-        self.count_tokens(topk_idx)
+        self.count_tokens(topk_idx, token_mask)
+        self._warn_if_never_updated()
 
         aux_loss = None
         if self.training and self.aux_loss_alpha > 0:
-            # Sequence-wise: P uses the affinities normalised over all experts, per token.
+            # Sequence-wise: P uses the affinities normalised over all experts, per token; padding excluded.
             probs = scores / scores.sum(dim=-1, keepdim=True)
-            aux_loss = self.balance_loss(probs.view(batch_size, seq_len, -1), topk_idx)
+            aux_loss = self.balance_loss(probs.view(batch_size, seq_len, -1), topk_idx, token_mask)
         return topk_idx, topk_weight, aux_loss
+
+    def _warn_if_never_updated(self) -> None:
+        if self.forwards_since_update == self.warn_after_forwards + 1 and self.config.router_bias_update_speed > 0:
+            # Every router of a model reaches the count in the same forward; Python's warning registry shows the
+            # message once per call site.
+            warnings.warn(
+                f"The noaux_tc router ran {self.warn_after_forwards} training forwards with router_bias_update_speed="
+                f"{self.config.router_bias_update_speed} but its e_score_correction_bias was never updated: call "
+                "`model.update_expert_bias()` once per optimizer step (with transformers.Trainer, add "
+                "`modeling_deepseek_v3.ExpertBiasUpdateCallback()`), or set router_bias_update_speed=0 to freeze it.",
+                UserWarning,
+                stacklevel=2,
+            )

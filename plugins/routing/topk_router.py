@@ -1,4 +1,5 @@
-"""What every top-k router shares: the gating weight and the per-expert token counts of training."""
+"""What every top-k router shares: the gating weight, the per-expert token counts of training, and the
+balance loss ``α Σ_i f_i P_i`` over real (non-padding) tokens."""
 
 from __future__ import annotations
 
@@ -8,9 +9,22 @@ from torch import nn
 from modeling_deepseek_v3.registry import RouterPlugin
 
 
+def in_backward_pass() -> bool:
+    """True while the autograd engine runs a backward pass, i.e. when activation checkpointing re-runs a
+    layer's forward to recompute what it did not save. The recomputation routes the same tokens again; counting
+    them a second time would double every load (FSDP2 detects its own backward the same way)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class TopKRouter(RouterPlugin):
     """Holds ``weight`` [E, hidden] (the official ``mlp.gate.weight``) and, while training, counts the
-    tokens routed to each expert in ``tokens_per_expert`` until someone reads and resets them."""
+    tokens routed to each expert in ``tokens_per_expert`` until ``update_expert_bias`` reads and resets them.
+
+    The counts are deliberately a plain tensor attribute, not a registered buffer: they are per-rank training
+    state. DistributedDataParallel broadcasts rank 0's buffers before every forward, which would overwrite each
+    rank's own counts before they are all-reduced, and a checkpoint has no use for them (they are zero after every
+    optimizer step).
+    """
 
     def __init__(self, config):
         super().__init__()
@@ -20,30 +34,62 @@ class TopKRouter(RouterPlugin):
         self.norm_topk_prob = config.norm_topk_prob
         self.aux_loss_alpha = config.aux_loss_alpha
         self.weight = nn.Parameter(torch.empty(self.n_routed_experts, config.hidden_size))
-        self.register_buffer("tokens_per_expert", torch.zeros(self.n_routed_experts, dtype=torch.float32), persistent=False)
+        self._tokens_per_expert: torch.Tensor | None = None
+        # Training forwards counted since the last bias update (read by the "nobody updates the bias" warning).
+        self.forwards_since_update = 0
+
+    @property
+    def tokens_per_expert(self) -> torch.Tensor:
+        """[E] fp32 tokens routed to each expert by training forwards since the last reset (padding excluded)."""
+        if self._tokens_per_expert is None:
+            device = self.weight.device if self.weight.device.type != "meta" else "cpu"
+            return torch.zeros(self.n_routed_experts, dtype=torch.float32, device=device)
+        return self._tokens_per_expert
+
+    def reset_counts(self) -> None:
+        self._tokens_per_expert = None
+        self.forwards_since_update = 0
 
     def router_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[..., hidden] -> [..., E] in fp32: routing decisions must not depend on the activation dtype."""
         return nn.functional.linear(hidden_states.float(), self.weight.float())
 
-    def count_tokens(self, topk_idx: torch.Tensor) -> None:
-        if self.training:
-            with torch.no_grad():
-                counts = torch.bincount(topk_idx.reshape(-1), minlength=self.n_routed_experts)
-                self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
+    def count_tokens(self, topk_idx: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
+        """Add this forward's selections (tokens where ``token_mask`` is True) to ``tokens_per_expert``."""
+        if not self.training or in_backward_pass():
+            return
+        with torch.no_grad():
+            selected = topk_idx if token_mask is None else topk_idx[token_mask.reshape(-1)]
+            counts = torch.bincount(selected.reshape(-1), minlength=self.n_routed_experts).float()
+            if self._tokens_per_expert is None:
+                self._tokens_per_expert = counts
+            else:
+                self._tokens_per_expert = self._tokens_per_expert.to(counts.device) + counts
+        self.forwards_since_update += 1
 
     def scale_weights(self, topk_weight: torch.Tensor) -> torch.Tensor:
         if self.norm_topk_prob:
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
         return topk_weight * self.routed_scaling_factor
 
-    def balance_loss(self, probs: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
-        """``α Σ_i f_i P_i`` per row of ``probs`` [S, T, E] (a sequence, or the whole batch as one row), averaged.
+    def balance_loss(self, probs: torch.Tensor, topk_idx: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``α Σ_i f_i P_i`` per row of ``probs`` [S, T, E] (a sequence, or the whole batch as one row), averaged
+        over the rows that hold at least one real token.
 
-        ``f_i = E/(K·T) · #tokens choosing i`` and ``P_i = mean_t probs[t, i]`` (DESIGN §4).
+        Over the ``T_s`` real tokens of row s (``token_mask`` [S, T], True = real; None = all real):
+        ``f_i = E/(K·T_s) · #tokens choosing i`` and ``P_i = (1/T_s) Σ_t probs[t, i]`` (DESIGN §4). Padding tokens
+        are routed like any other but carry no data, so they take no part in the balance they would distort.
         """
         rows, tokens, experts = probs.shape
         chosen = torch.zeros_like(probs).scatter_(-1, topk_idx.view(rows, tokens, -1), 1.0)
-        f = chosen.sum(dim=1) * (experts / (self.top_k * tokens))
-        p = probs.mean(dim=1)
-        return self.aux_loss_alpha * (f * p).sum(dim=-1).mean()
+        if token_mask is None:
+            weight = probs.new_ones(rows, tokens, 1)
+        else:
+            weight = token_mask.reshape(rows, tokens, 1).to(probs.dtype)
+        real_tokens = weight.sum(dim=1)  # [S, 1]
+        denominator = real_tokens.clamp(min=1.0)
+        f = (chosen * weight).sum(dim=1) * experts / (self.top_k * denominator)
+        p = (probs * weight).sum(dim=1) / denominator
+        per_row = (f * p).sum(dim=-1)  # [S]; zero for rows without real tokens
+        rows_with_tokens = (real_tokens.squeeze(-1) > 0).sum().clamp(min=1)
+        return self.aux_loss_alpha * per_row.sum() / rows_with_tokens
