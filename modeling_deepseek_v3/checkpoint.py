@@ -41,6 +41,7 @@ import logging
 import os
 import shutil
 import uuid
+from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -435,19 +436,8 @@ CARD_TEMPLATE = "deepseek_v3.md"
 
 
 def card_template_path() -> str:
-    """The template in ``model_cards/``: from the installed package data if mapped, else next to the package."""
-    try:
-        from importlib.resources import files
-
-        candidate = files("modeling_deepseek_v3.model_cards") / CARD_TEMPLATE
-        if candidate.is_file():
-            return str(candidate)
-    except (ModuleNotFoundError, TypeError):
-        pass
-    candidate = Path(__file__).resolve().parent.parent / "model_cards" / CARD_TEMPLATE
-    if candidate.is_file():
-        return str(candidate)
-    raise FileNotFoundError(f"Model card template {CARD_TEMPLATE} not found (looked in modeling_deepseek_v3.model_cards and {candidate.parent}).")
+    """The template in ``model_cards/``, installed as the package data of ``modeling_deepseek_v3.model_cards``."""
+    return str(files("modeling_deepseek_v3.model_cards") / CARD_TEMPLATE)
 
 
 def is_generated_card(text: str) -> bool:
