@@ -19,12 +19,14 @@ from .formats import (
     quantize_weight_128x128,
 )
 from .linear import (
+    FP8GroupedLinearFunction,
     FP8Linear,
     FP8LinearFunction,
     FP8TrainingLinear,
     fp8_grouped_expert_mlp,
     fp8_grouped_linear,
     fp8_grouped_matmul,
+    fp8_grouped_mm,
     fp8_matmul,
     stack_expert_weights,
 )
@@ -36,6 +38,7 @@ __all__ = [
     "FP8_DTYPE",
     "FP8_MAX",
     "FP8BlockQuantizer",
+    "FP8GroupedLinearFunction",
     "FP8Linear",
     "FP8LinearFunction",
     "FP8TrainingLinear",
@@ -48,6 +51,7 @@ __all__ = [
     "fp8_grouped_gemm_reference",
     "fp8_grouped_linear",
     "fp8_grouped_matmul",
+    "fp8_grouped_mm",
     "fp8_matmul",
     "is_fp8_eligible",
     "quantize_act_1x128",

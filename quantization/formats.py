@@ -217,10 +217,11 @@ def fp8_gemm_reference(
     (m, k), n = a.shape, b.shape[0]
     b_scale_rows_full = b_scale.repeat_interleave(b_scale_rows, dim=0)[:n]  # [N, KB]
     acc = torch.zeros(m, n, dtype=torch.float32, device=a.device)
-    for kb in range(ceil_div(k, BLOCK)):
-        cols = slice(kb * BLOCK, min(k, (kb + 1) * BLOCK))
-        partial = a[:, cols].float() @ b[:, cols].float().t()
-        acc += partial * a_scale[:, kb, None] * b_scale_rows_full[None, :, kb]
+    with torch.autocast(a.device.type, enabled=False):  # the fp32 products must stay fp32 under autocast
+        for kb in range(ceil_div(k, BLOCK)):
+            cols = slice(kb * BLOCK, min(k, (kb + 1) * BLOCK))
+            partial = a[:, cols].float() @ b[:, cols].float().t()
+            acc += partial * a_scale[:, kb, None] * b_scale_rows_full[None, :, kb]
     return acc.to(out_dtype)
 
 

@@ -124,12 +124,12 @@ class FP8LinearFunction(torch.autograd.Function):
     """``y = x Wᵀ + b`` with Fprop, Dgrad and Wgrad in FP8 (see the table in the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, power_of_two: bool = False):
+    def forward(ctx, x, weight, bias, power_of_two: bool = False, out_dtype: torch.dtype | None = None):
         out_features, in_features = weight.shape
         x2d = x.reshape(-1, in_features)
         x_q, x_s = quantize_act(x2d, power_of_two, "input")
         w_q, w_s = quantize_weight(weight, power_of_two, "weight")
-        y = fp8_matmul(x_q, x_s, w_q, w_s, BLOCK, x.dtype)
+        y = fp8_matmul(x_q, x_s, w_q, w_s, BLOCK, out_dtype or x.dtype)
         if bias is not None:
             y = y + bias.to(y.dtype)
         if ctx.needs_input_grad[1]:
@@ -161,7 +161,7 @@ class FP8LinearFunction(torch.autograd.Function):
         if has_bias and ctx.needs_input_grad[2]:
             grad_b = g2d.float().sum(0).to(w_dtype)
         ctx.x_t = None
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 class FP8TrainingLinear(nn.Linear):
@@ -200,7 +200,10 @@ class FP8TrainingLinear(nn.Linear):
             raise ValueError(f"FP8TrainingLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}.")
         if x.numel() == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)
-        return FP8LinearFunction.apply(x, self.weight, self.bias, self.power_of_two_scales)
+        # under autocast, produce what nn.Linear would (the autocast dtype); the GEMM itself is FP8 either way
+        device_type = x.device.type
+        out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        return FP8LinearFunction.apply(x, self.weight, self.bias, self.power_of_two_scales, out_dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", fp8=e4m3, power_of_two_scales={self.power_of_two_scales}"
@@ -308,36 +311,111 @@ def fp8_grouped_linear(x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, 
     ``weight_scale_inv [E, ceil(N/128), ceil(K/128)]`` as built by ``stack_expert_weights``. Inference only
     (no autograd). Returns ``[T, N]`` in ``x_sorted``'s dtype.
     """
-    if tokens_per_expert.dim() != 1 or tokens_per_expert.numel() != weight.shape[0]:
-        raise ValueError(
-            f"`tokens_per_expert` must have one entry per expert ({weight.shape[0]}), got {tuple(tokens_per_expert.shape)}."
-        )
-    m_offsets = torch.zeros(weight.shape[0] + 1, dtype=torch.int32, device=x_sorted.device)
-    m_offsets[1:] = torch.cumsum(tokens_per_expert.to(device=x_sorted.device), 0)
+    m_offsets = _m_offsets(tokens_per_expert, weight.shape[0], x_sorted.device)
     if x_sorted.shape[0] == 0:
         return x_sorted.new_zeros(0, weight.shape[1])
     x_q, x_s = quantize_act(x_sorted, power_of_two_scales, "x_sorted")
     return fp8_grouped_matmul(x_q, x_s, weight, weight_scale_inv, m_offsets, x_sorted.dtype)
 
 
+def _m_offsets(tokens_per_expert: torch.Tensor, num_experts: int, device) -> torch.Tensor:
+    if tokens_per_expert.dim() != 1 or tokens_per_expert.numel() != num_experts:
+        raise ValueError(
+            f"`tokens_per_expert` must have one entry per expert ({num_experts}), got {tuple(tokens_per_expert.shape)}."
+        )
+    m_offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=device)
+    m_offsets[1:] = torch.cumsum(tokens_per_expert.to(device=device), 0)
+    return m_offsets
+
+
+def _quantize_expert_weights(weight: torch.Tensor, power_of_two: bool):
+    """``[E, N, K]`` -> FP8 ``[E, N, K]`` and scales ``[E, ceil(N/128), ceil(K/128)]``; one launch when N % 128 == 0
+    (no 128×128 block then straddles two experts), one per expert otherwise."""
+    e, n, k = weight.shape
+    if n % BLOCK == 0:
+        q, s = quantize_weight(weight.reshape(e * n, k), power_of_two, "expert weight")
+        return q.view(e, n, k), s.view(e, n // BLOCK, -1)
+    q, s = zip(*(quantize_weight(weight[i], power_of_two, "expert weight") for i in range(e)))
+    return torch.stack(q), torch.stack(s)
+
+
+class FP8GroupedLinearFunction(torch.autograd.Function):
+    """``out[rows of e] = x[rows of e] @ W_eᵀ`` for tokens sorted by expert, all three GEMMs in FP8.
+
+    Fprop and Dgrad are one grouped GEMM each (all experts in one launch). Wgrad reduces over each expert's own
+    tokens, with 128×1 tiles that restart at every expert boundary; it runs one FP8 GEMM per expert that has
+    tokens (and reads the token counts on the host, once per backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x, m_offsets, weight, power_of_two: bool = False):
+        x_q, x_s = quantize_act(x, power_of_two, "x_sorted")
+        w_q, w_s = _quantize_expert_weights(weight, power_of_two)
+        ctx.save_for_backward(x, m_offsets, w_q, w_s)
+        ctx.power_of_two, ctx.w_dtype = power_of_two, weight.dtype
+        return fp8_grouped_matmul(x_q, x_s, w_q, w_s, m_offsets, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, m_offsets, w_q, w_s = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            g_q, g_s = quantize_act(grad_out, ctx.power_of_two, "grad_output")
+            w_t, w_ts = w_q.transpose(1, 2).contiguous(), w_s.transpose(1, 2).contiguous()  # W_eᵀ, blocks transposed
+            grad_x = fp8_grouped_matmul(g_q, g_s, w_t, w_ts, m_offsets, x.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_w = torch.zeros(w_q.shape, dtype=ctx.w_dtype, device=x.device)
+            offsets = m_offsets.tolist()
+            for e in range(w_q.shape[0]):
+                rows = slice(offsets[e], offsets[e + 1])
+                if offsets[e + 1] > offsets[e]:
+                    g_t, g_ts = quantize_act_transposed(grad_out[rows], ctx.power_of_two, "grad_output")
+                    x_t, x_ts = quantize_act_transposed(x[rows], ctx.power_of_two, "x_sorted")
+                    grad_w[e] = fp8_matmul(g_t, g_ts, x_t, x_ts, 1, ctx.w_dtype)
+        return grad_x, None, grad_w, None
+
+
+def fp8_grouped_mm(x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, weight: torch.Tensor,
+                   power_of_two_scales: bool = False) -> torch.Tensor:
+    """Differentiable grouped FP8 GEMM for training: ``x_sorted [T, K]`` (tokens sorted by expert),
+    ``tokens_per_expert [E]``, high-precision ``weight [E, N, K]`` (e.g. ``torch.stack`` of the experts' master
+    weights, so gradients reach each of them) -> ``[T, N]`` in ``x_sorted``'s dtype."""
+    if weight.dim() != 3 or weight.shape[2] != x_sorted.shape[-1]:
+        raise ValueError(f"`weight` must be [experts, N, {x_sorted.shape[-1]}], got {tuple(weight.shape)}.")
+    m_offsets = _m_offsets(tokens_per_expert, weight.shape[0], x_sorted.device)
+    if x_sorted.shape[0] == 0:
+        return x_sorted.new_zeros(0, weight.shape[1])
+    return FP8GroupedLinearFunction.apply(x_sorted, m_offsets, weight, power_of_two_scales)
+
+
 def fp8_grouped_expert_mlp(experts, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, act_fn=None,
                            power_of_two_scales: bool = False) -> torch.Tensor:
     """The routed experts' SwiGLU MLPs, ``down(act(gate(x)) * up(x))``, as three grouped FP8 GEMMs.
 
-    ``experts`` is the ``nn.ModuleList`` at ``mlp.experts`` (each with ``gate_proj``, ``up_proj``,
-    ``down_proj``; ``nn.Linear``, ``FP8TrainingLinear`` or ``FP8Linear``). The stacked FP8 weights are cached on
-    the list and rebuilt when any expert weight changes. Inference only: no autograd through the GEMMs.
+    ``experts`` is the ``nn.ModuleList`` at ``mlp.experts`` (each with bias-free ``gate_proj``, ``up_proj``,
+    ``down_proj``: ``nn.Linear``, ``FP8TrainingLinear`` or ``FP8Linear``); ``x_sorted``/``tokens_per_expert`` as in
+    ``fp8_grouped_linear``. When gradients are needed, the experts' master weights are stacked each call and the
+    GEMMs run through ``FP8GroupedLinearFunction``; otherwise the stacked FP8 weights are cached on the list and
+    rebuilt only when an expert weight changes.
     """
     act_fn = act_fn or nn.functional.silu
-    stamp = tuple((e.gate_proj.weight.data_ptr(), e.gate_proj.weight._version, e.up_proj.weight._version,
-                   e.down_proj.weight._version) for e in experts)
-    cache = getattr(experts, "_fp8_stacked", None)
-    if cache is None or cache[0] != stamp:
-        stacked = {p: stack_expert_weights([getattr(e, p) for e in experts], power_of_two_scales)
-                   for p in ("gate_proj", "up_proj", "down_proj")}
-        cache = (stamp, stacked)
-        experts._fp8_stacked = cache
-    stacked = cache[1]
-    gate = fp8_grouped_linear(x_sorted, tokens_per_expert, *stacked["gate_proj"], power_of_two_scales)
-    up = fp8_grouped_linear(x_sorted, tokens_per_expert, *stacked["up_proj"], power_of_two_scales)
-    return fp8_grouped_linear(act_fn(gate) * up, tokens_per_expert, *stacked["down_proj"], power_of_two_scales)
+    projections = ("gate_proj", "up_proj", "down_proj")
+    training = torch.is_grad_enabled() and any(p.requires_grad for p in experts.parameters())
+    if training:
+        if any(isinstance(getattr(e, p), FP8Linear) for e in experts for p in projections):
+            raise TypeError("FP8Linear experts hold FP8 weights and cannot be trained; use FP8TrainingLinear.")
+
+        def project(h, name):
+            weight = torch.stack([getattr(e, name).weight for e in experts])
+            return fp8_grouped_mm(h, tokens_per_expert, weight, power_of_two_scales)
+    else:
+        stamp = tuple((getattr(e, p).weight.data_ptr(), getattr(e, p).weight._version) for e in experts for p in projections)
+        cache = getattr(experts, "_fp8_stacked", None)
+        if cache is None or cache[0] != stamp:
+            cache = (stamp, {p: stack_expert_weights([getattr(e, p) for e in experts], power_of_two_scales) for p in projections})
+            experts._fp8_stacked = cache
+
+        def project(h, name):
+            return fp8_grouped_linear(h, tokens_per_expert, *cache[1][name], power_of_two_scales)
+
+    return project(act_fn(project(x_sorted, "gate_proj")) * project(x_sorted, "up_proj"), "down_proj")

@@ -190,13 +190,23 @@ else:
             self.down_proj = torch.nn.Linear(inter, hidden, bias=False)
 
     def test_grouped_expert_mlp_on_the_kernels(monkeypatch):
+        """Training (grouped Fprop/Dgrad kernels, per-expert Wgrad) and inference (cached FP8 weights) paths."""
         torch.manual_seed(0)
         experts = torch.nn.ModuleList(Expert(96, 160) for _ in range(3))
         x = torch.randn(70, 96)
         counts = torch.tensor([30, 0, 40])
-        outs = []
+        results = []
         for kernels in (False, True):
             monkeypatch.setattr(L, "use_triton", lambda device, k=kernels: k)
-            experts._fp8_stacked = None
-            outs.append(L.fp8_grouped_expert_mlp(experts, x, counts))
-        assert rel_err(outs[1], outs[0]) < 1e-5
+            experts.zero_grad()
+            xx = x.clone().requires_grad_()
+            out = L.fp8_grouped_expert_mlp(experts, xx, counts)
+            out.pow(2).sum().backward()
+            with torch.no_grad():
+                experts._fp8_stacked = None
+                inference = L.fp8_grouped_expert_mlp(experts, x, counts)
+            results.append([out.detach(), inference, xx.grad] + [p.grad.clone() for p in experts.parameters() if p.grad is not None])
+        assert len(results[1]) == 3 + 9  # stacked weights: every expert gets a gradient (zero for expert 1)
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in results[1][6:9])
+        for kernel_val, ref_val in zip(results[1], results[0]):
+            assert torch.equal(kernel_val, ref_val) if not ref_val.any() else rel_err(kernel_val, ref_val) < 1e-5

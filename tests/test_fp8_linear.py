@@ -48,6 +48,20 @@ def test_training_linear_forward_and_gradients_against_fp32(dtype):
         assert rel_err(out, expected) < 0.06
 
 
+def test_training_linear_under_autocast_behaves_like_nn_linear():
+    ref, fp8 = twin_layers(seed=3)
+    x = torch.randn(150, 300)
+    x_ref, x_fp8 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, y_fp8 = ref(x_ref), fp8(x_fp8)
+    assert y_fp8.dtype == y_ref.dtype == torch.bfloat16
+    y_ref.float().pow(2).sum().backward()
+    y_fp8.float().pow(2).sum().backward()
+    assert x_fp8.grad.dtype == torch.float32 and fp8.weight.grad.dtype == torch.float32
+    for out, expected in [(y_fp8, y_ref), (x_fp8.grad, x_ref.grad), (fp8.weight.grad, ref.weight.grad)]:
+        assert rel_err(out, expected) < 0.06
+
+
 def test_training_linear_uses_the_papers_tilings():
     """Fprop 1x128 x 128x128; Dgrad dy 1x128 x W^T 128x128; Wgrad dy^T and x^T both 128 tokens x 1 channel."""
     _, layer = twin_layers(bias=False, seed=1)
@@ -193,3 +207,75 @@ def test_grouped_linear_matches_per_expert_fp8_linears():
         start += n
     with pytest.raises(ValueError, match="one entry per expert"):
         fp8_grouped_linear(x, counts[:3], w, s)
+
+
+# --------------------------------------------------------------------------------------------------- experts, training
+
+
+class Expert(nn.Module):
+    def __init__(self, hidden, inter, cls=nn.Linear):
+        super().__init__()
+        self.gate_proj = cls(hidden, inter, bias=False)
+        self.up_proj = cls(hidden, inter, bias=False)
+        self.down_proj = cls(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@pytest.mark.parametrize("n", [256, 200])  # one quantization launch for all experts / one per expert
+def test_grouped_mm_equals_per_expert_training_linears(n):
+    torch.manual_seed(4)
+    counts = torch.tensor([40, 0, 150, 20])
+    layers = [FP8TrainingLinear(300, n, bias=False) for _ in range(4)]
+    x = torch.randn(int(counts.sum()), 300)
+    g = torch.randn(int(counts.sum()), n)
+    x_grouped = x.clone().requires_grad_()
+    weight = torch.stack([layer.weight for layer in layers])  # gradients flow back to each expert's master weight
+    out = L.fp8_grouped_mm(x_grouped, counts, weight)
+    grad_x, grad_w = torch.autograd.grad(out, (x_grouped, weight), g)
+    start = 0
+    for e, m in enumerate(counts.tolist()):
+        rows = slice(start, start + m)
+        if m:
+            x_e = x[rows].clone().requires_grad_()
+            y_e = layers[e](x_e)
+            y_e.backward(g[rows])
+            # same tiles, same scales, same sums: identical numbers (Wgrad's 128x1 tiles restart at each expert)
+            assert torch.equal(out[rows], y_e) and torch.equal(grad_x[rows], x_e.grad)
+            assert torch.equal(grad_w[e], layers[e].weight.grad)
+        else:
+            assert torch.equal(grad_w[e], torch.zeros(n, 300))
+        start += m
+    # and through torch.stack the gradient reaches each expert's own parameter
+    for layer in layers:
+        layer.weight.grad = None
+    L.fp8_grouped_mm(x, counts, torch.stack([layer.weight for layer in layers])).backward(g)
+    assert torch.equal(layers[2].weight.grad, grad_w[2])
+    with pytest.raises(ValueError, match="one entry per expert"):
+        L.fp8_grouped_mm(x, counts[:2], weight)
+
+
+def test_grouped_expert_mlp_trains_like_the_per_expert_loop():
+    torch.manual_seed(5)
+    experts = nn.ModuleList(Expert(128, 256, FP8TrainingLinear) for _ in range(3))
+    counts = torch.tensor([50, 0, 80])
+    x = torch.randn(130, 128)
+    out = L.fp8_grouped_expert_mlp(experts, x, counts)
+    out.pow(2).sum().backward()
+    grouped_grads = [p.grad.clone() for p in experts.parameters()]
+    experts.zero_grad()
+    loop = torch.cat([experts[0](x[:50]), experts[2](x[50:])])
+    loop.pow(2).sum().backward()
+    assert rel_err(out, loop) < 1e-6
+    for got, expected in zip(grouped_grads, [p.grad if p.grad is not None else torch.zeros_like(p) for p in experts.parameters()]):
+        assert torch.equal(got, expected)
+    with torch.no_grad():  # inference: cached stacked FP8 weights, same numbers
+        assert rel_err(L.fp8_grouped_expert_mlp(experts, x, counts), loop) < 1e-6
+    fp8_experts = nn.ModuleList(
+        Expert(128, 256, lambda i, o, bias: FP8Linear(i, o, bias)) for _ in range(3)
+    )
+    for src, dst in zip(experts, fp8_experts):
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(dst, name, FP8Linear.from_linear(getattr(src, name)))
+    assert rel_err(L.fp8_grouped_expert_mlp(fp8_experts, x, counts), loop) < 1e-6

@@ -218,7 +218,7 @@ def fp8_grouped_gemm(a, a_scale, b, b_scale, m_offsets, out_dtype: torch.dtype =
     m = a.shape[0]
     formats.check_gemm_operands(a, a_scale, b[0], b_scale[0], BLOCK)
     formats.check_group_offsets(m_offsets, num_experts, m)
-    if a.stride(1) != 1 or b.stride(2) != 1 or a_scale.stride(1) != 1 or b_scale.stride(2) != 1:
+    if not all(t.stride(-1) == 1 or t.shape[-1] == 1 for t in (a, b, a_scale, b_scale)):
         raise ValueError("grouped FP8 GEMM expects operands and scales contiguous along K.")
     offsets = m_offsets.to(device=a.device, dtype=torch.int32)
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
