@@ -132,19 +132,18 @@ class FP8LinearFunction(torch.autograd.Function):
         y = fp8_matmul(x_q, x_s, w_q, w_s, BLOCK, out_dtype or x.dtype)
         if bias is not None:
             y = y + bias.to(y.dtype)
+        x_t = x_ts = None
         if ctx.needs_input_grad[1]:
             # Wgrad reduces over tokens: keep x in FP8 with 128-token tiles (already transposed) rather than x itself
-            ctx.x_t = quantize_act_transposed(x2d, power_of_two, "input")
-        else:
-            ctx.x_t = None
-        ctx.save_for_backward(w_q, w_s)
+            x_t, x_ts = quantize_act_transposed(x2d, power_of_two, "input")
+        ctx.save_for_backward(w_q, w_s, x_t, x_ts)  # through save_for_backward, so saved-tensor hooks see them
         ctx.power_of_two = power_of_two
         ctx.shapes = (x.shape, x.dtype, weight.dtype, bias is not None)
         return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, grad_out):
-        w_q, w_s = ctx.saved_tensors
+        w_q, w_s, x_t, x_ts = ctx.saved_tensors
         x_shape, x_dtype, w_dtype, has_bias = ctx.shapes
         out_features = w_q.shape[0]
         g2d = grad_out.reshape(-1, out_features)
@@ -156,11 +155,9 @@ class FP8LinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # Wgrad: both operands tiled 128 tokens × 1 channel, laid out [channels, tokens]
             g_t, g_ts = quantize_act_transposed(g2d, ctx.power_of_two, "grad_output")
-            x_t, x_ts = ctx.x_t
             grad_w = fp8_matmul(g_t, g_ts, x_t, x_ts, 1, w_dtype)
         if has_bias and ctx.needs_input_grad[2]:
             grad_b = g2d.float().sum(0).to(w_dtype)
-        ctx.x_t = None
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -198,8 +195,8 @@ class FP8TrainingLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"FP8TrainingLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}.")
-        if x.numel() == 0:
-            return x.new_zeros(*x.shape[:-1], self.out_features)
+        if x.numel() == 0:  # no tokens (an idle expert): keep the graph, so the weights get zero gradients
+            return nn.functional.linear(x, self.weight, self.bias)
         # under autocast, produce what nn.Linear would (the autocast dtype); the GEMM itself is FP8 either way
         device_type = x.device.type
         out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype

@@ -62,6 +62,22 @@ def test_training_linear_under_autocast_behaves_like_nn_linear():
         assert rel_err(out, expected) < 0.06
 
 
+def test_training_linear_under_activation_checkpointing():
+    _, layer = twin_layers(seed=6)
+    x = torch.randn(150, 300)
+    grads = []
+    for checkpointed in (False, True):
+        layer.zero_grad()
+        xx = x.clone().requires_grad_()
+        if checkpointed:
+            y = torch.utils.checkpoint.checkpoint(layer, xx, use_reentrant=False)
+        else:
+            y = layer(xx)
+        y.pow(2).sum().backward()
+        grads.append((xx.grad, layer.weight.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
 def test_training_linear_uses_the_papers_tilings():
     """Fprop 1x128 x 128x128; Dgrad dy 1x128 x W^T 128x128; Wgrad dy^T and x^T both 128 tokens x 1 channel."""
     _, layer = twin_layers(bias=False, seed=1)
@@ -109,7 +125,10 @@ def test_training_linear_bad_inputs():
         y.backward(torch.full_like(y, float("inf")))
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         layer(torch.ones(4, 300, dtype=torch.float64))
-    assert layer(torch.randn(0, 300)).shape == (0, 200)
+    layer.zero_grad()
+    empty = layer(torch.randn(0, 300))
+    empty.sum().backward()
+    assert empty.shape == (0, 200) and torch.equal(layer.weight.grad, torch.zeros(200, 300))
 
 
 def test_tiny_mlp_trains_in_fp8_like_fp32():
