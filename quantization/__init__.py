@@ -28,6 +28,7 @@ from .linear import (
     fp8_grouped_matmul,
     fp8_grouped_mm,
     fp8_matmul,
+    set_check_finite,
     stack_expert_weights,
 )
 from .quantizer import FP8BlockQuantizer, dequantize_state_dict, is_fp8_eligible, quantize_state_dict
@@ -58,5 +59,6 @@ __all__ = [
     "quantize_act_128x1_transposed",
     "quantize_state_dict",
     "quantize_weight_128x128",
+    "set_check_finite",
     "stack_expert_weights",
 ]

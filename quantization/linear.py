@@ -27,6 +27,7 @@ only slower.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
 import torch
@@ -54,6 +55,17 @@ def _triton_fp8_supported(device_index: int) -> bool:
 
 _warned_fallback = False
 
+# The GPU path finds inf/nan tiles from the scales, which costs one device->host synchronization per quantized
+# tensor. On by default (bad values raise ValueError naming the tensor); switch it off for throughput with
+# DEEPSEEK_V3_FP8_CHECK_FINITE=0 or set_check_finite(False). The CPU reference always checks (no sync there).
+_check_finite = os.environ.get("DEEPSEEK_V3_FP8_CHECK_FINITE", "1") != "0"
+
+
+def set_check_finite(enabled: bool) -> None:
+    """Turn the non-finite check of the GPU quantization kernels on or off (process-wide)."""
+    global _check_finite
+    _check_finite = bool(enabled)
+
 
 def use_triton(device: torch.device) -> bool:
     """True on a CUDA GPU with FP8 support and triton installed; otherwise warn once and use the reference."""
@@ -75,7 +87,7 @@ def quantize_act(x: torch.Tensor, power_of_two: bool = False, name: str = "input
     if use_triton(x.device):
         from .kernels import act_quant_1x128
 
-        return act_quant_1x128(x, power_of_two, name)
+        return act_quant_1x128(x, power_of_two, name, check_finite=_check_finite)
     return formats.quantize_act_1x128(x, power_of_two, name)
 
 
@@ -84,7 +96,7 @@ def quantize_act_transposed(x: torch.Tensor, power_of_two: bool = False, name: s
     if use_triton(x.device):
         from .kernels import act_quant_128x1_transposed
 
-        return act_quant_128x1_transposed(x, power_of_two, name)
+        return act_quant_128x1_transposed(x, power_of_two, name, check_finite=_check_finite)
     return formats.quantize_act_128x1_transposed(x, power_of_two, name)
 
 
@@ -93,7 +105,7 @@ def quantize_weight(w: torch.Tensor, power_of_two: bool = False, name: str = "we
     if use_triton(w.device):
         from .kernels import weight_quant_128x128
 
-        return weight_quant_128x128(w, power_of_two, name)
+        return weight_quant_128x128(w, power_of_two, name, check_finite=_check_finite)
     return formats.quantize_weight_128x128(w, power_of_two, name)
 
 

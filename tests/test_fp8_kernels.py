@@ -182,6 +182,19 @@ else:
         for kernel_val, ref_val in zip(grads[1], grads[0]):
             assert rel_err(kernel_val, ref_val) < 1e-5
 
+    def test_layers_on_the_kernels_check_finite_switch(monkeypatch):
+        monkeypatch.setattr(L, "use_triton", lambda device: True)
+        layer = L.FP8Linear.from_linear(torch.nn.Linear(256, 128, bias=False))
+        x = torch.randn(4, 256)
+        x[2, 100] = float("nan")
+        with pytest.raises(ValueError, match="`input` contains non-finite values"):
+            layer(x)
+        L.set_check_finite(False)
+        try:
+            layer(x)  # no host synchronization, no error: the caller opted out
+        finally:
+            L.set_check_finite(True)
+
     class Expert(torch.nn.Module):
         def __init__(self, hidden, inter):
             super().__init__()
