@@ -323,15 +323,16 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
                 past_key_values=None,
                 position_ids=position_ids[:, :length],
             )
-            hidden = module(
+            hidden, normed = module(
                 hidden,
                 embeds[:, k:],
                 (cos[:, :length], sin[:, :length]),
                 causal_mask,
                 position_ids=position_ids[:, :length],
                 token_mask=source_mask,
+                return_normed=True,
             )
-            logits = self.lm_head(module.shared_head.norm(hidden))
+            logits = self.lm_head(normed)
             ce_losses.append(_cross_entropy(logits, _depth_targets(labels, token_mask, k))[0])
             if isinstance(module.mlp, DeepseekV3MoE) and module.mlp.aux_loss is not None:
                 aux_losses.append(module.mlp.aux_loss)

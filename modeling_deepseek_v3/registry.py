@@ -66,8 +66,11 @@ class MTPPlugin(_ConfigChecked, nn.Module):
     """Built as ``cls(config, depth)`` and placed at ``model.layers[num_hidden_layers + depth]``.
 
     ``forward(hidden_prev [B, T, hidden], next_token_embeds [B, T, hidden], position_embeddings,
-    attention_mask, **kwargs) -> hidden [B, T, hidden]`` (before ``shared_head.norm``). The embedding and
-    the output head are the main model's; the plugin holds references, never copies.
+    attention_mask, **kwargs) -> hidden [B, T, hidden]`` (before ``shared_head.norm``); with
+    ``return_normed=True`` it returns ``(hidden, shared_head.norm(hidden))``, which is what the training loss
+    uses, so that the norm runs inside the module's own forward (FSDP and offload hooks wrap that). Keyword
+    ``token_mask`` [B, T] (True = real token) reaches its routers. The embedding and the output head are the main
+    model's; the plugin holds references, never copies.
     """
 
 
