@@ -147,6 +147,7 @@ _GROUPED_CONFIGS = [
 _INTERPRETER_GEMM = {"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 2}
 _INTERPRETER_GROUPED = {"BLOCK_M": 32, "BLOCK_N": 64}
 
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
