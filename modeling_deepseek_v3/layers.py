@@ -7,7 +7,6 @@ never by importing them, so the dependency direction stays registry <- plugins <
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -127,17 +126,11 @@ class DeepseekV3MoE(nn.Module):
             else None
         )
         self.aux_loss: torch.Tensor | None = None
-        # Routers written before `token_mask` joined the contract take `hidden` alone; they still work, unmasked.
-        parameters = inspect.signature(self.gate.forward).parameters.values()
-        self._gate_takes_token_mask = any(p.name == "token_mask" or p.kind is p.VAR_KEYWORD for p in parameters)
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         # token_mask [B, T]: True at real tokens; the router leaves padding out of its loads and balance loss.
         batch_size, seq_len, hidden_size = hidden_states.shape
-        if self._gate_takes_token_mask:
-            topk_idx, topk_weight, self.aux_loss = self.gate(hidden_states, token_mask=token_mask)
-        else:
-            topk_idx, topk_weight, self.aux_loss = self.gate(hidden_states)
+        topk_idx, topk_weight, self.aux_loss = self.gate(hidden_states, token_mask=token_mask)
         routed = self.experts(hidden_states.reshape(-1, hidden_size), topk_idx, topk_weight)
         routed = routed.view(batch_size, seq_len, hidden_size)
         if self.shared_experts is not None:

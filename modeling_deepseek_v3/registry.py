@@ -45,8 +45,7 @@ class RouterPlugin(_ConfigChecked, nn.Module):
 
     ``forward(hidden [B, T, hidden], token_mask [B, T] bool or None) -> (topk_idx [B·T, K] long,
     topk_weight [B·T, K], aux_loss scalar or None)``. ``token_mask`` is True at real tokens and False at padding
-    (None: all real); padding is routed like any token but left out of load counts and balance losses. A router
-    whose ``forward`` takes no ``token_mask`` parameter (nor ``**kwargs``) is called with ``hidden`` alone.
+    (None: all real); padding is routed like any token but left out of load counts and balance losses.
     ``aux_loss`` is the balance loss already multiplied by its coefficient, or None when not training.
     While training, a router that balances by counting exposes ``tokens_per_expert`` [E] (real tokens routed to
     each expert since the last reset) and ``reset_counts()``; ``modeling_deepseek_v3.training.update_expert_bias``

@@ -161,7 +161,7 @@ def test_registered_third_party_router_is_used():
             self.k = config.num_experts_per_tok
             self.weight = torch.nn.Parameter(torch.zeros(config.n_routed_experts, config.hidden_size))
 
-        def forward(self, hidden):
+        def forward(self, hidden, token_mask=None):
             n = hidden.shape[0] * hidden.shape[1]
             idx = torch.arange(self.k).expand(n, -1)
             return idx, torch.full((n, self.k), 1.0 / self.k), None
