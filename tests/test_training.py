@@ -68,7 +68,7 @@ def test_inference_and_backward_recomputation_do_not_count():
     assert all(r.tokens_per_expert.sum() == 0 for r in routers(model).values())
     # activation checkpointing re-runs every layer's forward during backward: the loads must not double
     model.train()
-    model.activation_checkpointing_enable()
+    model.gradient_checkpointing_enable()  # the name both transformers 5.17 and 5.23 have
     model(ids, labels=ids).loss.backward()
     assert all(r.tokens_per_expert.sum() == 2 * 9 * 3 for r in routers(model).values())
 
@@ -370,7 +370,7 @@ def test_mtp_and_balance_loss_train_under_gradient_checkpointing():
     for checkpointing in (False, True):
         model = build_model(config).train()
         if checkpointing:
-            model.activation_checkpointing_enable()
+            model.gradient_checkpointing_enable()  # the name both transformers 5.17 and 5.23 have
         out = model(ids, labels=ids)
         out.loss.backward()
         grads.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))

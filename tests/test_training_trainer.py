@@ -113,7 +113,7 @@ def test_gradient_checkpointing_and_bf16_autocast_train(tmp_path):
     config = tiny_config(num_nextn_predict_layers=1, router_bias_update_speed=0.01, aux_loss_alpha=0.001)
     model = build_model(config)
     before = {n: r.e_score_correction_bias.clone() for n, r in routers(model).items()}
-    args = arguments(tmp_path, activation_checkpointing=True, bf16=True, max_steps=2, gradient_accumulation_steps=1)
+    args = arguments(tmp_path, gradient_checkpointing=True, bf16=True, max_steps=2, gradient_accumulation_steps=1)
     trainer = Trainer(model=model, args=args, train_dataset=dataset(), callbacks=[ExpertBiasUpdateCallback()])
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
