@@ -7,6 +7,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from . import plugins, quantization  # noqa: F401  (importing registers the built-in plugins)
+from .checkpoint import DeepseekV3FP8Config
 from .configuration_deepseek_v3 import DeepseekV3Config
 from .modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Model, DeepseekV3PreTrainedModel
 from .registry import list_plugins, register_plugin
@@ -19,6 +20,7 @@ AutoModelForCausalLM.register(DeepseekV3Config, DeepseekV3ForCausalLM, exist_ok=
 __version__ = "0.1.0"
 __all__ = [
     "DeepseekV3Config",
+    "DeepseekV3FP8Config",
     "DeepseekV3Model",
     "DeepseekV3ForCausalLM",
     "DeepseekV3PreTrainedModel",
