@@ -52,10 +52,14 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
     attention_backend (`str`, defaults to `"mla"`):
         Attention plugin: `"mla"` (multi-head latent attention, the paper's) or `"mha"` (plain multi-head
         baseline of the same width, for ablations).
+    mla_mode (`str`, defaults to `"auto"`):
+        MLA execution mode. `"expanded"` up-projects keys and values from the latent cache (best for training and
+        prefill); `"absorbed"` folds `W_uk` into the query and `W_uv` into the output and attends directly over
+        the latent cache (best for decoding); `"auto"` picks per forward whichever costs fewer FLOPs for the
+        query and cached lengths at hand (absorbed for decoding and speculative verification, expanded for
+        prefill and training). All give the same result.
     mla_absorb (`bool`, defaults to `False`):
-        MLA execution mode. `False` up-projects keys and values from the latent cache ("expanded", best for
-        training and prefill); `True` folds `W_uk` into the query and `W_uv` into the output and attends
-        directly over the latent cache ("absorbed", best for decoding). Both give the same result.
+        Legacy switch: `True` forces `mla_mode="absorbed"` when `mla_mode` is not given.
     topk_method (`str`, defaults to `"noaux_tc"`):
         Router plugin (the official field): `"noaux_tc"` (sigmoid scores, bias-based aux-loss-free
         balancing, group-limited top-k) or `"greedy"` (softmax top-k with the classic auxiliary loss).
@@ -79,6 +83,7 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         self,
         attention_backend: str = "mla",
         mla_absorb: bool = False,
+        mla_mode: str | None = None,
         topk_method: str = "noaux_tc",
         scoring_func: str = "sigmoid",
         experts_backend: str = "gather",
@@ -91,6 +96,7 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
     ):
         self.attention_backend = attention_backend
         self.mla_absorb = mla_absorb
+        self.mla_mode = mla_mode if mla_mode is not None else ("absorbed" if mla_absorb is True else "auto")
         self.topk_method = topk_method
         self.scoring_func = scoring_func
         self.experts_backend = experts_backend
@@ -139,6 +145,7 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
 _OWN_FIELDS = (
     "attention_backend",
     "mla_absorb",
+    "mla_mode",
     "topk_method",
     "scoring_func",
     "experts_backend",

@@ -8,11 +8,18 @@ Two execution modes give the same result:
 - expanded: up-project per-head keys and values from ``c_kv`` with ``kv_b_proj``, then ordinary attention;
 - absorbed: fold ``W_uk`` into the query and ``W_uv`` into the output, so attention runs as multi-query
   attention directly over the latent cache (one shared "head" of width ``kv_lora_rank + rope``).
+
+``config.mla_mode`` picks one, or ``"auto"`` (the default) picks per forward by a FLOP count: expanding costs
+``S·H·r·(nope+v)`` for the up-projection of the S cached tokens, absorbing costs ``T·H·(2r − nope − v)`` more per
+cached token in the attention itself plus ``T·H·r·(nope+v)`` to fold the T queries. Absorbed wins when few queries
+meet a long cache (decoding, speculative verification), expanded when queries and keys are the same tokens
+(prefill, training: there absorbing never pays).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -43,6 +50,19 @@ def attention_interface(config):
     return eager_attention if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
 
 
+MLA_MODES = ("expanded", "absorbed", "auto")
+
+
+def absorbed_is_cheaper(query_len: int, key_len: int, kv_lora_rank: int, nope: int, v: int) -> bool:
+    """Whether absorbed attention costs fewer FLOPs than expanded for ``query_len`` queries over ``key_len`` keys.
+
+    Per head: expanded = ``S·r·(nope+v)`` (up-project every cached token) + ``T·S·(nope+rope+v)`` (attention);
+    absorbed = ``T·r·(nope+v)`` (fold queries and outputs) + ``T·S·(2r+rope)`` (attention over the latent).
+    """
+    up = kv_lora_rank * (nope + v)
+    return query_len * (key_len * (2 * kv_lora_rank - nope - v) + up) < key_len * up
+
+
 @register_plugin("attention", "mla")
 class MultiHeadLatentAttention(AttentionPlugin):
     def __init__(self, config, layer_idx: int):
@@ -57,8 +77,10 @@ class MultiHeadLatentAttention(AttentionPlugin):
         self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
         self.v_head_dim = config.v_head_dim
         self.attention_dropout = config.attention_dropout
-        self.absorb = bool(config.mla_absorb)
+        self.mode = getattr(config, "mla_mode", None) or ("absorbed" if getattr(config, "mla_absorb", False) else "auto")
         self.is_causal = True
+        self._absorbed_now = False  # the mode the current forward runs in (read by the attention kernels)
+        self._absorbed_cache = None  # (key, W_uk, W_uv) of a quantized kv_b_proj, dequantized once
         self.scaling = yarn_softmax_scale(config, self.qk_head_dim)
 
         bias = config.attention_bias
@@ -73,10 +95,30 @@ class MultiHeadLatentAttention(AttentionPlugin):
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=bias)
 
+    @classmethod
+    def check_config(cls, config) -> None:
+        mode = getattr(config, "mla_mode", None)
+        if mode is not None and mode not in MLA_MODES:
+            raise ValueError(f"Config field `mla_mode` must be one of {list(MLA_MODES)}, got {mode!r}.")
+
+    @property
+    def absorb(self) -> bool:
+        """Legacy switch over ``mode``: True = always absorbed, False = always expanded."""
+        return self.mode == "absorbed"
+
+    @absorb.setter
+    def absorb(self, value: bool) -> None:
+        self.mode = "absorbed" if value else "expanded"
+
     @property
     def num_key_value_groups(self) -> int:
         # Expanded: every head has its own key/value. Absorbed: one latent "head" shared by all heads (MQA).
-        return self.num_heads if self.absorb else 1
+        return self.num_heads if self._absorbed_now else 1
+
+    def _use_absorbed(self, query_len: int, key_len: int) -> bool:
+        if self.mode != "auto":
+            return self.mode == "absorbed"
+        return absorbed_is_cheaper(query_len, key_len, self.kv_lora_rank, self.qk_nope_head_dim, self.v_head_dim)
 
     def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
         batch_size, seq_len, _ = hidden_states.shape
@@ -99,13 +141,35 @@ class MultiHeadLatentAttention(AttentionPlugin):
         if past_key_values is not None:
             c_kv, k_rope = past_key_values.update(c_kv, k_rope, self.layer_idx)  # [B, 1, S, r], [B, 1, S, rope]
 
-        attend = self._attend_absorbed if self.absorb else self._attend_expanded
+        # Shapes are Python ints, so under torch.compile the choice is made at trace time (no graph break).
+        self._absorbed_now = self._use_absorbed(seq_len, c_kv.shape[2])
+        attend = self._attend_absorbed if self._absorbed_now else self._attend_expanded
         out, weights = attend(q_nope, q_rope, c_kv, k_rope, attention_mask, **kwargs)  # out [B, T, H*v]
         return self.o_proj(out), weights
 
-    def _up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``W_uk`` [H, nope, r] and ``W_uv`` [H, v, r], the two halves of ``kv_b_proj``."""
-        w = linear_weight(self.kv_b_proj).view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+    def _up_projections(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_uk`` [H, nope, r] and ``W_uv`` [H, v, r], the two halves of ``kv_b_proj``, in ``dtype``.
+
+        A plain Linear's weight is only viewed (no copy, gradients flow). A quantized one (FP8: ``dequantize_weight``)
+        would otherwise be dequantized at every decoding step of every layer, so its dense halves are cached and
+        rebuilt only when the weight changes (new storage, in-place update, other dtype)."""
+        layer = self.kv_b_proj
+        if not callable(getattr(layer, "dequantize_weight", None)):
+            return self._split(layer.weight if dtype is None else layer.weight.to(dtype))
+        dtype = dtype or torch.bfloat16
+        cached = self._absorbed_cache
+        if torch.compiler.is_compiling():
+            # Version counters cannot be read inside a graph; a cache filled before compiling is trusted as is.
+            return cached[1:] if cached is not None and cached[1].dtype == dtype else self._split(linear_weight(layer).to(dtype))
+        key = tuple((t.data_ptr(), t._version) for t in (layer.weight, getattr(layer, "weight_scale_inv", layer.weight))) + (dtype,)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                w_uk, w_uv = self._split(layer.dequantize_weight(dtype))
+            cached = self._absorbed_cache = (key, w_uk.contiguous(), w_uv.contiguous())
+        return cached[1], cached[2]
+
+    def _split(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
 
     def _attend_expanded(self, q_nope, q_rope, c_kv, k_rope, attention_mask, **kwargs):
@@ -121,15 +185,46 @@ class MultiHeadLatentAttention(AttentionPlugin):
         return out.reshape(batch_size, seq_len, -1), weights
 
     def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, attention_mask, **kwargs):
-        batch_size, _, seq_len, _ = q_nope.shape
-        w_uk, w_uv = self._up_projections()
+        batch_size, num_heads, seq_len, _ = q_nope.shape
+        w_uk, w_uv = self._up_projections(q_nope.dtype)
         # q_nope·k_nope = q_nope·(W_uk c) = (W_ukᵀ q_nope)·c: score against the latent directly.
-        q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk.to(q_nope.dtype))
-        query = torch.cat((q_latent, q_rope), dim=-1)  # [B, H, T, r+rope]
+        q_latent = torch.einsum("bhtd,hdr->bthr", q_nope, w_uk)
+        query = torch.cat((q_latent, q_rope.transpose(1, 2)), dim=-1)  # [B, T, H, r+rope]
+        # All heads share the one latent key/value, so fold (T, H) into a single query axis of one head: the
+        # latent cache is read once per step instead of being repeated per head as a GQA kernel would.
+        query = query.reshape(batch_size, 1, seq_len * num_heads, -1)
         key = torch.cat((c_kv, k_rope), dim=-1)  # [B, 1, S, r+rope]
-        out_latent, weights = attention_interface(self.config)(
-            self, query, key, c_kv, attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
-        )  # [B, T, H, r]
-        out = torch.einsum("bthr,hvr->bthv", out_latent, w_uv.to(out_latent.dtype))
+        mask = _fold_mask(attention_mask, seq_len, num_heads, key.shape[2], query.device)
+        dropout = self.attention_dropout if self.training else 0.0
+        if (self.config._attn_implementation or "eager") == "eager":
+            scores = torch.matmul(query, key.transpose(2, 3)) * self.scaling
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+            probs = nn.functional.dropout(probs, p=dropout, training=self.training)
+            out_latent = torch.matmul(probs, c_kv)  # [B, 1, T*H, r]
+            weights = probs.view(batch_size, seq_len, num_heads, -1).transpose(1, 2)  # [B, H, T, S]
+        else:
+            out_latent = F.scaled_dot_product_attention(query, key, c_kv, attn_mask=mask, dropout_p=dropout, scale=self.scaling)
+            weights = None
+        out_latent = out_latent.view(batch_size, seq_len, num_heads, self.kv_lora_rank)
+        out = torch.einsum("bthr,hvr->bthv", out_latent, w_uv)
         return out.reshape(batch_size, seq_len, -1), weights
+
+
+def _fold_mask(attention_mask, query_len: int, num_heads: int, key_len: int, device) -> torch.Tensor | None:
+    """The [B, 1|H, T, S] mask for queries folded to [B, 1, T·H, S] (t-major), bool (True = attend) or additive.
+
+    transformers leaves the mask out (None) when plain causal masking is exact, i.e. the T queries are the last T
+    of the S keys; folded queries cannot use ``is_causal``, so that mask is built here (bottom-right aligned)."""
+    if attention_mask is None:
+        if query_len == 1:
+            return None
+        query_pos = torch.arange(key_len - query_len, key_len, device=device)
+        attention_mask = (torch.arange(key_len, device=device)[None, :] <= query_pos[:, None])[None, None]
+    attention_mask = attention_mask[..., -key_len:]  # masks may be longer than the keys (never shorter)
+    if query_len == 1 and attention_mask.shape[1] == 1:
+        return attention_mask  # [B, 1, 1, S] broadcasts over the H folded queries: no copy
+    batch = attention_mask.shape[0]
+    expanded = attention_mask.transpose(1, 2).expand(batch, query_len, num_heads, attention_mask.shape[-1])
+    return expanded.reshape(batch, 1, query_len * num_heads, attention_mask.shape[-1])
