@@ -16,16 +16,23 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from . import kernels
 from .configuration_deepseek_v3 import DeepseekV3Config
 
 
 class DeepseekV3RMSNorm(nn.Module):
+    # `fused_kernels` mode (see modeling_deepseek_v3.kernels); the model sets it from its config, a norm built
+    # on its own stays on the plain path.
+    fused_kernels = "off"
+
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.fused_kernels != "off" and kernels.use_fused(self.fused_kernels, hidden_states):
+            return kernels.rms_norm(hidden_states, self.weight, self.variance_epsilon)
         # Normalise in fp32 whatever the activation dtype, then scale in the input dtype (as the reference).
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
@@ -104,8 +111,11 @@ class DeepseekV3MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.fused_kernels = kernels.normalize_mode(getattr(config, "fused_kernels", "auto")) if config.hidden_act == "silu" else "off"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_kernels != "off" and kernels.use_fused(self.fused_kernels, x):
+            return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -172,6 +182,15 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
         return hidden_states + mlp_out
 
 
+def configure_fused_kernels(model: nn.Module, mode) -> None:
+    """Set the ``fused_kernels`` mode (config field, see ``modeling_deepseek_v3.kernels``) on every RMSNorm of
+    ``model``, whichever plugin built it; raises ``ValueError`` naming the field for an unknown mode."""
+    mode = kernels.normalize_mode(mode)
+    for module in model.modules():
+        if isinstance(module, DeepseekV3RMSNorm):
+            module.fused_kernels = mode
+
+
 def linear_weight(linear: nn.Module) -> torch.Tensor:
     """The dense weight of a Linear-like layer, dequantized if the layer stores it quantized."""
     dequantize = getattr(linear, "dequantize_weight", None)
@@ -187,4 +206,5 @@ __all__ = [
     "apply_rotary",
     "yarn_softmax_scale",
     "linear_weight",
+    "configure_fused_kernels",
 ]

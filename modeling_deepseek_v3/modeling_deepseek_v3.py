@@ -25,7 +25,8 @@ from transformers.utils.output_capturing import capture_outputs
 
 from . import checkpoint
 from .configuration_deepseek_v3 import DeepseekV3Config
-from .layers import DeepseekV3DecoderLayer, DeepseekV3MoE, DeepseekV3RMSNorm, DeepseekV3RotaryEmbedding
+from . import kernels
+from .layers import DeepseekV3DecoderLayer, DeepseekV3MoE, DeepseekV3RMSNorm, DeepseekV3RotaryEmbedding, configure_fused_kernels
 from .registry import AttentionPlugin, RouterPlugin
 from .training import update_expert_bias
 
@@ -119,6 +120,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         )
         self.norm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = DeepseekV3RotaryEmbedding(config)
+        configure_fused_kernels(self, getattr(config, "fused_kernels", "auto"))  # every RMSNorm, plugins' included
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -272,7 +274,8 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         if labels is not None:
             token_mask = token_mask_from_attention_mask(attention_mask, labels.shape[1])
             targets = _depth_targets(labels, token_mask, 0)[:, slice_indices]
-            loss, num_targets = _cross_entropy(logits, targets, num_items_in_batch)
+            fused = getattr(self.config, "fused_kernels", "auto")
+            loss, num_targets = _cross_entropy(logits, targets, num_items_in_batch, fused)
             extra = None  # the per-micro-batch means added to CE
             if run_mtp:
                 embeds = inputs_embeds if inputs_embeds is not None else self.model.embed_tokens(input_ids)
@@ -333,7 +336,8 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
                 return_normed=True,
             )
             logits = self.lm_head(normed)
-            ce_losses.append(_cross_entropy(logits, _depth_targets(labels, token_mask, k))[0])
+            fused = getattr(self.config, "fused_kernels", "auto")
+            ce_losses.append(_cross_entropy(logits, _depth_targets(labels, token_mask, k), None, fused)[0])
             if isinstance(module.mlp, DeepseekV3MoE) and module.mlp.aux_loss is not None:
                 aux_losses.append(module.mlp.aux_loss)
         mtp_loss = torch.stack(ce_losses).mean()
@@ -378,13 +382,17 @@ def _at_least_one(count, device) -> torch.Tensor:
     return torch.as_tensor(count, device=device).clamp(min=1)
 
 
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch=None):
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch=None, fused_kernels="off"):
     """``(loss, number of targets)``: the summed cross-entropy over targets ≠ -100, divided by their number (by
     ``num_items_in_batch`` when given; never by 0, so all -100 gives a zero loss that still backpropagates)."""
     targets = targets.to(logits.device)
-    total = nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
-    )
+    if kernels.use_fused(fused_kernels, logits, needs_triton=False):
+        # same sum in chunks: no fp32 [N, V] copy, log-softmax or gradient (config `fused_kernels`)
+        total = kernels.chunked_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), -100)
+    else:
+        total = nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+        )
     count = (targets != -100).sum()
     denominator = _at_least_one(count if num_items_in_batch is None else num_items_in_batch, logits.device)
     return total / denominator, count

@@ -1,5 +1,6 @@
 """Routed-expert executors."""
 
 from .gather import GatherScatterExperts
+from .grouped_mm import GroupedMMExperts
 
-__all__ = ["GatherScatterExperts"]
+__all__ = ["GatherScatterExperts", "GroupedMMExperts"]
