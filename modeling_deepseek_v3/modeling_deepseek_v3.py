@@ -211,6 +211,17 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         if config.quantizer is not None:
             config.plugin("quantizer")(config).apply(self)
 
+    def _get_candidate_generator(self, generation_config, *args, **kwargs):
+        # `generate(..., use_mtp=True)`: our MTP modules draft inside transformers' assisted-decoding loop (see
+        # speculative.py for why not transformers' own MTP generator).
+        if getattr(generation_config, "use_mtp", False):
+            from .speculative import MTPDraftCandidateGenerator
+
+            return MTPDraftCandidateGenerator(
+                self, generation_config, kwargs.get("logits_processor"), kwargs.get("model_kwargs")
+            )
+        return super()._get_candidate_generator(generation_config, *args, **kwargs)
+
     def moe_aux_loss(self) -> torch.Tensor | None:
         """Sum of the balance losses the routers returned in the last forward (None if none did)."""
         losses = [m.aux_loss for m in self.model.decoder_layers.modules() if isinstance(m, DeepseekV3MoE) and m.aux_loss is not None]

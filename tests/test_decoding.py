@@ -207,3 +207,39 @@ def test_compiled_decode_step_matches_eager_decode():
     for reason in explanation.break_reasons:
         frames = [frame.filename for frame in reason.user_stack]
         assert frames and "experts" in frames[-1], f"graph break outside the expert executor: {reason.reason} at {frames}"
+
+
+def _load_benchmark():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "decode.py"
+    spec = importlib.util.spec_from_file_location("decode_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_decode_benchmark_tiny_runs_and_reports_both_models(tmp_path):
+    """Functional run of benchmarks/decode.py (numbers not checked: CPU timings mean nothing)."""
+    bench = _load_benchmark()
+    out = tmp_path / "decode"
+    report = bench.main(["--tiny", "--out", str(out), "--new-tokens", "4", "--batches", "1", "2", "--contexts", "24",
+                         "--mtp-steps", "10"])
+    table = (tmp_path / "decode.md").read_text()
+    assert [row["batch"] for row in report["decode"]] == [1, 2]
+    for row in report["decode"]:
+        assert row["transformers"] > 0 and row["ours_dynamic"] > 0 and row["ours_static"] > 0
+        assert row["static_equals_dynamic"] and row["tokens_equal_transformers"]  # fp32: same weights, same tokens
+        assert f"| {row['batch']} | " in table
+    kv = report["kv_cache_bytes_per_token_per_layer"]
+    assert kv["ours"] == (16 + 8) * 4
+    assert all(row["identical"] for row in report["mtp"]["rows"])
+    assert "| 24 |" in table and (tmp_path / "decode.json").exists()
+
+
+def test_decode_benchmark_without_gpu_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the full benchmark would run")
+    with pytest.raises(SystemExit, match="CUDA GPU"):
+        _load_benchmark().main([])
