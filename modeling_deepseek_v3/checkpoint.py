@@ -505,7 +505,7 @@ def build_model_card(model, repo_id: str | None = None):
     context = f"{config.max_position_embeddings:,} tokens"
     if rope.get("rope_type", "default") != "default":
         context += f" ({rope['rope_type']}, factor {rope.get('factor')})"
-    plugin_fields = ["attention_backend", "mla_absorb", "topk_method", "scoring_func", "experts_backend", "mtp_backend",
+    plugin_fields = ["attention_backend", "mla_mode", "topk_method", "scoring_func", "experts_backend", "mtp_backend",
                      "quantizer", "router_bias_update_speed", "aux_loss_alpha", "mtp_loss_weight"]
     card = ModelCard.from_template(
         card_data,

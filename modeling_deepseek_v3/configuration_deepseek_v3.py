@@ -58,8 +58,6 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         the latent cache (best for decoding); `"auto"` picks per forward whichever costs fewer FLOPs for the
         query and cached lengths at hand (absorbed for decoding and speculative verification, expanded for
         prefill and training). All give the same result.
-    mla_absorb (`bool`, defaults to `False`):
-        Legacy switch: `True` forces `mla_mode="absorbed"` when `mla_mode` is not given.
     topk_method (`str`, defaults to `"noaux_tc"`):
         Router plugin (the official field): `"noaux_tc"` (sigmoid scores, bias-based aux-loss-free
         balancing, group-limited top-k) or `"greedy"` (softmax top-k with the classic auxiliary loss).
@@ -82,8 +80,7 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
     def __init__(
         self,
         attention_backend: str = "mla",
-        mla_absorb: bool = False,
-        mla_mode: str | None = None,
+        mla_mode: str = "auto",
         topk_method: str = "noaux_tc",
         scoring_func: str = "sigmoid",
         experts_backend: str = "gather",
@@ -95,8 +92,7 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         **kwargs,
     ):
         self.attention_backend = attention_backend
-        self.mla_absorb = mla_absorb
-        self.mla_mode = mla_mode if mla_mode is not None else ("absorbed" if mla_absorb is True else "auto")
+        self.mla_mode = mla_mode
         self.topk_method = topk_method
         self.scoring_func = scoring_func
         self.experts_backend = experts_backend
@@ -144,7 +140,6 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
 
 _OWN_FIELDS = (
     "attention_backend",
-    "mla_absorb",
     "mla_mode",
     "topk_method",
     "scoring_func",

@@ -37,17 +37,11 @@ def ids_and_mask(batch=3, length=9, seed=0, pad=(4, 1, 0)):
     return ids.masked_fill(mask == 0, 0), mask
 
 
-def test_mode_config_field_and_legacy_switch():
+def test_mode_config_field():
     assert tiny_config().mla_mode == "auto"
-    assert tiny_config(mla_absorb=True).mla_mode == "absorbed"
-    assert tiny_config(mla_mode="expanded", mla_absorb=True).mla_mode == "expanded"
     with pytest.raises(ValueError, match="mla_mode"):
         tiny_config(mla_mode="fast")
-    module = MultiHeadLatentAttention(tiny_config(), 0)
-    module.absorb = True
-    assert module.mode == "absorbed" and module.absorb
-    module.absorb = False
-    assert module.mode == "expanded"
+    assert MultiHeadLatentAttention(tiny_config(mla_mode="absorbed"), 0).mode == "absorbed"
 
 
 def test_auto_rule_picks_absorbed_for_short_queries_only():

@@ -55,12 +55,12 @@ def test_transformers5_rope_parameters_load():
 
 
 def test_config_round_trip_keeps_plugin_fields(tmp_path):
-    config = tiny_config(attention_backend="mha", topk_method="greedy", mla_absorb=True, router_bias_update_speed=0.01)
+    config = tiny_config(attention_backend="mha", topk_method="greedy", mla_mode="absorbed", router_bias_update_speed=0.01)
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["attention_backend"] == "mha" and saved["topk_method"] == "greedy" and saved["model_type"] == "deepseek_v3"
     again = transformers.AutoConfig.from_pretrained(tmp_path)
-    assert (again.attention_backend, again.topk_method, again.mla_absorb, again.router_bias_update_speed) == ("mha", "greedy", True, 0.01)
+    assert (again.attention_backend, again.topk_method, again.mla_mode, again.router_bias_update_speed) == ("mha", "greedy", "absorbed", 0.01)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import transformers
 from conftest import relative_error, save_checkpoint, tiny_config
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM
+from modeling_deepseek_v3.plugins.attention.mla import MultiHeadLatentAttention
 
 CONFIGS = {
     "qlora-2groups-yarn": dict(),
@@ -15,6 +16,12 @@ CONFIGS = {
     "qlora-4groups-yarn-halfsplit-rope": dict(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4, rope_interleave=False),
     "all-moe-2shared": dict(first_k_dense_replace=0, n_shared_experts=2, norm_topk_prob=False, routed_scaling_factor=1.5),
 }
+
+
+def set_mla_mode(model, mode: str) -> None:
+    for module in model.modules():
+        if isinstance(module, MultiHeadLatentAttention):
+            module.mode = mode
 
 
 def load_pair(folder, attn_implementation="eager", **kwargs):
@@ -53,16 +60,13 @@ def test_logits_match_transformers(pair):
 def test_absorbed_equals_expanded(pair):
     ours, _ = pair
     ids = random_ids(2, 13)
-    expanded = ours(ids).logits
-    for module in ours.modules():
-        if hasattr(module, "absorb"):
-            module.absorb = True
     try:
+        set_mla_mode(ours, "expanded")
+        expanded = ours(ids).logits
+        set_mla_mode(ours, "absorbed")
         absorbed = ours(ids).logits
     finally:
-        for module in ours.modules():
-            if hasattr(module, "absorb"):
-                module.absorb = False
+        set_mla_mode(ours, "auto")
     assert relative_error(absorbed, expanded) < 1e-5
 
 
@@ -83,13 +87,11 @@ def test_left_padded_batch_matches_on_real_tokens(pair):
     assert relative_error(ours_logits[0, 5:], alone) < 1e-5
 
 
-@pytest.mark.parametrize("absorb", [False, True])
+@pytest.mark.parametrize("mode", ["expanded", "absorbed", "auto"])
 @torch.no_grad()
-def test_prefill_then_decode_equals_full_forward(pair, absorb):
+def test_prefill_then_decode_equals_full_forward(pair, mode):
     ours, _ = pair
-    for module in ours.modules():
-        if hasattr(module, "absorb"):
-            module.absorb = absorb
+    set_mla_mode(ours, mode)
     try:
         ids = random_ids(2, 14, seed=3)
         full = ours(ids).logits
@@ -102,9 +104,7 @@ def test_prefill_then_decode_equals_full_forward(pair, absorb):
             steps.append(out.logits)
         assert relative_error(torch.cat(steps, dim=1), full) < 1e-5
     finally:
-        for module in ours.modules():
-            if hasattr(module, "absorb"):
-                module.absorb = False
+        set_mla_mode(ours, "auto")
 
 
 @torch.no_grad()

@@ -77,7 +77,7 @@ class MultiHeadLatentAttention(AttentionPlugin):
         self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
         self.v_head_dim = config.v_head_dim
         self.attention_dropout = config.attention_dropout
-        self.mode = getattr(config, "mla_mode", None) or ("absorbed" if getattr(config, "mla_absorb", False) else "auto")
+        self.mode = config.mla_mode
         self.is_causal = True
         self._absorbed_now = False  # the mode the current forward runs in (read by the attention kernels)
         self._absorbed_cache = None  # (key, W_uk, W_uv) of a quantized kv_b_proj, dequantized once
@@ -100,15 +100,6 @@ class MultiHeadLatentAttention(AttentionPlugin):
         mode = getattr(config, "mla_mode", None)
         if mode is not None and mode not in MLA_MODES:
             raise ValueError(f"Config field `mla_mode` must be one of {list(MLA_MODES)}, got {mode!r}.")
-
-    @property
-    def absorb(self) -> bool:
-        """Legacy switch over ``mode``: True = always absorbed, False = always expanded."""
-        return self.mode == "absorbed"
-
-    @absorb.setter
-    def absorb(self, value: bool) -> None:
-        self.mode = "absorbed" if value else "expanded"
 
     @property
     def num_key_value_groups(self) -> int:
