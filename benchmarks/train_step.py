@@ -87,10 +87,7 @@ def load(name: str, folder: str, dtype, device):
     if kwargs is None:  # transformers' own implementation, as shipped
         model = transformers.DeepseekV3ForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
     else:
-        # through the config: `fused_kernels` is not (yet) a declared config field, so from_pretrained would hand it
-        # to the model's __init__ instead
-        config = transformers.AutoConfig.from_pretrained(folder, **kwargs)
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, attn_implementation="sdpa")
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", **kwargs)
         assert isinstance(model, DeepseekV3ForCausalLM), type(model)
     return model.to(device).train()
 

@@ -23,6 +23,7 @@ PLUGIN_FIELDS = {
     "quantizer": "quantizer",
 }
 
+FUSED_KERNEL_MODES = ("auto", "on", "off")
 _POSITIVE_INT_FIELDS = (
     "vocab_size",
     "hidden_size",
@@ -73,6 +74,9 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         α of the balance loss (sequence-wise for `noaux_tc`, batch-wise for `greedy`).
     mtp_loss_weight (`float`, defaults to 0.3):
         λ weighting the MTP loss in the training loss.
+    fused_kernels (`str`, defaults to `"auto"`):
+        Fused RMSNorm / SwiGLU / cross-entropy kernels (`modeling_deepseek_v3.kernels`): `"auto"` uses them on CUDA
+        only, `"on"` everywhere Triton runs, `"off"` never. Results match the plain PyTorch path.
     """
 
     model_type = "deepseek_v3"
@@ -89,6 +93,7 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         router_bias_update_speed: float = 0.001,
         aux_loss_alpha: float = 0.0001,
         mtp_loss_weight: float = 0.3,
+        fused_kernels: str = "auto",
         **kwargs,
     ):
         self.attention_backend = attention_backend
@@ -101,6 +106,7 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         self.router_bias_update_speed = router_bias_update_speed
         self.aux_loss_alpha = aux_loss_alpha
         self.mtp_loss_weight = mtp_loss_weight
+        self.fused_kernels = fused_kernels
         # Check before transformers' own validators run, so that the error names the field the user wrote.
         validate_fields(self._incoming_values(kwargs))
         super().__init__(**kwargs)
@@ -149,6 +155,7 @@ _OWN_FIELDS = (
     "router_bias_update_speed",
     "aux_loss_alpha",
     "mtp_loss_weight",
+    "fused_kernels",
 )
 
 
@@ -158,6 +165,8 @@ def plugin_for(config, field: str) -> type:
 
 def validate_fields(config) -> None:
     """Raise ``ValueError`` naming the field for any value a model cannot be built from."""
+    if config.fused_kernels not in FUSED_KERNEL_MODES:
+        raise ValueError(f"Config field `fused_kernels` must be one of {list(FUSED_KERNEL_MODES)}, got {config.fused_kernels!r}.")
     for field in _POSITIVE_INT_FIELDS:
         value = getattr(config, field)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

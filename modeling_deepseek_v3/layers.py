@@ -111,7 +111,7 @@ class DeepseekV3MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
-        self.fused_kernels = kernels.normalize_mode(getattr(config, "fused_kernels", "auto")) if config.hidden_act == "silu" else "off"
+        self.fused_kernels = config.fused_kernels if config.hidden_act == "silu" else "off"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_kernels != "off" and kernels.use_fused(self.fused_kernels, x):
@@ -184,8 +184,7 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
 
 def configure_fused_kernels(model: nn.Module, mode) -> None:
     """Set the ``fused_kernels`` mode (config field, see ``modeling_deepseek_v3.kernels``) on every RMSNorm of
-    ``model``, whichever plugin built it; raises ``ValueError`` naming the field for an unknown mode."""
-    mode = kernels.normalize_mode(mode)
+    ``model``, whichever plugin built it."""
     for module in model.modules():
         if isinstance(module, DeepseekV3RMSNorm):
             module.fused_kernels = mode

@@ -120,7 +120,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         )
         self.norm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = DeepseekV3RotaryEmbedding(config)
-        configure_fused_kernels(self, getattr(config, "fused_kernels", "auto"))  # every RMSNorm, plugins' included
+        configure_fused_kernels(self, config.fused_kernels)  # every RMSNorm, plugins' included
         self.gradient_checkpointing = False
         self.post_init()
 

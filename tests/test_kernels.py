@@ -115,8 +115,7 @@ if not INTERPRETING:
     # ------------------------------------------------------------------------------------ config switch
 
     def test_fused_kernels_mode_validation():
-        assert [kernels.normalize_mode(m) for m in (None, True, False, "on", "off", "auto")] == \
-            ["auto", "on", "off", "on", "off", "auto"]
+        assert tiny_config().fused_kernels == "auto"
         with pytest.raises(ValueError, match="fused_kernels"):
             build_model(tiny_config(fused_kernels="fast"))
 

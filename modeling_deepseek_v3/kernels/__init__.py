@@ -25,22 +25,6 @@ import torch.nn.functional as F
 
 from .cross_entropy import chunked_cross_entropy, cross_entropy_reference
 
-MODES = ("auto", "on", "off")
-
-
-def normalize_mode(mode) -> str:
-    """``fused_kernels`` value -> one of ``MODES``; a ``ValueError`` naming the field for anything else."""
-    if mode is None:
-        return "auto"
-    if mode is True:
-        return "on"
-    if mode is False:
-        return "off"
-    if mode in MODES:
-        return mode
-    raise ValueError(f"Config field `fused_kernels` must be one of {list(MODES)} (or a bool / null), got {mode!r}.")
-
-
 @functools.lru_cache(maxsize=None)
 def _triton_installed() -> bool:
     try:
@@ -58,7 +42,6 @@ def _triton_runs_on(x: torch.Tensor) -> bool:
 
 def use_fused(mode, x: torch.Tensor, needs_triton: bool = True) -> bool:
     """Whether the fused kernel runs for tensor ``x`` under ``fused_kernels=mode`` (see the module doc)."""
-    mode = normalize_mode(mode)
     if mode == "off":
         return False
     if mode == "auto":
@@ -107,8 +90,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "MODES",
-    "normalize_mode",
     "use_fused",
     "rms_norm",
     "rms_norm_reference",
