@@ -255,3 +255,109 @@ def fp8_grouped_gemm_reference(
         if offsets[e + 1] > offsets[e]:
             out[rows] = fp8_gemm_reference(a[rows], a_scale[rows], b[e], b_scale[e], BLOCK, out_dtype)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# MoE weight gradient: 128×1 tiles per expert segment, one GEMM per expert
+# ---------------------------------------------------------------------------------------------------
+#
+# Tokens are sorted by expert; expert e owns rows ``m_offsets[e]:m_offsets[e+1]``. Its weight gradient
+# ``dW_e = dY_eᵀ X_e`` reduces over its own tokens only, so the 128-token tiles restart at every segment
+# start (as if each segment were zero-padded to a multiple of 128): a tile never mixes two experts, and
+# expert e's numbers are exactly those of an ``FP8TrainingLinear`` fed expert e's tokens alone.
+#
+# Layout (shared by the references and the Triton kernels): the operands are stored transposed, ``[C, T]``
+# with every token in its own column (segments stay where they are); the scales are ``[C, tiles]`` where
+# expert e's j-th tile is column ``tile_offsets[e] + j``, ``tile_offsets`` the exclusive cumulative sum of
+# ``ceil(m_e / 128)``. ``tiles = (T + 127·E) // 128`` bounds that sum for every split of T tokens among E
+# experts (a sum of floors is at most the floor of the sum), so the shape is known without reading the
+# counts on the host; columns past the last real tile hold 1.0. With one expert this is exactly
+# ``quantize_act_128x1_transposed``.
+
+
+def grouped_token_tiles(num_tokens: int, num_groups: int) -> int:
+    """Columns of the per-segment 128×1 scale tensor: an upper bound of ``sum_e ceil(m_e / 128)``."""
+    return (num_tokens + (BLOCK - 1) * num_groups) // BLOCK
+
+
+def group_tile_offsets(m_offsets: torch.Tensor) -> torch.Tensor:
+    """``[E+1]`` int32: first scale column of each expert's segment (device ops only, no host read)."""
+    counts = (m_offsets[1:] - m_offsets[:-1]).to(torch.int32)
+    tile_offsets = torch.zeros(m_offsets.numel(), dtype=torch.int32, device=m_offsets.device)
+    tile_offsets[1:] = torch.cumsum(torch.div(counts + (BLOCK - 1), BLOCK, rounding_mode="floor"), 0)
+    return tile_offsets
+
+
+def _host_offsets(m_offsets: torch.Tensor, num_rows: int) -> list[int]:
+    offsets = m_offsets.tolist()  # the references loop on the host; the kernels never read the offsets there
+    if offsets[0] != 0 or offsets[-1] != num_rows or any(x > y for x, y in zip(offsets, offsets[1:])):
+        raise ValueError(f"`m_offsets` must rise from 0 to the number of rows {num_rows}, got {offsets}.")
+    return offsets
+
+
+def quantize_act_128x1_transposed_grouped(
+    x: torch.Tensor, m_offsets: torch.Tensor, power_of_two: bool = False, name: str = "x"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [T, C]`` (tokens sorted by expert) -> ``(fp8 [C, T], scale [C, grouped_token_tiles(T, E)])``.
+
+    Each expert segment is quantized on its own with 128×1 tiles starting at the segment's first token
+    (see the layout note above); unused scale columns are 1.0.
+    """
+    check_high_precision(x, name)
+    num_experts = m_offsets.numel() - 1
+    check_group_offsets(m_offsets, num_experts, x.shape[0])
+    t, c = x.shape
+    offsets = _host_offsets(m_offsets, t)
+    q = torch.zeros(c, t, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.ones(c, grouped_token_tiles(t, num_experts), dtype=torch.float32, device=x.device)
+    tile = 0
+    for e in range(num_experts):
+        start, end = offsets[e], offsets[e + 1]
+        if end > start:
+            q_e, s_e = quantize_act_128x1_transposed(x[start:end], power_of_two, name)
+            q[:, start:end] = q_e
+            scale[:, tile:tile + s_e.shape[1]] = s_e
+            tile += s_e.shape[1]
+    return q, scale
+
+
+def check_grouped_wgrad_operands(a_t, a_scale, b_t, b_scale, m_offsets) -> None:
+    """``a_t [N, T]`` and ``b_t [K, T]`` with per-segment 128×1 scales ``[N | K, grouped_token_tiles(T, E)]``."""
+    if a_t.dim() != 2 or b_t.dim() != 2 or a_t.shape[1] != b_t.shape[1]:
+        raise ValueError(
+            f"grouped Wgrad operands must be [N, T] and [K, T] (tokens along dim 1), got {tuple(a_t.shape)} and {tuple(b_t.shape)}."
+        )
+    num_experts = m_offsets.numel() - 1
+    check_group_offsets(m_offsets, num_experts, a_t.shape[1])
+    tiles = grouped_token_tiles(a_t.shape[1], num_experts)
+    check_fp8(a_t, a_scale, "a_t", (a_t.shape[0], tiles))
+    check_fp8(b_t, b_scale, "b_t", (b_t.shape[0], tiles))
+
+
+def fp8_grouped_wgrad_reference(
+    a_t: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_t: torch.Tensor,
+    b_scale: torch.Tensor,
+    m_offsets: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``out[e] = A_e B_eᵀ`` over expert e's token columns, ``[E, N, K]`` in ``out_dtype``.
+
+    ``a_t``/``b_t`` as built by ``quantize_act_128x1_transposed_grouped`` (the MoE Wgrad: ``a_t = dYᵀ``,
+    ``b_t = Xᵀ``). Per expert it is ``fp8_gemm_reference`` with 1×128 scales on both sides: each 128-token
+    block multiplied exactly in fp32, scaled by both per-channel scales, accumulated in fp32; experts without
+    tokens get zeros.
+    """
+    check_grouped_wgrad_operands(a_t, a_scale, b_t, b_scale, m_offsets)
+    num_experts = m_offsets.numel() - 1
+    offsets = _host_offsets(m_offsets, a_t.shape[1])
+    out = torch.zeros(num_experts, a_t.shape[0], b_t.shape[0], dtype=out_dtype, device=a_t.device)
+    tile = 0
+    for e in range(num_experts):
+        start, end = offsets[e], offsets[e + 1]
+        if end > start:
+            tiles = slice(tile, tile + ceil_div(end - start, BLOCK))
+            out[e] = fp8_gemm_reference(a_t[:, start:end], a_scale[:, tiles], b_t[:, start:end], b_scale[:, tiles], 1, out_dtype)
+            tile = tiles.stop
+    return out

@@ -348,12 +348,43 @@ def _quantize_expert_weights(weight: torch.Tensor, power_of_two: bool):
     return torch.stack(q), torch.stack(s)
 
 
+def grouped_wgrad_kernels(grad_out: torch.Tensor, x: torch.Tensor, m_offsets: torch.Tensor, power_of_two: bool,
+                          out_dtype: torch.dtype) -> torch.Tensor:
+    """MoE Wgrad on the Triton kernels: ``dW_e = dY_eᵀ X_e`` for all experts, ``[E, N, K]`` in ``out_dtype``.
+
+    Three launches whatever the number of experts (quantize+transpose dY, the same for X, one grouped GEMM); the
+    segment offsets stay on the device, nothing here reads a tensor on the host (the optional non-finite check of
+    the quantization launchers aside, see ``set_check_finite``).
+    """
+    from .kernels import act_quant_128x1_transposed_grouped, fp8_grouped_wgrad
+
+    g_t, g_ts = act_quant_128x1_transposed_grouped(grad_out, m_offsets, power_of_two, "grad_output", _check_finite)
+    x_t, x_ts = act_quant_128x1_transposed_grouped(x, m_offsets, power_of_two, "x_sorted", _check_finite)
+    return fp8_grouped_wgrad(g_t, g_ts, x_t, x_ts, m_offsets, out_dtype)
+
+
+def grouped_wgrad_reference(grad_out: torch.Tensor, x: torch.Tensor, m_offsets: torch.Tensor, power_of_two: bool,
+                            out_dtype: torch.dtype) -> torch.Tensor:
+    """The same numbers from the PyTorch references (loops over experts on the host; the CPU path)."""
+    g_t, g_ts = formats.quantize_act_128x1_transposed_grouped(grad_out, m_offsets, power_of_two, "grad_output")
+    x_t, x_ts = formats.quantize_act_128x1_transposed_grouped(x, m_offsets, power_of_two, "x_sorted")
+    return formats.fp8_grouped_wgrad_reference(g_t, g_ts, x_t, x_ts, m_offsets, out_dtype)
+
+
+def grouped_wgrad(grad_out, x, m_offsets, power_of_two: bool = False, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``dW_e = dY_eᵀ X_e`` over each expert's token segment, both operands FP8 with per-segment 128×1 tiles."""
+    if use_triton(x.device):
+        return grouped_wgrad_kernels(grad_out, x, m_offsets, power_of_two, out_dtype)
+    return grouped_wgrad_reference(grad_out, x, m_offsets, power_of_two, out_dtype)
+
+
 class FP8GroupedLinearFunction(torch.autograd.Function):
     """``out[rows of e] = x[rows of e] @ W_eᵀ`` for tokens sorted by expert, all three GEMMs in FP8.
 
     Fprop and Dgrad are one grouped GEMM each (all experts in one launch). Wgrad reduces over each expert's own
-    tokens, with 128×1 tiles that restart at every expert boundary; it runs one FP8 GEMM per expert that has
-    tokens (and reads the token counts on the host, once per backward).
+    tokens, with 128×1 tiles that restart at every expert boundary (``formats`` explains the layout); on the GPU
+    it is two grouped quantize+transpose launches and one grouped GEMM for all experts, with the token counts
+    kept on the device (``grouped_wgrad_kernels``).
     """
 
     @staticmethod
@@ -373,14 +404,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
             w_t, w_ts = w_q.transpose(1, 2).contiguous(), w_s.transpose(1, 2).contiguous()  # W_eᵀ, blocks transposed
             grad_x = fp8_grouped_matmul(g_q, g_s, w_t, w_ts, m_offsets, x.dtype)
         if ctx.needs_input_grad[2]:
-            grad_w = torch.zeros(w_q.shape, dtype=ctx.w_dtype, device=x.device)
-            offsets = m_offsets.tolist()
-            for e in range(w_q.shape[0]):
-                rows = slice(offsets[e], offsets[e + 1])
-                if offsets[e + 1] > offsets[e]:
-                    g_t, g_ts = quantize_act_transposed(grad_out[rows], ctx.power_of_two, "grad_output")
-                    x_t, x_ts = quantize_act_transposed(x[rows], ctx.power_of_two, "x_sorted")
-                    grad_w[e] = fp8_matmul(g_t, g_ts, x_t, x_ts, 1, ctx.w_dtype)
+            grad_w = grouped_wgrad(grad_out, x, m_offsets, ctx.power_of_two, ctx.w_dtype)
         return grad_x, None, grad_w, None
 
 
