@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -86,3 +88,17 @@ def tiny_checkpoint(tmp_path):
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.float() - expected.float()).norm() / expected.float().norm())
+
+
+def run_file_under_triton_interpreter(test_file: str) -> None:
+    """Run ``test_file``'s tests in a child pytest with ``TRITON_INTERPRET=1`` (it must be set before triton is
+    imported, which this process already did) and fail unless all of them ran and passed."""
+    pytest.importorskip("triton")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
+        env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900,
+        cwd=os.path.dirname(test_file),
+    )
+    print("interpreter run:", *(result.stdout.strip().splitlines()[-1:] if result.stdout else []))
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
+    assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]

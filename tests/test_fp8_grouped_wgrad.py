@@ -16,12 +16,11 @@ Not covered here: speed on a GPU (nothing is timed; test_fp8_gpu.py style checks
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
+from conftest import run_file_under_triton_interpreter
 
 from modeling_deepseek_v3.quantization import formats as F
 from modeling_deepseek_v3.quantization import linear as L
@@ -193,15 +192,7 @@ if not INTERPRETING:
     # ------------------------------------------------------------------------------------------- interpreter
 
     def test_grouped_wgrad_kernels_under_the_interpreter():
-        pytest.importorskip("triton")
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-            env=env, capture_output=True, text=True, timeout=600,
-        )
-        print("interpreter run:", *(result.stdout.strip().splitlines()[-1:] if result.stdout else []))
-        assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
-        assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]
+        run_file_under_triton_interpreter(__file__)
 
 else:
     import triton.runtime.interpreter as triton_interpreter

@@ -12,11 +12,10 @@ with numpy; it cannot show GPU-specific code generation (wgmma, pipelining, auto
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run_file_under_triton_interpreter
 
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -24,16 +23,7 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRETING:
 
     def test_triton_kernels_under_the_interpreter():
-        pytest.importorskip("triton")
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-            env=env, capture_output=True, text=True, timeout=900,
-        )
-        summary = result.stdout.strip().splitlines()[-1:] if result.stdout else []
-        print("interpreter run:", *summary)
-        assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
-        assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]
+        run_file_under_triton_interpreter(__file__)
 
 else:
     import triton  # noqa: F401  (imported only after TRITON_INTERPRET=1 is set)

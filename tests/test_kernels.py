@@ -9,13 +9,11 @@ like ``test_fp8_kernels.py``. Run ``TRITON_INTERPRET=1 pytest tests/test_kernels
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import build_model, relative_error, tiny_config
+from conftest import build_model, relative_error, run_file_under_triton_interpreter, tiny_config
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -29,15 +27,7 @@ if not INTERPRETING:
     from modeling_deepseek_v3.kernels import cross_entropy as CE
 
     def test_triton_kernels_under_the_interpreter():
-        pytest.importorskip("triton")
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-            env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__),
-        )
-        print("interpreter run:", *(result.stdout.strip().splitlines()[-1:]))
-        assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
-        assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]
+        run_file_under_triton_interpreter(__file__)
 
     # ------------------------------------------------------------------------------------ cross-entropy
 
