@@ -193,7 +193,7 @@ else:
             self.down_proj = torch.nn.Linear(inter, hidden, bias=False)
 
     def test_grouped_expert_mlp_on_the_kernels(monkeypatch):
-        """Training (grouped Fprop/Dgrad kernels, per-expert Wgrad) and inference (cached FP8 weights) paths."""
+        """Training (grouped Fprop/Dgrad kernels, grouped weight-gradient kernel) and inference (cached FP8 weights) paths."""
         torch.manual_seed(0)
         experts = torch.nn.ModuleList(Expert(96, 160) for _ in range(3))
         x = torch.randn(70, 96)
