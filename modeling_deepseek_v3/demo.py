@@ -42,7 +42,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--config", default=str(DEFAULTS / "tiny_config.json"), help="config.json to build the model from")
     parser.add_argument("--text", default=str(DEFAULTS / "tiny_corpus.txt"), help="plain-text training file")
     parser.add_argument("--output-dir", default="outputs/demo", help="where the trained model is saved")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
@@ -83,8 +83,9 @@ def main() -> int:
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, callbacks=[ExpertBiasUpdateCallback()])
     result = trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    print(f"Trained {args.steps} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f} "
-          f"(uniform guess would be {math.log(config.vocab_size):.3f}); {result.metrics['train_runtime']:.1f}s")
+    print(f"Trained {args.steps} steps in {result.metrics['train_runtime']:.1f}s: training loss (next-token CE + "
+          f"{config.mtp_loss_weight}·MTP + balance loss) {losses[0]:.3f} -> {losses[-1]:.3f}; a uniform guess scores "
+          f"CE = ln(vocab) = {math.log(config.vocab_size):.3f}")
 
     model.eval()
     prompt = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
