@@ -23,7 +23,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from . import checkpoint
+from . import checkpoint, model_card
 from .configuration_deepseek_v3 import DeepseekV3Config
 from . import kernels
 from .layers import DeepseekV3DecoderLayer, DeepseekV3MoE, DeepseekV3RMSNorm, DeepseekV3RotaryEmbedding, configure_fused_kernels
@@ -86,7 +86,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
 
     def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
         # transformers' push_to_hub put a placeholder README.md there; ours describes the model
-        checkpoint.prepare_push(self, working_dir, repo_id)
+        model_card.prepare_push(self, working_dir, repo_id)
         return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     def update_expert_bias(self, update_speed: float | None = None, process_group=None):

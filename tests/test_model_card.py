@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.errors import EntryNotFoundError
 
 from conftest import build_model, tiny_config
-from modeling_deepseek_v3.checkpoint import card_template_path, count_parameters
+from modeling_deepseek_v3.model_card import card_template_path, count_parameters
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .. import formats
-from ..formats import BLOCK, ceil_div
+from ..formats import BLOCK
 
 
 def _interpreting() -> bool:
