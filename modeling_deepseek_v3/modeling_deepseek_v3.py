@@ -101,8 +101,6 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
             init.copy_(module.inv_freq, module.compute_inv_freq(module.config)[0])
         if isinstance(module, RouterPlugin):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
-            if getattr(module, "tokens_per_expert", None) is not None:
-                init.zeros_(module.tokens_per_expert)
             if getattr(module, "e_score_correction_bias", None) is not None:
                 init.zeros_(module.e_score_correction_bias)
 
@@ -136,17 +134,20 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
         if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
             raise ValueError(f"Expected a non-empty batch of shape [batch, seq_len], got `input_ids` of shape {tuple(shape)}.")
-        if input_ids is not None and not torch.compiler.is_compiling():
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= self.config.vocab_size:
-                raise ValueError(f"`input_ids` must lie in [0, vocab_size={self.config.vocab_size}), got values in [{low}, {high}].")
-        if not torch.compiler.is_compiling():
-            last_position = int(position_ids.max())
-            if last_position >= self.config.max_position_embeddings:
-                raise ValueError(
-                    f"Position {last_position} is beyond `max_position_embeddings`={self.config.max_position_embeddings}: "
-                    "the input (plus the cached prefix) is too long for this model."
-                )
+        if torch.compiler.is_compiling():
+            return
+        # One host read for all checks: this runs at every decoding step.
+        extremes = [position_ids.max()] + ([input_ids.min(), input_ids.max()] if input_ids is not None else [])
+        last_position, *id_range = torch.stack([e.to(position_ids.device) for e in extremes]).tolist()
+        if id_range and (id_range[0] < 0 or id_range[1] >= self.config.vocab_size):
+            raise ValueError(
+                f"`input_ids` must lie in [0, vocab_size={self.config.vocab_size}), got values in [{id_range[0]}, {id_range[1]}]."
+            )
+        if last_position >= self.config.max_position_embeddings:
+            raise ValueError(
+                f"Position {last_position} is beyond `max_position_embeddings`={self.config.max_position_embeddings}: "
+                "the input (plus the cached prefix) is too long for this model."
+            )
 
     @merge_with_config_defaults
     @capture_outputs

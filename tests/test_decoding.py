@@ -57,10 +57,16 @@ def test_auto_rule_picks_absorbed_for_short_queries_only():
 def test_auto_mode_runs_expanded_prefill_then_absorbed_decode():
     model = varied_model()
     ids, _ = ids_and_mask(batch=1, pad=(0,))
+    ran = []  # (module, path) of every attention call
+    for module in attention_modules(model):
+        for path in ("_attend_expanded", "_attend_absorbed"):
+            method = getattr(module, path)
+            setattr(module, path, lambda *a, _m=module, _p=path, _f=method, **k: ran.append((_m, _p)) or _f(*a, **k))
     out = model(ids, use_cache=True)
-    assert not any(m._absorbed_now for m in attention_modules(model))
+    assert ran and all(path == "_attend_expanded" for _, path in ran)
+    ran.clear()
     model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
-    assert all(m._absorbed_now for m in attention_modules(model))
+    assert len(ran) == len(attention_modules(model)) and all(path == "_attend_absorbed" for _, path in ran)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

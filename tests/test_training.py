@@ -78,14 +78,8 @@ def _skewed_model(gamma: float):
     model = build_model(tiny_config(router_bias_update_speed=gamma), seed=3).train()  # 2 groups, top-1 group, K=3
     zero_biases(model)
     ids = torch.randint(1, 97, (8, 16), generator=torch.Generator().manual_seed(4))
-    inputs = {}
-    hooks = [r.register_forward_pre_hook(lambda m, a, kw: inputs.__setitem__(m, a[0]), with_kwargs=True) for r in moe_routers(model)]
     with torch.no_grad():
-        model(ids)
-    for hook in hooks:
-        hook.remove()
-    with torch.no_grad():
-        for router, hidden in inputs.items():
+        for router, hidden in _router_inputs(model, ids).items():
             direction = hidden.reshape(-1, hidden.shape[-1]).mean(0)
             router.weight[:3] += 8 * direction / direction.norm() ** 2
             router.reset_counts()

@@ -4,12 +4,12 @@ Each has a plain PyTorch reference with the model's numerics (``rms_norm_referen
 ``cross_entropy_reference``); the fused versions are tested against them on the CPU (Triton through
 ``TRITON_INTERPRET=1``).
 
-Which path runs is the config field ``fused_kernels`` (read with ``getattr``, default ``"auto"``):
+Which path runs is the config field ``fused_kernels`` (default ``"auto"``):
 
-* ``"auto"`` (or None): fused on CUDA tensors when Triton is installed, plain PyTorch everywhere else;
-* ``"on"`` (or True): fused wherever it can run — the chunked cross-entropy everywhere, the Triton kernels on
+* ``"auto"``: fused on CUDA tensors when Triton is installed, plain PyTorch everywhere else;
+* ``"on"``: fused wherever it can run — the chunked cross-entropy everywhere, the Triton kernels on
   CUDA or on the CPU under ``TRITON_INTERPRET=1`` (otherwise a ``ValueError`` says why);
-* ``"off"`` (or False): plain PyTorch everywhere.
+* ``"off"``: plain PyTorch everywhere.
 
 Triton is imported only when a Triton kernel is first used, so importing the package never needs it (and the
 interpreter flag can still be set by a test before that happens).
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .cross_entropy import chunked_cross_entropy, cross_entropy_reference
+
 
 @functools.lru_cache(maxsize=None)
 def _triton_installed() -> bool:

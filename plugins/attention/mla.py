@@ -28,14 +28,10 @@ from modeling_deepseek_v3.registry import AttentionPlugin, register_plugin
 
 
 def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """softmax(q kᵀ · scale + mask) v with keys/values shared by ``module.num_key_value_groups`` heads.
+    """softmax(q kᵀ · scale + mask) v, per head.
 
-    query [B, H, T, d], key [B, H_kv, S, d], value [B, H_kv, S, dv] -> ([B, T, H, dv], weights [B, H, T, S]).
+    query [B, H, T, d], key [B, H, S, d], value [B, H, S, dv] -> ([B, T, H, dv], weights [B, H, T, S]).
     """
-    groups = module.num_key_value_groups
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         weights = weights + attention_mask
@@ -65,6 +61,9 @@ def absorbed_is_cheaper(query_len: int, key_len: int, kv_lora_rank: int, nope: i
 
 @register_plugin("attention", "mla")
 class MultiHeadLatentAttention(AttentionPlugin):
+    # The attention kernels see per-head keys and values (expanded); the absorbed path runs its own kernel.
+    num_key_value_groups = 1
+
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.config = config
@@ -79,7 +78,6 @@ class MultiHeadLatentAttention(AttentionPlugin):
         self.attention_dropout = config.attention_dropout
         self.mode = config.mla_mode
         self.is_causal = True
-        self._absorbed_now = False  # the mode the current forward runs in (read by the attention kernels)
         self._absorbed_cache = None  # (key, W_uk, W_uv) of a quantized kv_b_proj, dequantized once
         self.scaling = yarn_softmax_scale(config, self.qk_head_dim)
 
@@ -97,14 +95,8 @@ class MultiHeadLatentAttention(AttentionPlugin):
 
     @classmethod
     def check_config(cls, config) -> None:
-        mode = getattr(config, "mla_mode", None)
-        if mode is not None and mode not in MLA_MODES:
-            raise ValueError(f"Config field `mla_mode` must be one of {list(MLA_MODES)}, got {mode!r}.")
-
-    @property
-    def num_key_value_groups(self) -> int:
-        # Expanded: every head has its own key/value. Absorbed: one latent "head" shared by all heads (MQA).
-        return self.num_heads if self._absorbed_now else 1
+        if config.mla_mode not in MLA_MODES:
+            raise ValueError(f"Config field `mla_mode` must be one of {list(MLA_MODES)}, got {config.mla_mode!r}.")
 
     def _use_absorbed(self, query_len: int, key_len: int) -> bool:
         if self.mode != "auto":
@@ -133,8 +125,7 @@ class MultiHeadLatentAttention(AttentionPlugin):
             c_kv, k_rope = past_key_values.update(c_kv, k_rope, self.layer_idx)  # [B, 1, S, r], [B, 1, S, rope]
 
         # Shapes are Python ints, so under torch.compile the choice is made at trace time (no graph break).
-        self._absorbed_now = self._use_absorbed(seq_len, c_kv.shape[2])
-        attend = self._attend_absorbed if self._absorbed_now else self._attend_expanded
+        attend = self._attend_absorbed if self._use_absorbed(seq_len, c_kv.shape[2]) else self._attend_expanded
         out, weights = attend(q_nope, q_rope, c_kv, k_rope, attention_mask, **kwargs)  # out [B, T, H*v]
         return self.o_proj(out), weights
 

@@ -22,19 +22,29 @@ class GatherScatterExperts(ExpertsPlugin, nn.ModuleList):
             self.append(DeepseekV3MLP(config, intermediate_size=config.moe_intermediate_size))
 
     def forward(self, hidden_states: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
-        num_tokens, top_k = topk_idx.shape
-        flat_expert = topk_idx.reshape(-1)  # [N*K]
-        order = flat_expert.argsort(stable=True)
-        token_of_slot = order // top_k  # the token each sorted slot came from
-        counts = torch.bincount(flat_expert, minlength=len(self)).tolist()
-        sorted_inputs = hidden_states[token_of_slot]  # [N*K, hidden], grouped by expert
-
+        slots = SortedSlots(topk_idx, len(self))
+        sorted_inputs = hidden_states[slots.token_of_slot]  # [N*K, hidden], grouped by expert
         outputs, start = [], 0
-        for expert, count in zip(self, counts):
+        for expert, count in zip(self, slots.tokens_per_expert.tolist()):
             if count:
                 outputs.append(expert(sorted_inputs[start : start + count]))
                 start += count
+        return slots.combine(torch.cat(outputs), topk_weight, hidden_states)
+
+
+class SortedSlots:
+    """The (token, choice) slots of a routing decision, sorted by expert: computed once per layer, shared by the
+    executors so that each only decides how to run the experts on ``hidden[token_of_slot]``."""
+
+    def __init__(self, topk_idx: torch.Tensor, num_experts: int):
+        self.top_k = topk_idx.shape[1]
+        flat_expert = topk_idx.reshape(-1)  # [N*K]
+        self.order = flat_expert.argsort(stable=True)
+        self.token_of_slot = self.order // self.top_k  # the token each sorted slot came from
+        self.tokens_per_expert = torch.bincount(flat_expert, minlength=num_experts)  # [E], on the device
+
+    def combine(self, expert_out: torch.Tensor, topk_weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Weight the sorted expert outputs [N*K, hidden] by their gate values and sum them back per token."""
         # Weights are fp32 (the router's); multiply before casting back, as the reference does.
-        weighted = torch.cat(outputs) * topk_weight.reshape(-1)[order, None]
-        out = torch.zeros_like(hidden_states)
-        return out.index_add_(0, token_of_slot, weighted.to(hidden_states.dtype))
+        weighted = expert_out * topk_weight.reshape(-1)[self.order, None]
+        return torch.zeros_like(like).index_add_(0, self.token_of_slot, weighted.to(like.dtype))

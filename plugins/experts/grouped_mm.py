@@ -24,11 +24,12 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch import nn
 
+from modeling_deepseek_v3 import kernels
+from modeling_deepseek_v3.quantization import linear as fp8_linear
 from modeling_deepseek_v3.registry import register_plugin
 
-from .gather import GatherScatterExperts
+from .gather import GatherScatterExperts, SortedSlots
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -134,48 +135,35 @@ class GroupedMMExperts(GatherScatterExperts):
     def __init__(self, config):
         super().__init__(config)
         self.hidden_act = config.hidden_act
-        self.fused_kernels = getattr(config, "fused_kernels", "auto")
+        self.fused_kernels = config.fused_kernels
 
     def forward(self, hidden_states: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         num_tokens, top_k = topk_idx.shape
         num_experts = len(self)
-        fp8 = _has_fp8_experts(self)
+        fp8 = isinstance(self[0].gate_proj, (fp8_linear.FP8TrainingLinear, fp8_linear.FP8Linear))
         hidden, inter = hidden_states.shape[-1], self[0].gate_proj.out_features
         small = num_tokens * top_k < self.min_slots_per_expert * num_experts
         if not fp8 and (small or not grouped_mm_available(hidden_states, hidden, inter, 2 * inter)):
             return super().forward(hidden_states, topk_idx, topk_weight)
 
         # permute once: slots sorted by expert; counts stay on the device
-        flat_expert = topk_idx.reshape(-1)
-        order = flat_expert.argsort(stable=True)
-        token_of_slot = order // top_k
-        tokens_per_expert = torch.bincount(flat_expert, minlength=num_experts)
-        x_sorted = hidden_states[token_of_slot]
+        slots = SortedSlots(topk_idx, num_experts)
+        x_sorted = hidden_states[slots.token_of_slot]
 
         if fp8:
-            from modeling_deepseek_v3.quantization.linear import fp8_grouped_expert_mlp
-
-            y = fp8_grouped_expert_mlp(self, x_sorted, tokens_per_expert, act_fn=self[0].act_fn)
+            y = fp8_linear.fp8_grouped_expert_mlp(self, x_sorted, slots.tokens_per_expert, act_fn=self[0].act_fn)
         else:
-            offs = tokens_per_expert.cumsum(0).to(torch.int32)
+            offs = slots.tokens_per_expert.cumsum(0).to(torch.int32)
             gate_up = grouped_linear(
                 x_sorted, offs, [w for e in self for w in (e.gate_proj.weight, e.up_proj.weight)], parts_per_expert=2
             )
             h = _swiglu(gate_up[:, :inter], gate_up[:, inter:], self[0].act_fn, self.hidden_act, self.fused_kernels)
             y = grouped_linear(h, offs, [e.down_proj.weight for e in self])
-        # router weights are fp32: weight in fp32, then cast, exactly as the gather executor does
-        weighted = (y * topk_weight.reshape(-1)[order, None]).to(hidden_states.dtype)
-        return torch.zeros_like(hidden_states).index_add_(0, token_of_slot, weighted)
+        return slots.combine(y, topk_weight, hidden_states)
 
 
 def _swiglu(gate, up, act_fn, hidden_act: str, fused_kernels) -> torch.Tensor:
-    from modeling_deepseek_v3 import kernels
-
     if hidden_act == "silu" and kernels.use_fused(fused_kernels, gate):
         return kernels.swiglu(gate, up)
     return act_fn(gate) * up
 
-
-def _has_fp8_experts(experts: nn.ModuleList) -> bool:
-    proj = experts[0].gate_proj
-    return type(proj) is not nn.Linear and type(proj).__name__ in ("FP8TrainingLinear", "FP8Linear")

@@ -59,8 +59,12 @@ class TopKRouter(RouterPlugin):
         if not self.training or in_backward_pass():
             return
         with torch.no_grad():
-            selected = topk_idx if token_mask is None else topk_idx[token_mask.reshape(-1)]
-            counts = torch.bincount(selected.reshape(-1), minlength=self.n_routed_experts).float()
+            # A scatter-add (padding slots weigh 0) instead of boolean indexing + bincount: neither of those can
+            # size its output without reading the device, and this runs in every MoE layer of every training step.
+            weights = torch.ones(topk_idx.shape, dtype=torch.float32, device=topk_idx.device)
+            if token_mask is not None:
+                weights = weights * token_mask.reshape(-1, 1).to(weights.device, weights.dtype)
+            counts = weights.new_zeros(self.n_routed_experts).scatter_add_(0, topk_idx.reshape(-1), weights.reshape(-1))
             if self._tokens_per_expert is None:
                 self._tokens_per_expert = counts
             else:
