@@ -145,11 +145,6 @@ def as_quantization_config(value):
     return value
 
 
-def _swap_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 class DeepseekV3FP8HfQuantizer(HfQuantizer):
     """Loads the official FP8 checkpoint into ``FP8Linear`` layers (or dequantizes them, see the module doc)."""
 
@@ -182,7 +177,7 @@ class DeepseekV3FP8HfQuantizer(HfQuantizer):
         skip = set(self.quantization_config.modules_to_not_convert or ())
         for name, module in list(model.named_modules()):
             if type(module) is nn.Linear and is_fp8_eligible(name) and not any(name == s or name.startswith(s + ".") for s in skip):
-                _swap_module(model, name, FP8Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                model.set_submodule(name, FP8Linear(module.in_features, module.out_features, bias=module.bias is not None,
                                                     device=module.weight.device))
         return model
 
@@ -197,7 +192,7 @@ class DeepseekV3FP8HfQuantizer(HfQuantizer):
             dtype = getattr(torch, dtype)
         for name, module in list(model.named_modules()):
             if isinstance(module, FP8Linear):
-                _swap_module(model, name, module.dequantize(dtype))  # one layer at a time: FP8 storage freed as we go
+                model.set_submodule(name, module.dequantize(dtype))  # one layer at a time: FP8 storage freed as we go
         return model
 
     def get_state_dict_and_metadata(self, model):

@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import formats
-from .quantizer import is_fp8_eligible
+from .quantizer import dequantize_state_dict, quantize_state_dict
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -142,28 +142,24 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
         """The output tensors for one input tensor (``scale``: its ``weight_scale_inv`` when dequantizing)."""
         module, _, leaf = key.rpartition(".")
         if self.to == "fp8":
-            if leaf == "weight_scale_inv" or tensor.dtype == formats.FP8_DTYPE:
-                return {key: tensor}  # already FP8 (a partly converted folder): pass through bit for bit
-            if leaf == "weight" and tensor.dim() == 2 and is_fp8_eligible(module):
-                try:
-                    q, s = formats.quantize_weight_128x128(tensor, self.power_of_two_scales, name=key)
-                except ValueError as error:
-                    raise CheckpointError(f"Cannot quantize {key!r} from {file}: {error}") from None
-                return {key: q, f"{module}.weight_scale_inv": s}
-            return {key: tensor}
+            # The per-tensor rules (which weights, pass-through of what is already FP8) are the quantizer's.
+            try:
+                return quantize_state_dict({key: tensor}, self.power_of_two_scales)
+            except ValueError as error:
+                raise CheckpointError(f"Cannot quantize {key!r} from {file}: {error}") from None
         if leaf == "weight_scale_inv":
             return {}
-        if tensor.dtype == formats.FP8_DTYPE:
-            if scale is None:
-                raise CheckpointError(f"FP8 tensor {key!r} in {file} has no {module + '.weight_scale_inv'!r} in any checkpoint file.")
-            grid = (formats.ceil_div(tensor.shape[0], formats.BLOCK), formats.ceil_div(tensor.shape[1], formats.BLOCK))
-            if tuple(scale.shape) != grid:
-                raise CheckpointError(
-                    f"Scale grid {module + '.weight_scale_inv'!r} has shape {list(scale.shape)}, but {key!r} in {file} "
-                    f"({list(tensor.shape)}) needs {list(grid)}."
-                )
-            return {key: formats.dequantize_weight_128x128(tensor, scale.float(), self.dtype)}
-        return {key: tensor}
+        if tensor.dtype != formats.FP8_DTYPE:
+            return {key: tensor}
+        if scale is None:
+            raise CheckpointError(f"FP8 tensor {key!r} in {file} has no {module + '.weight_scale_inv'!r} in any checkpoint file.")
+        grid = (formats.ceil_div(tensor.shape[0], formats.BLOCK), formats.ceil_div(tensor.shape[1], formats.BLOCK))
+        if tuple(scale.shape) != grid:
+            raise CheckpointError(
+                f"Scale grid {module + '.weight_scale_inv'!r} has shape {list(scale.shape)}, but {key!r} in {file} "
+                f"({list(tensor.shape)}) needs {list(grid)}."
+            )
+        return dequantize_state_dict({key: tensor, f"{module}.weight_scale_inv": scale.float()}, self.dtype)
 
     def quantize(self, save_dir, file_prefix=None, progress: bool = True, overwrite: bool = False) -> Path:
         """Convert every shard of the source into ``save_dir``; returns ``save_dir``."""

@@ -44,23 +44,24 @@ def is_fp8_eligible(module_name: str) -> bool:
     return bool(_ELIGIBLE.match(module_name))
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)  # also right for nn.ModuleList parents ("experts.3")
-
-
 @register_plugin("quantizer", "fp8_block")
 class FP8BlockQuantizer(QuantizerPlugin):
     """E4M3 with 1×128 activation tiles and 128×128 weight blocks (DeepSeek-V3 §3.3)."""
 
     modes = ("train", "inference")
 
+    @classmethod
+    def check_config(cls, config) -> None:
+        # Optional config fields of this plugin: `fp8_mode` ("train" default) and `fp8_power_of_two_scales`.
+        mode = getattr(config, "fp8_mode", None) or "train"
+        if mode not in cls.modes:
+            raise ValueError(f"Config field `fp8_mode` must be one of {list(cls.modes)}, got {mode!r}.")
+
     def __init__(self, config=None, mode: str | None = None):
         super().__init__(config)
         mode = mode or getattr(config, "fp8_mode", None) or "train"
         if mode not in self.modes:
-            raise ValueError(f"Unknown fp8_mode {mode!r}; expected one of {self.modes}.")
+            raise ValueError(f"Config field `fp8_mode` must be one of {list(self.modes)}, got {mode!r}.")
         self.mode = mode
         self.power_of_two_scales = bool(getattr(config, "fp8_power_of_two_scales", False))
 
@@ -74,9 +75,9 @@ class FP8BlockQuantizer(QuantizerPlugin):
                 continue
             if self.mode == "train":
                 if type(module) is nn.Linear:
-                    _set_submodule(model, name, FP8TrainingLinear.from_linear(module, self.power_of_two_scales))
+                    model.set_submodule(name, FP8TrainingLinear.from_linear(module, self.power_of_two_scales))
             elif isinstance(module, nn.Linear):  # nn.Linear or FP8TrainingLinear -> checkpoint-format weights
-                _set_submodule(model, name, FP8Linear.from_linear(module, self.power_of_two_scales))
+                model.set_submodule(name, FP8Linear.from_linear(module, self.power_of_two_scales))
         return model
 
     @staticmethod
@@ -84,9 +85,9 @@ class FP8BlockQuantizer(QuantizerPlugin):
         """Undo ``apply``: every FP8 layer back to a plain ``nn.Linear`` (FP8 weights dequantized)."""
         for name, module in list(model.named_modules()):
             if isinstance(module, FP8Linear):
-                _set_submodule(model, name, module.dequantize(dtype))
+                model.set_submodule(name, module.dequantize(dtype))
             elif isinstance(module, FP8TrainingLinear):
-                _set_submodule(model, name, module.to_linear())
+                model.set_submodule(name, module.to_linear())
         return model
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from conftest import tiny_config
 
 from modeling_deepseek_v3.quantization import (
     FP8BlockQuantizer,
@@ -181,18 +182,10 @@ def test_mode_from_config_and_bad_mode():
 # --------------------------------------------------------------------------------------------------- the real model
 
 
-def _tiny_config():
-    try:
-        from conftest import tiny_config
-    except ImportError as error:  # pragma: no cover - the model's test helpers are not there
-        pytest.skip(f"tests/conftest.py tiny_config unavailable: {error}")
-    return tiny_config
-
-
 def test_tiny_deepseek_v3_trains_with_fp8_block():
     from modeling_deepseek_v3 import DeepseekV3ForCausalLM
 
-    config = _tiny_config()(quantizer="fp8_block", hidden_size=128, intermediate_size=192, moe_intermediate_size=64)
+    config = tiny_config(quantizer="fp8_block", hidden_size=128, intermediate_size=192, moe_intermediate_size=64)
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(config).float().train()
     swapped = {name for name, m in model.named_modules() if isinstance(m, FP8TrainingLinear)}
@@ -214,3 +207,8 @@ def test_tiny_deepseek_v3_trains_with_fp8_block():
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.5  # memorizing one batch: the loss falls clearly
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_bad_fp8_mode_in_config_names_the_field():
+    with pytest.raises(ValueError, match="`fp8_mode`"):
+        tiny_config(quantizer="fp8_block", fp8_mode="int4")
