@@ -8,8 +8,8 @@ see exactly what they see with ``gather``. Execution differs:
   experts (``torch._grouped_mm``); gate and up share one GEMM (their weights are stacked as ``[E, 2I, H]``);
 * the per-expert weights are stacked inside an autograd function that saves only the activations: the stacked
   copy lives for the duration of one GEMM (forward) and is rebuilt in backward, so it never adds to the
-  activation memory of a training step (per MoE layer it is one transient ``3·E·I·H`` copy, ~200 MB in bf16 for
-  the benchmark config, about 0.1 ms of HBM traffic on an H100);
+  activation memory of a training step (per MoE layer it is one transient ``3·E·I·H`` copy: 3·64·512·1024 bf16
+  numbers = 201 MB for the benchmark config; its time cost is unmeasured until ``benchmarks/train_step.py`` runs);
 * experts whose projections are FP8 layers (``quantizer: "fp8_block"`` or an FP8 checkpoint kept in FP8) run the
   FP8 grouped path of ``quantization.linear.fp8_grouped_expert_mlp``.
 
