@@ -132,8 +132,14 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
         path = Path(model_or_path)
         if not path.is_dir():
             from huggingface_hub import snapshot_download
+            from huggingface_hub.errors import HFValidationError
 
-            path = Path(snapshot_download(str(model_or_path), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.py", "*.md"]))
+            try:
+                path = Path(snapshot_download(str(model_or_path), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.py", "*.md"]))
+            except (HFValidationError, OSError) as error:  # OSError covers the Hub's offline/not-found errors
+                raise CheckpointError(
+                    f"Source {str(model_or_path)!r} is not a checkpoint folder, and fetching it as a Hub repository failed: {error}"
+                ) from None
         return cls(path, to=to, **kwargs)
 
     # ------------------------------------------------------------------------------------------------

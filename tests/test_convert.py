@@ -121,3 +121,9 @@ def test_converter_peak_memory_is_bounded_by_shards_not_model(tmp_path):
     assert peak < 8 * shard_bytes, (peak, shard_bytes, total)
     assert peak < total / 3, (peak, total)
     assert len([f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors")]) == n
+
+
+def test_cli_names_a_missing_source(tmp_path, capsys):
+    assert main([str(tmp_path / "no-such-folder"), str(tmp_path / "out"), "--to", "fp8"]) == 1
+    assert "no-such-folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
