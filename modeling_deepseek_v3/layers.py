@@ -88,6 +88,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def causal_mask_for_last_queries(query_len: int, key_len: int, device=None) -> torch.Tensor:
+    """[1, 1, T, S] bool (True = attend) for the last ``query_len`` of ``key_len`` positions: query i sees keys up to
+    its own position ``key_len - query_len + i`` (a causal mask aligned to the bottom right)."""
+    query_pos = torch.arange(key_len - query_len, key_len, device=device)
+    return (torch.arange(key_len, device=device)[None, :] <= query_pos[:, None])[None, None]
+
+
 def yarn_softmax_scale(config: DeepseekV3Config, head_dim: int) -> float:
     """``head_dim^-0.5``, times ``(0.1·mscale_all_dim·ln(factor) + 1)²`` under YaRN (DESIGN §4)."""
     scale = head_dim**-0.5
@@ -203,6 +210,7 @@ __all__ = [
     "DeepseekV3DecoderLayer",
     "apply_rotary",
     "yarn_softmax_scale",
+    "causal_mask_for_last_queries",
     "linear_weight",
     "configure_fused_kernels",
 ]

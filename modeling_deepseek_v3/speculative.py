@@ -27,6 +27,8 @@ import torch
 from transformers.cache_utils import DynamicCache
 from transformers.generation.candidate_generator import CandidateGenerator
 
+from .layers import causal_mask_for_last_queries
+
 
 @dataclass
 class MTPDraftStats:
@@ -77,7 +79,7 @@ class MTPDraftCandidateGenerator(CandidateGenerator):
             positions = model_kwargs["position_ids"][:, self.fed : length - 1]  # left padding shifts positions
         embeds = self.model.model.embed_tokens(input_ids[:, self.fed + 1 : length])
         padding = None if model_kwargs is None else model_kwargs.get("attention_mask")
-        mask = _causal_mask(new, length - 1, padding[:, : length - 1] if padding is not None else None, hidden.dtype)
+        mask = _causal_mask(new, length - 1, padding[:, : length - 1] if padding is not None else None, hidden.dtype, hidden.device)
         _, normed = self.module(
             hidden,
             embeds,
@@ -104,16 +106,14 @@ class MTPDraftCandidateGenerator(CandidateGenerator):
         self.stats.accepted += int(num_matches)
 
 
-def _causal_mask(query_len: int, key_len: int, padding: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def _causal_mask(query_len: int, key_len: int, padding: torch.Tensor | None, dtype: torch.dtype, device) -> torch.Tensor:
     """Additive [B, 1, T, S] mask for the last ``query_len`` of ``key_len`` positions (0 = attend, min = blocked).
 
     Built here because transformers' mask helpers read the sequence length from cache layer 0, while the MTP
     module's cache holds only its own layer."""
-    device = padding.device if padding is not None else None
-    query_pos = torch.arange(key_len - query_len, key_len, device=device)
-    allowed = (torch.arange(key_len, device=device)[None, :] <= query_pos[:, None])[None, None]
+    allowed = causal_mask_for_last_queries(query_len, key_len, device)
     if padding is not None:
-        allowed = allowed & padding.bool()[:, None, None, :]
+        allowed = allowed & padding.to(device).bool()[:, None, None, :]
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 

@@ -23,7 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from modeling_deepseek_v3.layers import DeepseekV3RMSNorm, apply_rotary, linear_weight, yarn_softmax_scale
+from modeling_deepseek_v3.layers import (
+    DeepseekV3RMSNorm,
+    apply_rotary,
+    causal_mask_for_last_queries,
+    linear_weight,
+    yarn_softmax_scale,
+)
 from modeling_deepseek_v3.registry import AttentionPlugin, register_plugin
 
 
@@ -202,8 +208,7 @@ def _fold_mask(attention_mask, query_len: int, num_heads: int, key_len: int, dev
     if attention_mask is None:
         if query_len == 1:
             return None
-        query_pos = torch.arange(key_len - query_len, key_len, device=device)
-        attention_mask = (torch.arange(key_len, device=device)[None, :] <= query_pos[:, None])[None, None]
+        attention_mask = causal_mask_for_last_queries(query_len, key_len, device)
     attention_mask = attention_mask[..., -key_len:]  # masks may be longer than the keys (never shorter)
     if query_len == 1 and attention_mask.shape[1] == 1:
         return attention_mask  # [B, 1, 1, S] broadcasts over the H folded queries: no copy
