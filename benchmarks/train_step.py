@@ -47,11 +47,10 @@ TINY_CONFIG.pop("intermediate_size_dense")
 # (row name, loader kwargs for ours); None = transformers' own class
 VARIANTS = {
     "transformers": None,
-    "ours gather": dict(experts_backend="gather"),
+    "ours eager": dict(experts_backend="eager"),
     "ours grouped_mm": dict(experts_backend="grouped_mm"),
     "ours grouped_mm, fused off": dict(experts_backend="grouped_mm", fused_kernels="off"),
-    "ours gather + fp8_block": dict(experts_backend="gather", quantizer="fp8_block"),
-    "ours grouped_mm + fp8_block": dict(experts_backend="grouped_mm", quantizer="fp8_block"),
+    "ours fp8_block (deepseek_fp8 experts)": dict(quantizer="fp8_block"),
 }
 
 

@@ -40,12 +40,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
@@ -57,9 +59,11 @@ from transformers.utils.quantization_config import FineGrainedFP8Config
 
 from . import model_card
 from .quantization.converter import CheckpointError, read_safetensors_header
+from .quantization.experts import FP8Experts
 from .quantization.formats import BLOCK, FP8_DTYPE, ceil_div
 from .quantization.linear import FP8Linear
 from .quantization.quantizer import is_fp8_eligible
+from .registry import ExpertsPlugin
 
 logger = logging.getLogger(__name__)
 
@@ -146,9 +150,14 @@ def as_quantization_config(value):
 
 
 class DeepseekV3FP8HfQuantizer(HfQuantizer):
-    """Loads the official FP8 checkpoint into ``FP8Linear`` layers (or dequantizes them, see the module doc)."""
+    """Loads the official FP8 checkpoint into ``FP8Linear`` layers and ``FP8Experts`` (or dequantizes them, see the
+    module doc)."""
 
     requires_calibration = False  # the checkpoint is already quantized; we never quantize on the fly here
+    # Each quantized `weight` is stored with its `weight_scale_inv`: transformers' loader gives every converter of
+    # the conversion mapping (the expert stacking) a twin for the scales, which `FP8Experts` keeps as
+    # `gate_up_proj_scale_inv` / `down_proj_scale_inv`, and reverses both at save.
+    serialized_names = {"weight": ["weight", "weight_scale_inv"]}
 
     def __init__(self, quantization_config, **kwargs):
         super().__init__(quantization_config, **kwargs)
@@ -176,9 +185,13 @@ class DeepseekV3FP8HfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         skip = set(self.quantization_config.modules_to_not_convert or ())
         for name, module in list(model.named_modules()):
-            if type(module) is nn.Linear and is_fp8_eligible(name) and not any(name == s or name.startswith(s + ".") for s in skip):
+            if any(name == s or name.startswith(s + ".") for s in skip):
+                continue
+            if type(module) is nn.Linear and is_fp8_eligible(name):
                 model.set_submodule(name, FP8Linear(module.in_features, module.out_features, bias=module.bias is not None,
                                                     device=module.weight.device))
+            elif isinstance(module, ExpertsPlugin) and not isinstance(module, FP8Experts):
+                model.set_submodule(name, FP8Experts.from_experts(module))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -191,7 +204,7 @@ class DeepseekV3FP8HfQuantizer(HfQuantizer):
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         for name, module in list(model.named_modules()):
-            if isinstance(module, FP8Linear):
+            if isinstance(module, (FP8Linear, FP8Experts)):
                 model.set_submodule(name, module.dequantize(dtype))  # one layer at a time: FP8 storage freed as we go
         return model
 
@@ -208,11 +221,21 @@ class DeepseekV3FP8HfQuantizer(HfQuantizer):
 
 
 def register_with_transformers() -> None:
-    """Register our config and quantizer under :data:`QUANT_METHOD` (idempotent)."""
+    """Register our config and quantizer under :data:`QUANT_METHOD`, and the expert stacking (idempotent).
+
+    The stacking is transformers' own conversion mapping for ``deepseek_v3`` (per-expert
+    ``mlp.experts.{e}.{gate,up}_proj.weight`` merged over experts and concatenated into ``mlp.experts.gate_up_proj``,
+    ``down_proj`` merged into ``mlp.experts.down_proj``; split back on save). transformers applies a model type's
+    mapping to classes outside its package only once it is registered by the user, so it is registered again,
+    unchanged: transformers' own class keeps exactly the mapping it had.
+    """
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(DeepseekV3FP8Config)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(DeepseekV3FP8HfQuantizer)
+    register_checkpoint_conversion_mapping(
+        "deepseek_v3", get_checkpoint_conversion_mapping("deepseek_v3"), overwrite=True
+    )
 
 
 register_with_transformers()
@@ -267,6 +290,37 @@ def report_missing_mtp(model, missing_keys) -> None:
             "those MTP modules are freshly initialised. Load with num_nextn_predict_layers=%d to skip them.",
             layers, config.num_nextn_predict_layers, min(layers) - config.num_hidden_layers,
         )
+
+
+_PER_EXPERT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.(?P<leaf>weight|weight_scale_inv)$")
+
+
+def stack_expert_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict in the official per-expert layout -> the stacked in-memory names, as the loader's conversion
+    mapping builds them (``gate_up_proj`` = per expert [gate; up], ``down_proj``; ``*_scale_inv`` alike).
+
+    ``from_pretrained`` never needs this (transformers converts while loading); ``load_state_dict`` does, because
+    transformers' Trainer resumes a run by loading the saved (official-layout) weights with it."""
+    groups: dict[tuple[str, str], dict[str, dict[int, torch.Tensor]]] = {}
+    out = {}
+    for key, tensor in state_dict.items():
+        match = _PER_EXPERT.match(key)
+        if match is None:
+            out[key] = tensor
+            continue
+        groups.setdefault((match["prefix"], match["leaf"]), {}).setdefault(match["proj"], {})[int(match["expert"])] = tensor
+    for (prefix, leaf), projections in groups.items():
+        suffix = "" if leaf == "weight" else "_scale_inv"
+
+        def stacked(proj):
+            experts = projections.get(proj, {})
+            if sorted(experts) != list(range(len(experts))) or not experts:
+                raise CheckpointError(f"The state dict has {prefix}.{{e}}.{proj}_proj.{leaf} for experts {sorted(experts)}: not every expert.")
+            return torch.stack([experts[e] for e in range(len(experts))])
+
+        out[f"{prefix}.gate_up_proj{suffix}"] = torch.cat([stacked("gate"), stacked("up")], dim=1)
+        out[f"{prefix}.down_proj{suffix}"] = stacked("down")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -431,6 +485,7 @@ __all__ = [
     "atomic_save",
     "load_pretrained_model",
     "save_pretrained",
+    "stack_expert_tensors",
     "checkpoint_headers",
     "mtp_shared_keys",
     "official_state_dict",

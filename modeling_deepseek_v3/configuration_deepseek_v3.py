@@ -12,13 +12,13 @@ from types import SimpleNamespace
 
 from transformers import DeepseekV3Config as _TransformersDeepseekV3Config
 
-from .registry import get_plugin
+from .registry import EXPERTS_KIND, get_plugin
 
 # config field -> plugin kind it selects
 PLUGIN_FIELDS = {
     "attention_backend": "attention",
     "topk_method": "router",
-    "experts_backend": "experts",
+    "experts_backend": EXPERTS_KIND,
     "mtp_backend": "mtp",
     "quantizer": "quantizer",
 }
@@ -62,8 +62,12 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
     topk_method (`str`, defaults to `"noaux_tc"`):
         Router plugin (the official field): `"noaux_tc"` (sigmoid scores, bias-based aux-loss-free
         balancing, group-limited top-k) or `"greedy"` (softmax top-k with the classic auxiliary loss).
-    experts_backend (`str`, defaults to `"gather"`):
-        How the routed experts execute.
+    experts_backend (`str` or `None`, defaults to `None`):
+        How the routed experts execute: a name of transformers' experts interface (`"eager"`, `"batched_mm"`,
+        `"grouped_mm"`, ours `"deepseek_fp8"`, or any registered one). It is the model's default
+        `experts_implementation` (`config._experts_implementation`); `from_pretrained(..., experts_implementation=...)`
+        and `model.set_experts_implementation(...)` override it. `None` leaves the choice to transformers
+        (`grouped_mm` where it can run, else `eager`). `"gather"` (an earlier name) means `"eager"`.
     mtp_backend (`str`, defaults to `"sequential"`):
         Multi-token-prediction plugin used when `num_nextn_predict_layers > 0`.
     quantizer (`str` or `None`, defaults to `None`):
@@ -71,9 +75,16 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
     router_bias_update_speed (`float`, defaults to 0.001):
         γ of the aux-loss-free bias update `b_i += γ·sign(mean_load − load_i)`; 0 freezes the bias.
     aux_loss_alpha (`float`, defaults to 0.0001):
-        α of the balance loss (sequence-wise for `noaux_tc`, batch-wise for `greedy`).
+        α of the balance loss `α Σ_i f_i P_i`. Its scope depends on the router: per sequence, averaged over the
+        sequences, for `noaux_tc` (the paper's complementary sequence-wise loss), over the whole batch for `greedy`
+        (the classic auxiliary loss). 0 disables it.
     mtp_loss_weight (`float`, defaults to 0.3):
         λ weighting the MTP loss in the training loss.
+    fp8_mode (`str`, defaults to `"train"`):
+        What `quantizer: "fp8_block"` builds: `"train"` keeps high-precision master weights and runs all three GEMMs
+        in FP8 (trainable); `"inference"` stores the weights in FP8 with their block scales (not trainable).
+    fp8_power_of_two_scales (`bool`, defaults to `False`):
+        Round every FP8 scale up to a power of two (exact rescaling), for the `fp8_block` quantizer.
     fused_kernels (`str`, defaults to `"auto"`):
         Fused RMSNorm / SwiGLU / cross-entropy kernels (`modeling_deepseek_v3.kernels`): `"auto"` uses them on CUDA
         only, `"on"` everywhere Triton runs, `"off"` never. Results match the plain PyTorch path.
@@ -87,12 +98,14 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         mla_mode: str = "auto",
         topk_method: str = "noaux_tc",
         scoring_func: str = "sigmoid",
-        experts_backend: str = "gather",
+        experts_backend: str | None = None,
         mtp_backend: str = "sequential",
         quantizer: str | None = None,
         router_bias_update_speed: float = 0.001,
         aux_loss_alpha: float = 0.0001,
         mtp_loss_weight: float = 0.3,
+        fp8_mode: str = "train",
+        fp8_power_of_two_scales: bool = False,
         fused_kernels: str = "auto",
         **kwargs,
     ):
@@ -100,15 +113,19 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         self.mla_mode = mla_mode
         self.topk_method = topk_method
         self.scoring_func = scoring_func
-        self.experts_backend = experts_backend
+        self.experts_backend = "eager" if experts_backend == "gather" else experts_backend
         self.mtp_backend = mtp_backend
         self.quantizer = quantizer
         self.router_bias_update_speed = router_bias_update_speed
         self.aux_loss_alpha = aux_loss_alpha
         self.mtp_loss_weight = mtp_loss_weight
+        self.fp8_mode = fp8_mode
+        self.fp8_power_of_two_scales = fp8_power_of_two_scales
         self.fused_kernels = fused_kernels
         # Check before transformers' own validators run, so that the error names the field the user wrote.
         validate_fields(self._incoming_values(kwargs))
+        if self.experts_backend is not None and kwargs.get("experts_implementation") is None:
+            kwargs["experts_implementation"] = self.experts_backend
         super().__init__(**kwargs)
         # The official FP8 block dispatches to our quantizer (checkpoint.py); it still serializes as "fp8".
         if getattr(self, "quantization_config", None) is not None:
@@ -155,6 +172,8 @@ _OWN_FIELDS = (
     "router_bias_update_speed",
     "aux_loss_alpha",
     "mtp_loss_weight",
+    "fp8_mode",
+    "fp8_power_of_two_scales",
     "fused_kernels",
 )
 
@@ -200,8 +219,13 @@ def validate_fields(config) -> None:
             f"Config field `num_experts_per_tok` ({config.num_experts_per_tok}) exceeds the {selectable} experts that "
             f"`topk_group`={config.topk_group} kept groups of {config.n_routed_experts // config.n_group} hold."
         )
+    if not isinstance(config.fp8_power_of_two_scales, bool):
+        raise ValueError(f"Config field `fp8_power_of_two_scales` must be true or false, got {config.fp8_power_of_two_scales!r}.")
     for field in PLUGIN_FIELDS:
-        if field == "quantizer" and config.quantizer is None:
+        if getattr(config, field) is None and field in ("quantizer", "experts_backend"):
+            continue
+        if field == "experts_backend":
+            plugin_for(config, field)  # a name of transformers' experts interface
             continue
         plugin_for(config, field).check_config(config)
 

@@ -12,11 +12,14 @@ import math
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
+from transformers.integrations import use_experts_implementation
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from . import kernels
 from .configuration_deepseek_v3 import DeepseekV3Config
+from .expert_slots import SortedSlots
+from .registry import ExpertsPlugin
 
 
 class DeepseekV3RMSNorm(nn.Module):
@@ -125,37 +128,83 @@ class DeepseekV3MLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+@use_experts_implementation
+class DeepseekV3Experts(ExpertsPlugin):
+    """The routed experts of one MoE layer as stacked tensors, with transformers 5's DeepseekV3 names:
+    ``gate_up_proj`` [E, 2·I, H] (each expert's gate rows, then its up rows) and ``down_proj`` [E, H, I].
+
+    Checkpoints keep the official per-expert names; the conversion mapping registered in ``checkpoint`` stacks them
+    at load and splits them at save. How the experts run is transformers' experts interface
+    (``config._experts_implementation``, our config field ``experts_backend``): ``grouped_mm`` and ``batched_mm``
+    are transformers' functions over these tensors, ``deepseek_fp8`` ours (``quantization.experts``), and
+    ``eager`` is the ``forward`` below.
+    """
+
+    def __init__(self, config: DeepseekV3Config):
+        super().__init__()
+        self.num_experts = config.n_routed_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.fused_swiglu = config.fused_kernels if config.hidden_act == "silu" else "off"
+
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``act(gate) * up`` of a [S, 2·I] gate/up product; transformers' grouped and batched functions call it too."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        if self.fused_swiglu != "off" and kernels.use_fused(self.fused_swiglu, gate):
+            return kernels.swiglu(gate, up)
+        return self.act_fn(gate) * up
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Eager: tokens sorted by expert once, then one pair of GEMMs per expert that received any. The loop bounds
+        are read on the host (one sync per call); the other implementations avoid it."""
+        slots = SortedSlots(top_k_index, self.num_experts)
+        x = slots.gather(hidden_states)
+        out = x.new_zeros(x.shape[0], self.hidden_dim)
+        start = 0
+        for expert, end in enumerate(slots.offsets.tolist()):
+            if end > start:
+                h = self._apply_gate(nn.functional.linear(x[start:end], self.gate_up_proj[expert]))
+                out[start:end] = nn.functional.linear(h, self.down_proj[expert])
+            start = end
+        return slots.combine(out, top_k_weights, hidden_states)
+
+
 class DeepseekV3MoE(nn.Module):
     """DeepSeekMoE: ``h' = Σ shared FFN(u) + Σ_i g_i FFN_i(u)`` (the residual is added by the layer).
 
-    The router and the routed-expert executor are plugins; balancing and its statistics live in the router.
-    ``aux_loss`` holds the router's balance loss of the last forward (None when it computes none).
+    The router is a plugin (``topk_method``); the routed experts are stacked tensors run through transformers'
+    experts interface. Returns the output and the router's balance loss (None when it computes none).
     """
 
     def __init__(self, config: DeepseekV3Config):
         super().__init__()
         self.gate = config.plugin("topk_method")(config)
-        self.experts = config.plugin("experts_backend")(config)
+        self.experts = DeepseekV3Experts(config)
         self.shared_experts = (
             DeepseekV3MLP(config, config.moe_intermediate_size * config.n_shared_experts)
             if config.n_shared_experts
             else None
         )
-        self.aux_loss: torch.Tensor | None = None
 
-    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None):
         # token_mask [B, T]: True at real tokens; the router leaves padding out of its loads and balance loss.
         batch_size, seq_len, hidden_size = hidden_states.shape
-        topk_idx, topk_weight, self.aux_loss = self.gate(hidden_states, token_mask=token_mask)
-        routed = self.experts(hidden_states.reshape(-1, hidden_size), topk_idx, topk_weight)
+        _, topk_weights, topk_indices, aux_loss = self.gate(hidden_states, token_mask=token_mask)
+        routed = self.experts(hidden_states.reshape(-1, hidden_size), topk_indices, topk_weights)
         routed = routed.view(batch_size, seq_len, hidden_size)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(hidden_states)
-        return routed
+        return routed, aux_loss
 
 
 class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block: attention plugin, then a dense MLP (``layer_idx < first_k_dense_replace``) or MoE."""
+    """Pre-norm block: attention plugin, then a dense MLP (``layer_idx < first_k_dense_replace``) or MoE.
+
+    Returns ``(hidden_states, aux_loss)``: the router's balance loss travels up through the outputs (None for a
+    dense layer or when the router computes none)."""
 
     def __init__(self, config: DeepseekV3Config, layer_idx: int):
         super().__init__()
@@ -184,8 +233,11 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = residual + hidden_states
         normed = self.post_attention_layernorm(hidden_states)
-        mlp_out = self.mlp(normed, token_mask=token_mask) if isinstance(self.mlp, DeepseekV3MoE) else self.mlp(normed)
-        return hidden_states + mlp_out
+        if isinstance(self.mlp, DeepseekV3MoE):
+            mlp_out, aux_loss = self.mlp(normed, token_mask=token_mask)
+        else:
+            mlp_out, aux_loss = self.mlp(normed), None
+        return hidden_states + mlp_out, aux_loss
 
 
 def configure_fused_kernels(model: nn.Module, mode) -> None:
@@ -206,6 +258,7 @@ __all__ = [
     "DeepseekV3RMSNorm",
     "DeepseekV3RotaryEmbedding",
     "DeepseekV3MLP",
+    "DeepseekV3Experts",
     "DeepseekV3MoE",
     "DeepseekV3DecoderLayer",
     "apply_rotary",

@@ -17,16 +17,17 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GenericForSequenceClassification, GenericForTokenClassification
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from . import checkpoint, model_card
 from .configuration_deepseek_v3 import DeepseekV3Config
 from . import kernels
-from .layers import DeepseekV3DecoderLayer, DeepseekV3MoE, DeepseekV3RMSNorm, DeepseekV3RotaryEmbedding, configure_fused_kernels
+from .layers import DeepseekV3DecoderLayer, DeepseekV3Experts, DeepseekV3RMSNorm, DeepseekV3RotaryEmbedding, configure_fused_kernels
 from .registry import AttentionPlugin, RouterPlugin
 from .training import update_expert_bias
 
@@ -50,9 +51,20 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False  # q/k and v head widths differ (192 vs 128)
     _supports_flex_attn = False
     _supports_attention_backend = True
-    _can_compile_fullgraph = False  # the gather executor reads expert counts on the host
-    _can_record_outputs = {"hidden_states": DeepseekV3DecoderLayer, "attentions": AttentionPlugin}
+    # A decode step reads nothing on the host (routing, expert offsets and the cache stay on the device), so it
+    # compiles as one graph; only the `eager` experts implementation loops over the experts on the host.
+    _can_compile_fullgraph = True
+    _can_record_outputs = {
+        "hidden_states": DeepseekV3DecoderLayer,
+        "attentions": AttentionPlugin,
+        "router_logits": OutputRecorder(RouterPlugin, index=0),
+    }
     _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # transformers looks for the decorator in the model's own module; our experts module lives in layers.py
+        return True
 
     def __init__(self, config: DeepseekV3Config, *inputs, **kwargs):
         super().__init__(config, *inputs, **kwargs)
@@ -84,6 +96,10 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         # official layout (MTP copies of embedding/head), written to a temporary folder then renamed, plus README.md
         return checkpoint.save_pretrained(self, super().save_pretrained, save_directory, *args, **kwargs)
 
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        # a state dict in the official per-expert layout (what we save; what Trainer reloads on resume) is stacked
+        return super().load_state_dict(checkpoint.stack_expert_tensors(state_dict), *args, **kwargs)
+
     def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
         # transformers' push_to_hub put a placeholder README.md there; ours describes the model
         model_card.prepare_push(self, working_dir, repo_id)
@@ -103,6 +119,9 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             if getattr(module, "e_score_correction_bias", None) is not None:
                 init.zeros_(module.e_score_correction_bias)
+        if isinstance(module, DeepseekV3Experts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=self.config.initializer_range)
+            init.normal_(module.down_proj, mean=0.0, std=self.config.initializer_range)
 
 
 class DeepseekV3Model(DeepseekV3PreTrainedModel):
@@ -160,7 +179,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
-    ) -> MoeModelOutputWithPast:
+    ) -> DeepseekV3ModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if use_cache and past_key_values is None:
@@ -185,9 +204,9 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         # The routers leave padding out of their loads and balance losses; only a 2-D padding mask says where it is.
         token_mask = token_mask_from_attention_mask(attention_mask, inputs_embeds.shape[1])
 
-        hidden_states = inputs_embeds
+        hidden_states, aux_losses = inputs_embeds, []
         for layer in self.decoder_layers:
-            hidden_states = layer(
+            hidden_states, aux_loss = layer(
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=causal_mask,
@@ -196,12 +215,19 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
                 token_mask=token_mask,
                 **kwargs,
             )
+            if aux_loss is not None:
+                aux_losses.append(aux_loss)
         hidden_states = self.norm(hidden_states)
-        return MoeModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return DeepseekV3ModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=past_key_values, aux_loss=sum_losses(aux_losses)
+        )
 
 
 class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+    _fsdp_plan = {"lm_head": "keep_full_weight"}
 
     def __init__(self, config: DeepseekV3Config):
         super().__init__(config)
@@ -222,11 +248,6 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
                 self, generation_config, kwargs.get("logits_processor"), kwargs.get("model_kwargs")
             )
         return super()._get_candidate_generator(generation_config, *args, **kwargs)
-
-    def moe_aux_loss(self) -> torch.Tensor | None:
-        """Sum of the balance losses the routers returned in the last forward (None if none did)."""
-        losses = [m.aux_loss for m in self.model.decoder_layers.modules() if isinstance(m, DeepseekV3MoE) and m.aux_loss is not None]
-        return torch.stack(losses).sum() if losses else None
 
     @can_return_tuple
     def forward(
@@ -268,7 +289,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
                 f"so sequences need at least {depth + 2} tokens; got labels of length {labels.shape[1]}."
             )
 
-        outputs: MoeModelOutputWithPast = self.model(
+        outputs: DeepseekV3ModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -282,7 +303,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, slice_indices, :])
 
         loss = mtp_loss = None
-        aux_loss = self.moe_aux_loss() if self.training else None
+        aux_loss = outputs.aux_loss
         if labels is not None:
             token_mask = token_mask_from_attention_mask(attention_mask, labels.shape[1])
             targets = _depth_targets(labels, token_mask, 0)[:, slice_indices]
@@ -310,6 +331,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
         )
 
     def _mtp_forward(self, main_hidden, embeds, labels, token_mask, position_ids):
@@ -338,7 +360,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
                 past_key_values=None,
                 position_ids=position_ids[:, :length],
             )
-            hidden, normed = module(
+            hidden, normed, aux_loss = module(
                 hidden,
                 embeds[:, k:],
                 (cos[:, :length], sin[:, :length]),
@@ -350,10 +372,26 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             logits = self.lm_head(normed)
             fused = getattr(self.config, "fused_kernels", "auto")
             ce_losses.append(_cross_entropy(logits, _depth_targets(labels, token_mask, k), None, fused)[0])
-            if isinstance(module.mlp, DeepseekV3MoE) and module.mlp.aux_loss is not None:
-                aux_losses.append(module.mlp.aux_loss)
-        mtp_loss = torch.stack(ce_losses).mean()
-        return mtp_loss, (torch.stack(aux_losses).sum() if aux_losses else None)
+            if aux_loss is not None:
+                aux_losses.append(aux_loss)
+        return torch.stack(ce_losses).mean(), sum_losses(aux_losses)
+
+
+@dataclass
+class DeepseekV3ModelOutputWithPast(MoeModelOutputWithPast):
+    r"""
+    aux_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Sum of the decoder layers' balance losses (already multiplied by ``aux_loss_alpha``), in training.
+    """
+
+    aux_loss: torch.FloatTensor | None = None
+
+
+def sum_losses(losses: list[torch.Tensor]) -> torch.Tensor | None:
+    """The one place the routers' balance losses are added up (None when no router returned one)."""
+    if not losses:
+        return None
+    return torch.stack([loss.to(losses[0].device) for loss in losses]).sum()
 
 
 @dataclass
@@ -410,4 +448,20 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, num_items_in_bat
     return total / denominator, count
 
 
-__all__ = ["DeepseekV3PreTrainedModel", "DeepseekV3Model", "DeepseekV3ForCausalLM", "DeepseekV3CausalLMOutputWithPast"]
+class DeepseekV3ForSequenceClassification(GenericForSequenceClassification, DeepseekV3PreTrainedModel):
+    """Sequence classification (e.g. a reward model) on the last non-padding token, transformers' generic head."""
+
+
+class DeepseekV3ForTokenClassification(GenericForTokenClassification, DeepseekV3PreTrainedModel):
+    """Token classification, transformers' generic head."""
+
+
+__all__ = [
+    "DeepseekV3PreTrainedModel",
+    "DeepseekV3Model",
+    "DeepseekV3ForCausalLM",
+    "DeepseekV3ForSequenceClassification",
+    "DeepseekV3ForTokenClassification",
+    "DeepseekV3CausalLMOutputWithPast",
+    "DeepseekV3ModelOutputWithPast",
+]

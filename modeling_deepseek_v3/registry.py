@@ -19,6 +19,7 @@ import importlib.metadata
 import logging
 
 from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -43,21 +44,27 @@ class AttentionPlugin(_ConfigChecked, nn.Module):
 class RouterPlugin(_ConfigChecked, nn.Module):
     """Built as ``cls(config)`` and placed at ``mlp.gate`` (parameter ``weight`` [E, hidden]).
 
-    ``forward(hidden [B, T, hidden], token_mask [B, T] bool or None) -> (topk_idx [B·T, K] long,
-    topk_weight [B·T, K], aux_loss scalar or None)``. ``token_mask`` is True at real tokens and False at padding
-    (None: all real); padding is routed like any token but left out of load counts and balance losses.
-    ``aux_loss`` is the balance loss already multiplied by its coefficient, or None when not training.
+    ``forward(hidden [B, T, hidden], token_mask [B, T] bool or None) -> (router_logits [B·T, E] fp32,
+    topk_weights [B·T, K], topk_indices [B·T, K] long, aux_loss scalar or None)`` — transformers' router outputs
+    (so ``output_router_logits`` records index 0) plus the balance loss. ``token_mask`` is True at real tokens and
+    False at padding (None: all real); padding is routed like any token but left out of load counts and balance
+    losses. ``aux_loss`` is the balance loss already multiplied by its coefficient, or None when not training.
     While training, a router that balances by counting exposes ``tokens_per_expert`` [E] (real tokens routed to
     each expert since the last reset) and ``reset_counts()``; ``modeling_deepseek_v3.training.update_expert_bias``
     reads, all-reduces and resets them, and moves ``e_score_correction_bias`` where the router has one.
     """
 
 
-class ExpertsPlugin(_ConfigChecked, nn.Module):
-    """Built as ``cls(config)`` and placed at ``mlp.experts``.
+class ExpertsPlugin(nn.Module):
+    """Base of a routed-experts module, placed at ``mlp.experts``: stacked ``gate_up_proj`` [E, 2·I, H] and
+    ``down_proj`` [E, H, I] (or their FP8 forms with ``*_scale_inv``), and
+    ``forward(hidden [N, H], top_k_index [N, K], top_k_weights [N, K]) -> [N, H]``, the weighted sum of the selected
+    experts' outputs; no token is ever dropped.
 
-    ``forward(hidden [N, hidden], topk_idx [N, K], topk_weight [N, K]) -> [N, hidden]``: the weighted sum of
-    the selected routed experts' outputs. No token is ever dropped.
+    How the experts execute is not a plugin of ours but transformers' experts interface: the ``experts`` kind
+    below lists and registers experts *implementations* — functions ``fn(experts_module, hidden, top_k_index,
+    top_k_weights) -> out`` in ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`` — selected by
+    ``config._experts_implementation`` (our field ``experts_backend``).
     """
 
 
@@ -65,9 +72,9 @@ class MTPPlugin(_ConfigChecked, nn.Module):
     """Built as ``cls(config, depth)`` and placed at ``model.layers[num_hidden_layers + depth]``.
 
     ``forward(hidden_prev [B, T, hidden], next_token_embeds [B, T, hidden], position_embeddings,
-    attention_mask, **kwargs) -> hidden [B, T, hidden]`` (before ``shared_head.norm``); with
-    ``return_normed=True`` it returns ``(hidden, shared_head.norm(hidden))``, which is what the training loss
-    uses, so that the norm runs inside the module's own forward (FSDP and offload hooks wrap that). Keyword
+    attention_mask, **kwargs) -> (hidden [B, T, hidden] before ``shared_head.norm``, aux_loss or None)``; with
+    ``return_normed=True`` it returns ``(hidden, shared_head.norm(hidden), aux_loss)``, which is what the training
+    loss uses, so that the norm runs inside the module's own forward (FSDP and offload hooks wrap that). Keyword
     ``token_mask`` [B, T] (True = real token) reaches its routers. The embedding and the output head are the main
     model's; the plugin holds references, never copies.
     """
@@ -90,25 +97,45 @@ class QuantizerPlugin(_ConfigChecked):
 PLUGIN_BASES: dict[str, type] = {
     "attention": AttentionPlugin,
     "router": RouterPlugin,
-    "experts": ExpertsPlugin,
     "mtp": MTPPlugin,
     "quantizer": QuantizerPlugin,
 }
+# The experts kind lives in transformers' experts interface: its names are "eager" (the experts module's own
+# forward) and the functions of ALL_EXPERTS_FUNCTIONS.
+EXPERTS_KIND = "experts"
+PLUGIN_KINDS = (*PLUGIN_BASES, EXPERTS_KIND)
 
 _PLUGINS: dict[str, dict[str, type]] = {kind: {} for kind in PLUGIN_BASES}
 _entry_points_loaded = False
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in PLUGIN_BASES:
-        raise ValueError(f"Unknown plugin kind {kind!r}; the kinds are {sorted(PLUGIN_BASES)}.")
+    if kind not in PLUGIN_KINDS:
+        raise ValueError(f"Unknown plugin kind {kind!r}; the kinds are {sorted(PLUGIN_KINDS)}.")
+
+
+def experts_implementations() -> list[str]:
+    """The names ``config._experts_implementation`` (our ``experts_backend``) accepts."""
+    return sorted({"eager", *ALL_EXPERTS_FUNCTIONS.valid_keys()})
 
 
 def register_plugin(kind: str, name: str):
-    """Class decorator registering a plugin of ``kind`` under ``name``. Re-registering a name replaces it."""
+    """Decorator registering a plugin of ``kind`` under ``name``. Re-registering a name replaces it.
+
+    For ``kind="experts"`` it decorates a function ``fn(experts_module, hidden, top_k_index, top_k_weights)`` and
+    registers it in transformers' experts interface; for the other kinds a subclass of the kind's base class."""
     _check_kind(kind)
     if not isinstance(name, str) or not name:
         raise ValueError(f"A {kind} plugin needs a non-empty string name, got {name!r}.")
+    if kind == EXPERTS_KIND:
+
+        def register_experts(fn):
+            if not callable(fn) or isinstance(fn, type):
+                raise TypeError(f"experts plugin {name!r} must be a function (module, hidden, top_k_index, top_k_weights), got {fn!r}.")
+            ALL_EXPERTS_FUNCTIONS.register(name, fn)
+            return fn
+
+        return register_experts
 
     def decorator(cls: type) -> type:
         base = PLUGIN_BASES[kind]
@@ -137,25 +164,29 @@ def load_entry_point_plugins(reload: bool = False) -> None:
             logger.warning("Could not load plugin entry point %r: %s", entry_point.value, error)
             continue
         kind, _, name = entry_point.name.partition(".")
-        if isinstance(obj, type) and kind in PLUGIN_BASES and name:
+        if name and ((kind in PLUGIN_BASES and isinstance(obj, type)) or (kind == EXPERTS_KIND and callable(obj))):
             register_plugin(kind, name)(obj)
 
 
-def get_plugin(kind: str, name: str, field: str | None = None) -> type:
-    """The class registered as ``name``; a ``ValueError`` naming the config ``field`` if there is none."""
+def get_plugin(kind: str, name: str, field: str | None = None):
+    """The class registered as ``name`` (for ``experts``: the function, None for ``eager``); a ``ValueError`` naming
+    the config ``field`` if there is none."""
     _check_kind(kind)
-    plugins = _PLUGINS[kind]
-    if name not in plugins:
+    field = field or kind
+    if not isinstance(name, str):
+        raise ValueError(f"Config field `{field}` must be a string naming a {kind} plugin, got {name!r} ({type(name).__name__}).")
+    names = experts_implementations() if kind == EXPERTS_KIND else _PLUGINS[kind]
+    if name not in names:
         load_entry_point_plugins()
-    if name not in plugins:
-        field = field or kind
-        raise ValueError(
-            f"Unknown {kind} plugin {name!r} in config field `{field}`; registered {kind} plugins: {sorted(plugins)}."
-        )
-    return plugins[name]
+        names = experts_implementations() if kind == EXPERTS_KIND else _PLUGINS[kind]
+    if name not in names:
+        raise ValueError(f"Unknown {kind} plugin {name!r} in config field `{field}`; registered {kind} plugins: {sorted(names)}.")
+    if kind == EXPERTS_KIND:
+        return None if name == "eager" else ALL_EXPERTS_FUNCTIONS[name]
+    return names[name]
 
 
 def list_plugins() -> dict[str, list[str]]:
     """``{kind: [registered names]}`` for every kind, entry-point plugins included."""
     load_entry_point_plugins()
-    return {kind: sorted(names) for kind, names in _PLUGINS.items()}
+    return {**{kind: sorted(names) for kind, names in _PLUGINS.items()}, EXPERTS_KIND: experts_implementations()}

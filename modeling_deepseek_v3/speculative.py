@@ -80,7 +80,7 @@ class MTPDraftCandidateGenerator(CandidateGenerator):
         embeds = self.model.model.embed_tokens(input_ids[:, self.fed + 1 : length])
         padding = None if model_kwargs is None else model_kwargs.get("attention_mask")
         mask = _causal_mask(new, length - 1, padding[:, : length - 1] if padding is not None else None, hidden.dtype, hidden.device)
-        _, normed = self.module(
+        _, normed, _ = self.module(
             hidden,
             embeds,
             self.model.model.rotary_emb(hidden, positions),

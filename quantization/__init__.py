@@ -6,59 +6,29 @@ package imports without triton.
 """
 
 from . import formats
-from .formats import (
-    BLOCK,
-    FP8_DTYPE,
-    FP8_MAX,
-    dequantize_act_1x128,
-    dequantize_weight_128x128,
-    fp8_gemm_reference,
-    fp8_grouped_gemm_reference,
-    quantize_act_1x128,
-    quantize_act_128x1_transposed,
-    quantize_weight_128x128,
-)
-from .linear import (
-    FP8GroupedLinearFunction,
-    FP8Linear,
-    FP8LinearFunction,
-    FP8TrainingLinear,
-    fp8_grouped_expert_mlp,
-    fp8_grouped_linear,
-    fp8_grouped_matmul,
-    fp8_grouped_mm,
-    fp8_matmul,
-    set_check_finite,
-    stack_expert_weights,
-)
+from .experts import FP8Experts
+from .formats import BLOCK, FP8_DTYPE, FP8_MAX, dequantize_weight_128x128, quantize_weight_128x128
+from .linear import FP8Linear, FP8TrainingLinear, fp8_grouped_linear, fp8_grouped_mm, set_check_finite
 from .quantizer import FP8BlockQuantizer, dequantize_state_dict, is_fp8_eligible, quantize_state_dict
 
-
+# What users call. The tile/block formats, references and kernels are reached through `formats`, `linear` and
+# `kernels`: `fp8_grouped_mm` is the differentiable grouped GEMM for training (high-precision [E, N, K] weights),
+# `fp8_grouped_linear` the inference one (weights already in FP8 with their scales).
 __all__ = [
     "BLOCK",
     "FP8_DTYPE",
     "FP8_MAX",
     "FP8BlockQuantizer",
-    "FP8GroupedLinearFunction",
+    "FP8Experts",
     "FP8Linear",
-    "FP8LinearFunction",
     "FP8TrainingLinear",
-    "dequantize_act_1x128",
     "dequantize_state_dict",
     "dequantize_weight_128x128",
     "formats",
-    "fp8_gemm_reference",
-    "fp8_grouped_expert_mlp",
-    "fp8_grouped_gemm_reference",
     "fp8_grouped_linear",
-    "fp8_grouped_matmul",
     "fp8_grouped_mm",
-    "fp8_matmul",
     "is_fp8_eligible",
-    "quantize_act_1x128",
-    "quantize_act_128x1_transposed",
     "quantize_state_dict",
     "quantize_weight_128x128",
     "set_check_finite",
-    "stack_expert_weights",
 ]

@@ -297,27 +297,13 @@ class FP8Linear(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 
 
-def stack_expert_weights(linears, power_of_two_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[E, N, K]`` FP8 weights and ``[E, ceil(N/128), ceil(K/128)]`` scales from one projection of every
-    expert (``FP8Linear`` are taken as stored; other linears are quantized)."""
-    weights, scales = [], []
-    for linear in linears:
-        if isinstance(linear, FP8Linear):
-            q, s = linear.weight.detach(), linear.weight_scale_inv.detach()
-        else:
-            q, s = quantize_weight(linear.weight.detach(), power_of_two_scales, "weight")
-        weights.append(q)
-        scales.append(s)
-    return torch.stack(weights), torch.stack(scales)
-
-
 def fp8_grouped_linear(x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, weight: torch.Tensor,
                        weight_scale_inv: torch.Tensor, power_of_two_scales: bool = False) -> torch.Tensor:
     """``out[rows of e] = x_sorted[rows of e] @ weight[e]ᵀ`` for all experts in one grouped FP8 GEMM.
 
     ``x_sorted [T, K]`` holds the tokens sorted by expert, ``tokens_per_expert [E]`` how many each expert got
     (a device tensor; on the GPU path it is never copied to the host). ``weight [E, N, K]`` fp8 and
-    ``weight_scale_inv [E, ceil(N/128), ceil(K/128)]`` as built by ``stack_expert_weights``. Inference only
+    ``weight_scale_inv [E, ceil(N/128), ceil(K/128)]`` one grid per expert. Inference only
     (no autograd). Returns ``[T, N]`` in ``x_sorted``'s dtype.
     """
     m_offsets = _m_offsets(tokens_per_expert, weight.shape[0], x_sorted.device)
@@ -337,7 +323,7 @@ def _m_offsets(tokens_per_expert: torch.Tensor, num_experts: int, device) -> tor
     return m_offsets
 
 
-def _quantize_expert_weights(weight: torch.Tensor, power_of_two: bool):
+def quantize_expert_weights(weight: torch.Tensor, power_of_two: bool):
     """``[E, N, K]`` -> FP8 ``[E, N, K]`` and scales ``[E, ceil(N/128), ceil(K/128)]``; one launch when N % 128 == 0
     (no 128×128 block then straddles two experts), one per expert otherwise."""
     e, n, k = weight.shape
@@ -390,7 +376,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, m_offsets, weight, power_of_two: bool = False):
         x_q, x_s = quantize_act(x, power_of_two, "x_sorted")
-        w_q, w_s = _quantize_expert_weights(weight, power_of_two)
+        w_q, w_s = quantize_expert_weights(weight, power_of_two)
         ctx.save_for_backward(x, m_offsets, w_q, w_s)
         ctx.power_of_two, ctx.w_dtype = power_of_two, weight.dtype
         return fp8_grouped_matmul(x_q, x_s, w_q, w_s, m_offsets, x.dtype)
@@ -419,36 +405,3 @@ def fp8_grouped_mm(x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, weig
     if x_sorted.shape[0] == 0:
         return x_sorted.new_zeros(0, weight.shape[1])
     return FP8GroupedLinearFunction.apply(x_sorted, m_offsets, weight, power_of_two_scales)
-
-
-def fp8_grouped_expert_mlp(experts, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, act_fn=None,
-                           power_of_two_scales: bool = False) -> torch.Tensor:
-    """The routed experts' SwiGLU MLPs, ``down(act(gate(x)) * up(x))``, as three grouped FP8 GEMMs.
-
-    ``experts`` is the ``nn.ModuleList`` at ``mlp.experts`` (each with bias-free ``gate_proj``, ``up_proj``,
-    ``down_proj``: ``nn.Linear``, ``FP8TrainingLinear`` or ``FP8Linear``); ``x_sorted``/``tokens_per_expert`` as in
-    ``fp8_grouped_linear``. When gradients are needed, the experts' master weights are stacked each call and the
-    GEMMs run through ``FP8GroupedLinearFunction``; otherwise the stacked FP8 weights are cached on the list and
-    rebuilt only when an expert weight changes.
-    """
-    act_fn = act_fn or nn.functional.silu
-    projections = ("gate_proj", "up_proj", "down_proj")
-    training = torch.is_grad_enabled() and any(p.requires_grad for p in experts.parameters())
-    if training:
-        if any(isinstance(getattr(e, p), FP8Linear) for e in experts for p in projections):
-            raise TypeError("FP8Linear experts hold FP8 weights and cannot be trained; use FP8TrainingLinear.")
-
-        def project(h, name):
-            weight = torch.stack([getattr(e, name).weight for e in experts])
-            return fp8_grouped_mm(h, tokens_per_expert, weight, power_of_two_scales)
-    else:
-        stamp = tuple((getattr(e, p).weight.data_ptr(), getattr(e, p).weight._version) for e in experts for p in projections)
-        cache = getattr(experts, "_fp8_stacked", None)
-        if cache is None or cache[0] != stamp:
-            cache = (stamp, {p: stack_expert_weights([getattr(e, p) for e in experts], power_of_two_scales) for p in projections})
-            experts._fp8_stacked = cache
-
-        def project(h, name):
-            return fp8_grouped_linear(h, tokens_per_expert, *cache[1][name], power_of_two_scales)
-
-    return project(act_fn(project(x_sorted, "gate_proj")) * project(x_sorted, "up_proj"), "down_proj")

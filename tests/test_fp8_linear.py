@@ -8,7 +8,7 @@ from torch import nn
 
 from modeling_deepseek_v3.quantization import formats as F
 from modeling_deepseek_v3.quantization import linear as L
-from modeling_deepseek_v3.quantization import FP8Linear, FP8TrainingLinear, fp8_grouped_linear, stack_expert_weights
+from modeling_deepseek_v3.quantization import FP8Linear, FP8TrainingLinear, fp8_grouped_linear
 
 
 pytestmark = pytest.mark.filterwarnings("ignore:FP8 kernels need a CUDA GPU")
@@ -217,7 +217,8 @@ def test_grouped_linear_matches_per_expert_fp8_linears():
     experts = [FP8Linear.from_linear(nn.Linear(300, 200, bias=False)) for _ in range(4)]
     counts = torch.tensor([40, 0, 90, 20])
     x = torch.randn(150, 300)
-    w, s = stack_expert_weights(experts)
+    w = torch.stack([e.weight for e in experts])
+    s = torch.stack([e.weight_scale_inv for e in experts])
     assert w.shape == (4, 200, 300) and s.shape == (4, 2, 3)
     out = fp8_grouped_linear(x, counts, w, s)
     start = 0
@@ -229,17 +230,6 @@ def test_grouped_linear_matches_per_expert_fp8_linears():
 
 
 # --------------------------------------------------------------------------------------------------- experts, training
-
-
-class Expert(nn.Module):
-    def __init__(self, hidden, inter, cls=nn.Linear):
-        super().__init__()
-        self.gate_proj = cls(hidden, inter, bias=False)
-        self.up_proj = cls(hidden, inter, bias=False)
-        self.down_proj = cls(inter, hidden, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 @pytest.mark.parametrize("n", [256, 200])  # one quantization launch for all experts / one per expert
@@ -273,28 +263,3 @@ def test_grouped_mm_equals_per_expert_training_linears(n):
     assert torch.equal(layers[2].weight.grad, grad_w[2])
     with pytest.raises(ValueError, match="one entry per expert"):
         L.fp8_grouped_mm(x, counts[:2], weight)
-
-
-def test_grouped_expert_mlp_trains_like_the_per_expert_loop():
-    torch.manual_seed(5)
-    experts = nn.ModuleList(Expert(128, 256, FP8TrainingLinear) for _ in range(3))
-    counts = torch.tensor([50, 0, 80])
-    x = torch.randn(130, 128)
-    out = L.fp8_grouped_expert_mlp(experts, x, counts)
-    out.pow(2).sum().backward()
-    grouped_grads = [p.grad.clone() for p in experts.parameters()]
-    experts.zero_grad()
-    loop = torch.cat([experts[0](x[:50]), experts[2](x[50:])])
-    loop.pow(2).sum().backward()
-    assert rel_err(out, loop) < 1e-6
-    for got, expected in zip(grouped_grads, [p.grad if p.grad is not None else torch.zeros_like(p) for p in experts.parameters()]):
-        assert torch.equal(got, expected)
-    with torch.no_grad():  # inference: cached stacked FP8 weights, same numbers
-        assert rel_err(L.fp8_grouped_expert_mlp(experts, x, counts), loop) < 1e-6
-    fp8_experts = nn.ModuleList(
-        Expert(128, 256, lambda i, o, bias: FP8Linear(i, o, bias)) for _ in range(3)
-    )
-    for src, dst in zip(experts, fp8_experts):
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            setattr(dst, name, FP8Linear.from_linear(getattr(src, name)))
-    assert rel_err(L.fp8_grouped_expert_mlp(fp8_experts, x, counts), loop) < 1e-6

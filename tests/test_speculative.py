@@ -89,7 +89,7 @@ def test_untrained_mtp_greedy_identical_and_drafts_match_reference(attn, seed):
 
         embeds = model.model.embed_tokens(speculative[:, 1:])
         mask = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=None, past_key_values=None, position_ids=positions)
-        _, normed = model.model.mtp_layers[0](
+        _, normed, _ = model.model.mtp_layers[0](
             hidden[:, :length], embeds, model.model.rotary_emb(hidden, positions), mask, position_ids=positions, return_normed=True
         )
         reference = model.lm_head(normed).argmax(-1)[0]  # position i predicts token i + 2

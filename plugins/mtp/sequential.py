@@ -43,10 +43,10 @@ class SequentialMTPModule(DeepseekV3DecoderLayer, MTPPlugin):
         return_normed: bool = False,
         **kwargs,
     ):
-        """``h^k`` [B, T, hidden] (before ``shared_head.norm``); with ``return_normed`` the pair
-        ``(h^k, shared_head.norm(h^k))``. The norm is applied here rather than by the caller so that wrappers that
-        act around this module's forward (FSDP unsharding its parameters, offload hooks) also cover it."""
+        """``(h^k, aux_loss)`` with ``h^k`` [B, T, hidden] before ``shared_head.norm``; with ``return_normed``
+        ``(h^k, shared_head.norm(h^k), aux_loss)``. The norm is applied here rather than by the caller so that
+        wrappers that act around this module's forward (FSDP unsharding its parameters, offload hooks) also cover it."""
         # [B, T, 2·hidden] -> [B, T, hidden]; position t carries h_t and the embedding of token t+depth+1.
         hidden = self.eh_proj(torch.cat((self.enorm(next_token_embeds), self.hnorm(hidden_prev)), dim=-1))
-        hidden = super().forward(hidden, position_embeddings, attention_mask, past_key_values, **kwargs)
-        return (hidden, self.shared_head.norm(hidden)) if return_normed else hidden
+        hidden, aux_loss = super().forward(hidden, position_embeddings, attention_mask, past_key_values, **kwargs)
+        return (hidden, self.shared_head.norm(hidden), aux_loss) if return_normed else (hidden, aux_loss)

@@ -11,7 +11,8 @@ from .topk_router import TopKRouter
 @register_plugin("router", "greedy")
 class GreedyRouter(TopKRouter):
     def forward(self, hidden_states, token_mask=None):
-        probs = self.router_logits(hidden_states).softmax(dim=-1).view(-1, self.n_routed_experts)  # [N, E]
+        logits = self.router_logits(hidden_states).view(-1, self.n_routed_experts)  # [N, E] fp32
+        probs = logits.softmax(dim=-1)
         topk_prob, topk_idx = probs.topk(self.top_k, dim=-1, sorted=False)
         topk_weight = self.scale_weights(topk_prob)
         self.count_tokens(topk_idx, token_mask)
@@ -20,4 +21,4 @@ class GreedyRouter(TopKRouter):
             # Batch-wise: the whole batch is one row; padding is left out of both f and P.
             mask = None if token_mask is None else token_mask.reshape(1, -1)
             aux_loss = self.balance_loss(probs.unsqueeze(0), topk_idx, mask)
-        return topk_idx, topk_weight, aux_loss
+        return logits, topk_weight, topk_idx, aux_loss

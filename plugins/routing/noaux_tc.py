@@ -51,7 +51,8 @@ class NoAuxTCRouter(TopKRouter):
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None):
         batch_size, seq_len, _ = hidden_states.shape
-        scores = self.router_logits(hidden_states).sigmoid().view(-1, self.n_routed_experts)  # [N, E]
+        logits = self.router_logits(hidden_states).view(-1, self.n_routed_experts)  # [N, E] fp32
+        scores = logits.sigmoid()
         scores_for_choice = scores + self.e_score_correction_bias.float()
         grouped = scores_for_choice.view(-1, self.n_group, self.n_routed_experts // self.n_group)
         group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [N, G]
@@ -69,7 +70,7 @@ class NoAuxTCRouter(TopKRouter):
             # Sequence-wise: P uses the affinities normalised over all experts, per token; padding excluded.
             probs = scores / scores.sum(dim=-1, keepdim=True)
             aux_loss = self.balance_loss(probs.view(batch_size, seq_len, -1), topk_idx, token_mask)
-        return topk_idx, topk_weight, aux_loss
+        return logits, topk_weight, topk_idx, aux_loss
 
     def _warn_if_never_updated(self) -> None:
         if self.forwards_since_update == self.warn_after_forwards + 1 and self.config.router_bias_update_speed > 0:
