@@ -4,18 +4,32 @@
 ``AutoModel`` and ``AutoModelForCausalLM`` for ``model_type == "deepseek_v3"``.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 
 from . import plugins, quantization  # noqa: F401  (importing registers the built-in plugins)
 from .checkpoint import DeepseekV3FP8Config
 from .configuration_deepseek_v3 import DeepseekV3Config
-from .modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3Model, DeepseekV3PreTrainedModel
+from .modeling_deepseek_v3 import (
+    DeepseekV3ForCausalLM,
+    DeepseekV3ForSequenceClassification,
+    DeepseekV3ForTokenClassification,
+    DeepseekV3Model,
+    DeepseekV3PreTrainedModel,
+)
 from .registry import list_plugins, register_plugin
 from .training import ExpertBiasUpdateCallback, update_expert_bias
 
 AutoConfig.register("deepseek_v3", DeepseekV3Config, exist_ok=True)
 AutoModel.register(DeepseekV3Config, DeepseekV3Model, exist_ok=True)
 AutoModelForCausalLM.register(DeepseekV3Config, DeepseekV3ForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(DeepseekV3Config, DeepseekV3ForSequenceClassification, exist_ok=True)
+AutoModelForTokenClassification.register(DeepseekV3Config, DeepseekV3ForTokenClassification, exist_ok=True)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -23,6 +37,8 @@ __all__ = [
     "DeepseekV3FP8Config",
     "DeepseekV3Model",
     "DeepseekV3ForCausalLM",
+    "DeepseekV3ForSequenceClassification",
+    "DeepseekV3ForTokenClassification",
     "DeepseekV3PreTrainedModel",
     "ExpertBiasUpdateCallback",
     "list_plugins",

@@ -14,7 +14,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
 from . import kernels
 from .configuration_deepseek_v3 import DeepseekV3Config
@@ -53,20 +53,25 @@ class DeepseekV3RotaryEmbedding(nn.Module):
     def __init__(self, config: DeepseekV3Config):
         super().__init__()
         self.config = config
-        inv_freq, self.attention_scaling = self.compute_inv_freq(config)
+        # what transformers' `dynamic_rope_update` reads and updates (dynamic NTK and longrope grow the table with
+        # the sequence and shrink it back)
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+        init_fn = self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = init_fn(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
 
     @staticmethod
-    def compute_inv_freq(config: DeepseekV3Config) -> tuple[torch.Tensor, float]:
-        """Inverse frequencies [rope/2] and the cos/sin scaling of the configured rope type."""
-        rope_type = config.rope_parameters.get("rope_type", "default")
-        if rope_type != "default":
-            return ROPE_INIT_FUNCTIONS[rope_type](config)
+    def compute_default_rope_parameters(config: DeepseekV3Config, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+        """Inverse frequencies [rope/2] of plain RoPE over the ``qk_rope_head_dim`` channels, and scaling 1. (The
+        name is the one transformers' weight initialisation looks up to refill the buffers.)"""
         dim = config.qk_rope_head_dim
-        exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
         return 1.0 / (config.rope_parameters["rope_theta"] ** exponents), 1.0
 
     @torch.no_grad()
+    @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids [B, T] -> cos, sin [B, T, qk_rope_head_dim], both halves holding the same angles
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float32)

@@ -113,8 +113,6 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         # Buffers too: models are built on the meta device when loading, and non-persistent buffers are not loaded.
-        if isinstance(module, DeepseekV3RotaryEmbedding):
-            init.copy_(module.inv_freq, module.compute_inv_freq(module.config)[0])
         if isinstance(module, RouterPlugin):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             if getattr(module, "e_score_correction_bias", None) is not None:
@@ -149,20 +147,28 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
     def mtp_layers(self) -> nn.ModuleList:
         return self.layers[self.config.num_hidden_layers :]
 
-    def _check_inputs(self, input_ids, inputs_embeds, position_ids) -> None:
+    def _check_inputs(self, input_ids, inputs_embeds, position_ids, decoding: bool) -> None:
+        """Clear errors for bad inputs. The value checks read the device once, so they are skipped where that would
+        cost a host sync per generated token: a one-token step over a cache (``decoding``; its token came from the
+        model's own vocabulary) and compiled graphs."""
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
         if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
             raise ValueError(f"Expected a non-empty batch of shape [batch, seq_len], got `input_ids` of shape {tuple(shape)}.")
-        if torch.compiler.is_compiling():
+        if input_ids is not None and (input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool):
+            raise ValueError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
+        if decoding or torch.compiler.is_compiling():
             return
-        # One host read for all checks: this runs at every decoding step.
+        # One host read for all checks.
         extremes = [position_ids.max()] + ([input_ids.min(), input_ids.max()] if input_ids is not None else [])
         last_position, *id_range = torch.stack([e.to(position_ids.device) for e in extremes]).tolist()
         if id_range and (id_range[0] < 0 or id_range[1] >= self.config.vocab_size):
             raise ValueError(
                 f"`input_ids` must lie in [0, vocab_size={self.config.vocab_size}), got values in [{id_range[0]}, {id_range[1]}]."
             )
-        if last_position >= self.config.max_position_embeddings:
+        # Rope types that rescale with the length (linear, dynamic, ...) extend past `max_position_embeddings`;
+        # the default and YaRN tables are defined up to it.
+        bounded = self.config.rope_parameters.get("rope_type", "default") in ("default", "yarn")
+        if bounded and last_position >= self.config.max_position_embeddings:
             raise ValueError(
                 f"Position {last_position} is beyond `max_position_embeddings`={self.config.max_position_embeddings}: "
                 "the input (plus the cached prefix) is too long for this model."
@@ -189,7 +195,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             device = (input_ids if input_ids is not None else inputs_embeds).device
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = (torch.arange(seq_len, device=device) + past_seen).unsqueeze(0)
-        self._check_inputs(input_ids, inputs_embeds, position_ids)
+        seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        self._check_inputs(input_ids, inputs_embeds, position_ids, decoding=past_key_values is not None and seq_len == 1)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
 

@@ -1,0 +1,74 @@
+"""A decode step reads nothing on the host and compiles as one graph (``fullgraph=True``) over a static cache,
+for every experts implementation that runs on the device and every MLA mode; compiled equals eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from conftest import build_model, relative_error, tiny_config
+from host_reads import HostReads
+
+DEVICE_IMPLEMENTATIONS = ["grouped_mm", "batched_mm"]
+MLA_MODES = ["expanded", "absorbed", "auto"]
+
+
+def prefilled(experts_backend, mla_mode, batch=2, prompt=6, max_cache_len=16, **fields):
+    model = build_model(tiny_config(experts_backend=experts_backend, mla_mode=mla_mode, **fields)).eval()
+    ids = torch.randint(1, 97, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    cache = transformers.StaticCache(config=model.config, max_cache_len=max_cache_len)
+    with torch.no_grad():
+        logits = model(ids, past_key_values=cache, use_cache=True, position_ids=torch.arange(prompt).expand(batch, -1)).logits
+    step = dict(input_ids=logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True,
+                position_ids=torch.full((batch, 1), prompt))
+    return model, step
+
+
+def test_support_flags_are_set():
+    model = build_model(tiny_config())
+    assert model._can_compile_fullgraph and model._supports_sdpa
+    assert type(model)._can_set_experts_implementation()
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+@pytest.mark.parametrize("mla_mode", MLA_MODES)
+@pytest.mark.parametrize("experts_backend", DEVICE_IMPLEMENTATIONS)
+def test_decode_step_has_no_host_reads(experts_backend, mla_mode, batch):
+    model, step = prefilled(experts_backend, mla_mode, batch=batch)
+    with torch.no_grad(), HostReads() as reads:
+        model(**step)
+    assert reads.total == 0, (reads.counts, reads.where)
+
+
+def test_eager_experts_read_their_loop_bounds_once_per_moe_layer():
+    # the documented exception: `eager` loops over the experts that received tokens
+    model, step = prefilled("eager", "absorbed")
+    with torch.no_grad(), HostReads() as reads:
+        model(**step)
+    moe_layers = model.config.num_hidden_layers - model.config.first_k_dense_replace
+    assert reads.counts == {"tolist": moe_layers}, reads.where
+
+
+def test_training_step_reads_the_host_only_for_input_checks():
+    # two reads in a training step with MTP: our input check (ids within the vocabulary, positions within range: one
+    # `tolist`) and transformers' causal-mask builder asking whether position_ids hold packed sequences (`bool`, which
+    # is the `_local_scalar_dense` op below it; transformers' own class makes it too)
+    model = build_model(tiny_config(experts_backend="grouped_mm", num_nextn_predict_layers=1)).train()
+    ids = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    with HostReads() as reads:
+        model(ids, labels=ids).loss.backward()
+    assert dict(reads.counts) == {"tolist": 1, "__bool__": 1, "_local_scalar_dense": 1}, reads.where
+    assert any("modeling_deepseek_v3.py" in w for w in reads.where) and any("masking_utils.py" in w for w in reads.where)
+
+
+@pytest.mark.parametrize("mla_mode", MLA_MODES)
+@pytest.mark.parametrize("experts_backend", DEVICE_IMPLEMENTATIONS)
+def test_decode_step_compiles_to_one_graph_and_matches_eager(experts_backend, mla_mode):
+    torch._dynamo.reset()
+    model, step = prefilled(experts_backend, mla_mode)
+    twin, twin_step = prefilled(experts_backend, mla_mode)  # same seed: same weights, prompt and cache
+    with torch.no_grad():
+        eager = model(**step).logits
+        compiled = torch.compile(twin.forward, fullgraph=True, backend="eager")(**twin_step).logits  # raises on a break
+    assert relative_error(compiled, eager) < 1e-6
