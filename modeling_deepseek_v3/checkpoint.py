@@ -337,8 +337,14 @@ def checkpoint_headers(files) -> dict[str, tuple[str, dict]]:
     return out
 
 
-def validate_checkpoint_files(model: nn.Module, files, index_path: str | None = None) -> None:
-    """Check, from the headers alone, that ``files`` can load into ``model`` (built, possibly on meta)."""
+class CheckpointShapeError(CheckpointError, RuntimeError):
+    """A tensor whose shape differs from the model's. Also a ``RuntimeError``, the type transformers raises for a
+    size mismatch; ``from_pretrained(..., ignore_mismatched_sizes=True)`` re-initialises such tensors instead."""
+
+
+def validate_checkpoint_files(model: nn.Module, files, index_path: str | None = None, ignore_mismatched_sizes: bool = False) -> None:
+    """Check, from the headers alone, that ``files`` can load into ``model`` (built, possibly on meta). With
+    ``ignore_mismatched_sizes`` a shape mismatch is left to transformers, which re-initialises the tensor and says so."""
     files = [os.fspath(f) for f in files]
     if index_path is not None and os.path.isfile(index_path):
         with open(index_path, encoding="utf-8") as f:
@@ -360,8 +366,10 @@ def validate_checkpoint_files(model: nn.Module, files, index_path: str | None = 
         shape = tuple(info["shape"])
         expected = tuple(param.shape)
         is_fp8 = info["dtype"] == "F8_E4M3"
+        if shape != expected and ignore_mismatched_sizes:
+            continue
         if shape != expected:
-            raise CheckpointError(
+            raise CheckpointShapeError(
                 f"Tensor {name!r} in {path} has shape {list(shape)}, but the model (config) expects {list(expected)}."
             )
         owner = name.rpartition(".")[0]
@@ -469,7 +477,8 @@ def load_pretrained_model(base_load, model, state_dict, checkpoint_files, load_c
         files = [f for f in checkpoint_files if str(f).endswith(".safetensors")]
         index_path = os.path.join(os.path.dirname(os.fspath(checkpoint_files[0])), "model.safetensors.index.json")
         if files:
-            validate_checkpoint_files(model, files, index_path)
+            ignore = bool(getattr(load_config, "ignore_mismatched_sizes", False))
+            validate_checkpoint_files(model, files, index_path, ignore_mismatched_sizes=ignore)
     result = base_load(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
     info = result[0] if isinstance(result, tuple) else result
     report_missing_mtp(model, getattr(info, "missing_keys", ()))
@@ -478,6 +487,7 @@ def load_pretrained_model(base_load, model, state_dict, checkpoint_files, load_c
 
 __all__ = [
     "CheckpointError",
+    "CheckpointShapeError",
     "DeepseekV3FP8Config",
     "DeepseekV3FP8HfQuantizer",
     "QUANT_METHOD",

@@ -20,7 +20,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GenericForTokenClassification
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import can_return_tuple
+from transformers.utils import can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -30,6 +30,8 @@ from . import kernels
 from .layers import DeepseekV3DecoderLayer, DeepseekV3Experts, DeepseekV3RMSNorm, DeepseekV3RotaryEmbedding, configure_fused_kernels
 from .registry import AttentionPlugin, RouterPlugin
 from .training import update_expert_bias
+
+logger = logging.get_logger(__name__)
 
 
 def token_mask_from_attention_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
@@ -165,13 +167,12 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             raise ValueError(
                 f"`input_ids` must lie in [0, vocab_size={self.config.vocab_size}), got values in [{id_range[0]}, {id_range[1]}]."
             )
-        # Rope types that rescale with the length (linear, dynamic, ...) extend past `max_position_embeddings`;
-        # the default and YaRN tables are defined up to it.
-        bounded = self.config.rope_parameters.get("rope_type", "default") in ("default", "yarn")
-        if bounded and last_position >= self.config.max_position_embeddings:
-            raise ValueError(
+        # Rotary embeddings are defined at any position (transformers' class computes them too), but past the trained
+        # length (`max_position_embeddings`, the extended one under YaRN) the model extrapolates: say so once.
+        if last_position >= self.config.max_position_embeddings:
+            logger.warning_once(
                 f"Position {last_position} is beyond `max_position_embeddings`={self.config.max_position_embeddings}: "
-                "the input (plus the cached prefix) is too long for this model."
+                "the model was not trained on inputs this long (plus any cached prefix), expect degraded outputs."
             )
 
     @merge_with_config_defaults
@@ -268,12 +269,19 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_mtp_loss: bool | None = None,
+        shift_labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> DeepseekV3CausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` [B, T], *optional*):
             Token ids aligned with the input (position i predicts ``labels[i + 1]``); -100 is ignored. Positions that
             a 2-D ``attention_mask`` marks as padding are ignored as sources and as targets, at every depth.
+        shift_labels (`torch.LongTensor` [B, T], *optional*):
+            Targets already aligned with the positions (position i predicts ``shift_labels[i]``), as sequence- and
+            context-parallel training pass them: the shift was made on the whole sequence before it was split, so
+            the last position of a shard has the first token of the next one as its target. When given, it replaces
+            the targets derived from ``labels``; MTP depth k predicts ``shift_labels[i + k]``. Padding is then
+            ignored only as a source (the targets are the caller's).
         return_mtp_loss (`bool`, *optional*):
             Run the ``num_nextn_predict_layers`` MTP modules and compute ``mtp_loss`` (needs ``labels``). Defaults to
             ``self.training``: training gets the MTP objective, inference skips the modules.
@@ -288,12 +296,13 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         whole batch. ``mtp_loss`` and ``aux_loss`` are reported unweighted.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        targets = _NextTokenTargets.build(labels, shift_labels, input_ids, inputs_embeds)
         depth = self.config.num_nextn_predict_layers
-        run_mtp = labels is not None and depth > 0 and (self.training if return_mtp_loss is None else return_mtp_loss)
-        if run_mtp and labels.shape[1] < depth + 2:
+        run_mtp = targets is not None and depth > 0 and (self.training if return_mtp_loss is None else return_mtp_loss)
+        if run_mtp and targets.aligned.shape[1] < depth + 2:
             raise ValueError(
                 f"num_nextn_predict_layers={depth}: MTP module {depth} predicts the token {depth + 1} positions ahead, "
-                f"so sequences need at least {depth + 2} tokens; got labels of length {labels.shape[1]}."
+                f"so sequences need at least {depth + 2} tokens; got labels of length {targets.aligned.shape[1]}."
             )
 
         outputs: DeepseekV3ModelOutputWithPast = self.model(
@@ -311,15 +320,16 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
 
         loss = mtp_loss = None
         aux_loss = outputs.aux_loss
-        if labels is not None:
-            token_mask = token_mask_from_attention_mask(attention_mask, labels.shape[1])
-            targets = _depth_targets(labels, token_mask, 0)[:, slice_indices]
+        if targets is not None:
+            token_mask = token_mask_from_attention_mask(attention_mask, targets.aligned.shape[1])
             fused = getattr(self.config, "fused_kernels", "auto")
-            loss, num_targets = _cross_entropy(logits, targets, num_items_in_batch, fused)
+            loss, num_targets = _cross_entropy(
+                logits, targets.at_depth(0, token_mask)[:, slice_indices], num_items_in_batch, fused
+            )
             extra = None  # the per-micro-batch means added to CE
             if run_mtp:
                 embeds = inputs_embeds if inputs_embeds is not None else self.model.embed_tokens(input_ids)
-                mtp_loss, mtp_aux_loss = self._mtp_forward(hidden_states, embeds, labels, token_mask, position_ids)
+                mtp_loss, mtp_aux_loss = self._mtp_forward(hidden_states, embeds, targets, token_mask, position_ids)
                 extra = self.config.mtp_loss_weight * mtp_loss
                 if mtp_aux_loss is not None:
                     aux_loss = mtp_aux_loss if aux_loss is None else aux_loss + mtp_aux_loss.to(aux_loss.device)
@@ -341,7 +351,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             router_logits=outputs.router_logits,
         )
 
-    def _mtp_forward(self, main_hidden, embeds, labels, token_mask, position_ids):
+    def _mtp_forward(self, main_hidden, embeds, targets: "_NextTokenTargets", token_mask, position_ids):
         """``(mtp_loss, aux_loss of the MTP modules' routers or None)``: the D sequential modules of DESIGN §4.
 
         Module k (1-based) at position i combines ``h^{k-1}_i`` with the embedding of ``t_{i+k}`` and predicts
@@ -378,7 +388,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             )
             logits = self.lm_head(normed)
             fused = getattr(self.config, "fused_kernels", "auto")
-            ce_losses.append(_cross_entropy(logits, _depth_targets(labels, token_mask, k), None, fused)[0])
+            ce_losses.append(_cross_entropy(logits, targets.at_depth(k, token_mask), None, fused)[0])
             if aux_loss is not None:
                 aux_losses.append(aux_loss)
         return torch.stack(ce_losses).mean(), sum_losses(aux_losses)
@@ -423,16 +433,39 @@ def _window_all(token_mask: torch.Tensor, width: int, length: int) -> torch.Tens
     return out
 
 
-def _depth_targets(labels: torch.Tensor, token_mask: torch.Tensor | None, k: int) -> torch.Tensor:
-    """Targets [B, T−k] of depth k (0 = the main head): position i predicts ``labels[i + k + 1]``; -100 where that
-    token does not exist, or where the source tokens ``t_i..t_{i+k}`` or the target is padding."""
-    batch, seq_len = labels.shape
-    length = seq_len - k
-    targets = labels.new_full((batch, length), -100)
-    targets[:, : length - 1] = labels[:, k + 1 :]
-    if token_mask is not None:
-        targets = targets.masked_fill(~_window_all(token_mask.to(labels.device), k + 2, length), -100)
-    return targets
+@dataclass
+class _NextTokenTargets:
+    """``aligned`` [B, T]: the next-token target of each position (``labels`` shifted left, -100 at the end, or the
+    caller's ``shift_labels``); ``window``: how many positions from a source on must be real tokens for its target
+    to count (2 when derived from ``labels``: the source and its target; 1 for ``shift_labels``: the source)."""
+
+    aligned: torch.Tensor
+    window: int
+
+    @classmethod
+    def build(cls, labels, shift_labels, input_ids, inputs_embeds) -> "_NextTokenTargets | None":
+        if labels is None and shift_labels is None:
+            return None
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        shape = inputs.shape[:2] if inputs is not None else None  # no input: the model's own check names that
+        for name, value in (("labels", labels), ("shift_labels", shift_labels)):
+            if value is not None and shape is not None and tuple(value.shape) != tuple(shape):
+                raise ValueError(f"`{name}` must have the input's shape {list(shape)} ([batch, seq_len]), got {list(value.shape)}.")
+            if value is not None and (value.dtype.is_floating_point or value.dtype == torch.bool):
+                raise ValueError(f"`{name}` must hold integer token ids (or -100), got dtype {value.dtype}.")
+        if shift_labels is not None:
+            return cls(shift_labels, window=1)
+        return cls(nn.functional.pad(labels[:, 1:], (0, 1), value=-100), window=2)
+
+    def at_depth(self, k: int, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """Targets [B, T−k] of MTP depth k (0 = the main head): position i predicts ``aligned[i + k]``
+        (= ``t_{i+k+1}``); -100 where a source token ``t_i..t_{i+k}`` (or, from ``labels``, the target) is padding."""
+        length = self.aligned.shape[1] - k
+        targets = self.aligned[:, k:]
+        if token_mask is not None:
+            real = _window_all(token_mask.to(targets.device), k + self.window, length)
+            targets = targets.masked_fill(~real, -100)
+        return targets
 
 
 def _at_least_one(count, device) -> torch.Tensor:

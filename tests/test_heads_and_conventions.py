@@ -8,6 +8,8 @@ import torch
 import transformers
 
 import modeling_deepseek_v3
+from transformers.testing_utils import CaptureLogger
+
 from conftest import build_model, relative_error, tiny_config
 
 
@@ -88,8 +90,61 @@ def test_dynamic_rope_rescales_and_runs_past_max_positions():
         assert rotary.max_seq_len_cached == long_ids.shape[1] and (rotary.inv_freq[1:] < rotary.original_inv_freq[1:]).all()
         model(long_ids[:, :8])
         assert torch.equal(rotary.inv_freq, rotary.original_inv_freq)
-    with pytest.raises(ValueError, match="max_position_embeddings"):
-        build_model(tiny_config())(long_ids)  # the default rope's table ends there
+
+
+def test_positions_past_max_position_embeddings_run_and_warn():
+    # rotary embeddings extrapolate (as transformers' class does); the user is told once that it is past training
+    model = build_model(tiny_config(rope_scaling=None)).eval()
+    long_ids = torch.randint(1, 97, (1, model.config.max_position_embeddings + 3))
+    logger = transformers.logging.get_logger("modeling_deepseek_v3.modeling_deepseek_v3")
+    transformers.logging.set_verbosity_warning()
+    try:
+        with CaptureLogger(logger) as captured, torch.no_grad():
+            logits = model(long_ids).logits
+    finally:
+        transformers.logging.set_verbosity_error()
+    assert torch.isfinite(logits).all()
+    assert "beyond `max_position_embeddings`=128" in captured.out
+
+
+@torch.no_grad()
+def test_shift_labels_replace_the_shifted_labels():
+    model = build_model(tiny_config(num_nextn_predict_layers=1)).train()
+    ids = torch.randint(1, 97, (2, 8), generator=torch.Generator().manual_seed(3))
+    other = torch.randint(1, 97, (2, 8), generator=torch.Generator().manual_seed(4))
+    shifted = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+    torch.manual_seed(0)
+    reference = model(ids, labels=ids)
+    # the aligned targets of `labels` give the same loss, main and MTP, whatever `labels` then says
+    torch.manual_seed(0)
+    aligned = model(ids, labels=other, shift_labels=shifted)
+    assert relative_error(aligned.loss, reference.loss) < 1e-6 and relative_error(aligned.mtp_loss, reference.mtp_loss) < 1e-6
+    # a context-parallel shard's last position has a target (the next shard's first token), and it counts
+    shard_targets = shifted.clone()
+    shard_targets[:, -1] = 5
+    assert not torch.allclose(model(ids, shift_labels=shard_targets).loss, reference.loss)
+    with pytest.raises(ValueError, match="`shift_labels` must have the input's shape"):
+        model(ids, shift_labels=shifted[:, :-1])
+
+
+@pytest.mark.parametrize("mla_mode", ["expanded", "absorbed"])
+def test_returned_attention_weights_are_on_the_graph(mla_mode):
+    model = build_model(tiny_config(mla_mode=mla_mode)).train()
+    model.set_attn_implementation("eager")
+    out = model(torch.randint(1, 97, (2, 6)), output_attentions=True)
+    for weights in out.attentions:
+        weights.retain_grad()
+    out.logits.sum().backward()
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in out.attentions)
+
+
+def test_mismatched_shapes_raise_runtime_error_unless_ignored(tmp_path):
+    seq = transformers.AutoModelForSequenceClassification
+    seq.from_config(tiny_config(num_labels=3, pad_token_id=0)).save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match="'score.weight'.*shape \\[3, 64\\].*\\[5, 64\\]"):
+        seq.from_pretrained(tmp_path, num_labels=5)
+    model = seq.from_pretrained(tmp_path, num_labels=5, ignore_mismatched_sizes=True)
+    assert model.score.weight.shape[0] == 5
 
 
 def test_float_input_ids_are_named():

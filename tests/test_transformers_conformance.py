@@ -96,31 +96,6 @@ THEIR_CLASSES = (
 # ---------------------------------------------------------------------------------------------------
 
 KNOWN_GAPS: dict[str, str] = {
-    # -- gaps already known and being fixed --
-    "test_causal_lm_loss_honors_shift_labels": (
-        "shift_labels ignored: DeepseekV3ForCausalLM always shifts `labels` itself, so a pre-shifted `shift_labels` "
-        "(the only correct targets under sequence/context parallelism) does not change the loss"
-    ),
-    "test_model_rope_scaling_from_config_*": (
-        "max_position_embeddings guard: the test runs the default-rope model on 1.5 x max_position_embeddings "
-        "tokens and ours raises 'Position 767 is beyond max_position_embeddings=512' (transformers computes RoPE for "
-        "any position); for 'dynamic' the rescaling is only checked once the guard lets the long input through"
-    ),
-    "test_retain_grad_hidden_states_attentions": (
-        "absorbed-MLA attention weights do not retain grad: mla_mode='auto' picks the absorbed path for this tiny "
-        "config, whose returned `attentions` are not part of the autograd graph of the output, so .grad stays None "
-        "(mla_mode='expanded' passes)"
-    ),
-    # -- gaps found by this module, not on the known list --
-    "test_load_with_mismatched_shapes": (
-        "our checkpoint header validation (checkpoint.validate_checkpoint_files) raises CheckpointError, a "
-        "ValueError, on any shape mismatch before transformers' loader runs: neither the RuntimeError transformers "
-        "raises nor honouring `ignore_mismatched_sizes=True` (the classification `score` head cannot be re-sized)"
-    ),
-    "test_can_load_ignoring_mismatched_shapes": (
-        "same as test_load_with_mismatched_shapes: `from_pretrained(..., num_labels=42, ignore_mismatched_sizes=True)` "
-        "raises CheckpointError for `score.weight` instead of re-initialising it"
-    ),
 }
 
 # ---------------------------------------------------------------------------------------------------

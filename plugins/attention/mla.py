@@ -190,8 +190,10 @@ class MultiHeadLatentAttention(AttentionPlugin):
                 scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
             probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
             probs = nn.functional.dropout(probs, p=dropout, training=self.training)
-            out_latent = torch.matmul(probs, c_kv)  # [B, 1, T*H, r]
-            weights = probs.view(batch_size, seq_len, num_heads, -1).transpose(1, 2)  # [B, H, T, S]
+            # The returned weights [B, H, T, S] are the tensor the output is computed from, so that they sit on the
+            # autograd graph (a gradient reaches them, as with expanded attention).
+            weights = probs.view(batch_size, seq_len, num_heads, -1).transpose(1, 2)
+            out_latent = torch.matmul(weights.transpose(1, 2).reshape(batch_size, 1, seq_len * num_heads, -1), c_kv)
         else:
             out_latent = F.scaled_dot_product_attention(query, key, c_kv, attn_mask=mask, dropout_p=dropout, scale=self.scaling)
             weights = None
