@@ -25,7 +25,7 @@ from ..expert_slots import SortedSlots
 from ..registry import ExpertsPlugin, register_plugin
 from . import formats
 from .formats import BLOCK, ceil_div
-from .linear import fp8_grouped_linear, fp8_grouped_mm, quantize_expert_weights
+from .linear import KeepsStorageDtype, fp8_grouped_linear, fp8_grouped_mm, quantize_expert_weights
 
 FP8_EXPERTS_IMPLEMENTATION = "deepseek_fp8"
 
@@ -41,8 +41,11 @@ def deepseek_fp8_experts_forward(self, hidden_states: torch.Tensor, top_k_index:
     return slots.combine(out, top_k_weights, hidden_states)
 
 
-class FP8Experts(ExpertsPlugin):
-    """Routed experts stored in FP8 (inference only; see the module doc for the layout)."""
+class FP8Experts(KeepsStorageDtype, ExpertsPlugin):
+    """Routed experts stored in FP8 (inference only; see the module doc for the layout). Casting the model leaves
+    the FP8 weights and their scales in their dtypes."""
+
+    storage_dtype_names = ("gate_up_proj", "gate_up_proj_scale_inv", "down_proj", "down_proj_scale_inv")
 
     def __init__(self, config, device=None, dense_class: type | None = None):
         super().__init__()

@@ -56,15 +56,37 @@ def _triton_fp8_supported(device_index: int) -> bool:
 _warned_fallback = False
 
 # The GPU path finds inf/nan tiles from the scales, which costs one device->host synchronization per quantized
-# tensor. On by default (bad values raise ValueError naming the tensor); switch it off for throughput with
-# DEEPSEEK_V3_FP8_CHECK_FINITE=0 or set_check_finite(False). The CPU reference always checks (no sync there).
-_check_finite = os.environ.get("DEEPSEEK_V3_FP8_CHECK_FINITE", "1") != "0"
+# tensor: a decode step could then never be one CUDA graph. So the check has a policy (env
+# DEEPSEEK_V3_FP8_CHECK_FINITE, or set_check_finite):
+#   "auto" (default) — check while autograd records (training: a nan/inf there raises ValueError naming the
+#                      tensor) and skip in inference (no_grad / inference_mode) and inside compiled graphs;
+#   "on"             — check everywhere except inside compiled graphs (where a host read would break the graph);
+#   "off"            — never (training throughput).
+# The CPU reference always checks (a host read costs nothing there).
+CHECK_FINITE_POLICIES = ("auto", "on", "off")
+_LEGACY_POLICY = {"1": "on", "0": "off", "true": "on", "false": "off"}
+_check_finite = _LEGACY_POLICY.get(os.environ.get("DEEPSEEK_V3_FP8_CHECK_FINITE", "auto").lower(),
+                                   os.environ.get("DEEPSEEK_V3_FP8_CHECK_FINITE", "auto").lower())
+if _check_finite not in CHECK_FINITE_POLICIES:
+    raise ValueError(f"DEEPSEEK_V3_FP8_CHECK_FINITE must be one of {list(CHECK_FINITE_POLICIES)} (or 1/0), got {_check_finite!r}.")
 
 
-def set_check_finite(enabled: bool) -> None:
-    """Turn the non-finite check of the GPU quantization kernels on or off (process-wide)."""
+def set_check_finite(policy: str | bool) -> None:
+    """Set the non-finite check of the GPU quantization kernels: ``"auto"``, ``"on"`` (``True``) or ``"off"``
+    (``False``), process-wide (see the policy above)."""
     global _check_finite
-    _check_finite = bool(enabled)
+    if isinstance(policy, bool):
+        policy = "on" if policy else "off"
+    if policy not in CHECK_FINITE_POLICIES:
+        raise ValueError(f"set_check_finite: the policy must be one of {list(CHECK_FINITE_POLICIES)} or a bool, got {policy!r}.")
+    _check_finite = policy
+
+
+def check_finite_now() -> bool:
+    """Whether a GPU quantization launched now reads its scales on the host to find inf/nan tiles."""
+    if _check_finite == "off" or torch.compiler.is_compiling():
+        return False
+    return _check_finite == "on" or torch.is_grad_enabled()
 
 
 def use_triton(device: torch.device) -> bool:
@@ -87,7 +109,7 @@ def quantize_act(x: torch.Tensor, power_of_two: bool = False, name: str = "input
     if use_triton(x.device):
         from .kernels import act_quant_1x128
 
-        return act_quant_1x128(x, power_of_two, name, check_finite=_check_finite)
+        return act_quant_1x128(x, power_of_two, name, check_finite=check_finite_now())
     return formats.quantize_act_1x128(x, power_of_two, name)
 
 
@@ -96,7 +118,7 @@ def quantize_act_transposed(x: torch.Tensor, power_of_two: bool = False, name: s
     if use_triton(x.device):
         from .kernels import act_quant_128x1_transposed
 
-        return act_quant_128x1_transposed(x, power_of_two, name, check_finite=_check_finite)
+        return act_quant_128x1_transposed(x, power_of_two, name, check_finite=check_finite_now())
     return formats.quantize_act_128x1_transposed(x, power_of_two, name)
 
 
@@ -105,7 +127,7 @@ def quantize_weight(w: torch.Tensor, power_of_two: bool = False, name: str = "we
     if use_triton(w.device):
         from .kernels import weight_quant_128x128
 
-        return weight_quant_128x128(w, power_of_two, name, check_finite=_check_finite)
+        return weight_quant_128x128(w, power_of_two, name, check_finite=check_finite_now())
     return formats.quantize_weight_128x128(w, power_of_two, name)
 
 
@@ -223,12 +245,35 @@ class FP8TrainingLinear(nn.Linear):
 # ---------------------------------------------------------------------------------------------------
 
 
-class FP8Linear(nn.Module):
+class KeepsStorageDtype(nn.Module):
+    """A module whose quantized tensors (the parameters named in ``storage_dtype_names``) keep their dtype when the
+    model is cast: ``.to(torch.bfloat16)``, ``.float()`` and ``.half()`` move them to the requested device but never
+    turn FP8 bytes or their fp32 scales into another dtype (which would silently corrupt them). Other tensors (a
+    bias) are cast as usual. Quantized weights in transformers behave the same way."""
+
+    storage_dtype_names: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {id(p) for name, p in self._parameters.items() if p is not None and name in self.storage_dtype_names}
+
+        def keep_dtype(tensor):
+            applied = fn(tensor)
+            if id(tensor) in kept and applied.dtype != tensor.dtype:
+                return tensor.to(device=applied.device)  # a cast: follow the device only
+            return applied
+
+        return super()._apply(keep_dtype, recurse)
+
+
+class FP8Linear(KeepsStorageDtype):
     """Linear layer holding ``weight`` (float8_e4m3fn ``[out, in]``) and ``weight_scale_inv`` (fp32
     ``[ceil(out/128), ceil(in/128)]``) as in the released checkpoint; activations quantized per 1×128 tile.
 
-    The output has the input's dtype. Not trainable: fine-tune with ``FP8TrainingLinear`` instead.
+    The output has the input's dtype. Not trainable: fine-tune with ``FP8TrainingLinear`` instead. Casting the
+    model leaves ``weight`` and ``weight_scale_inv`` in their dtypes (``KeepsStorageDtype``).
     """
+
+    storage_dtype_names = ("weight", "weight_scale_inv")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None,
                  power_of_two_scales: bool = False, bias_dtype: torch.dtype = torch.bfloat16):
@@ -344,8 +389,8 @@ def grouped_wgrad_kernels(grad_out: torch.Tensor, x: torch.Tensor, m_offsets: to
     """
     from .kernels import act_quant_128x1_transposed_grouped, fp8_grouped_wgrad
 
-    g_t, g_ts = act_quant_128x1_transposed_grouped(grad_out, m_offsets, power_of_two, "grad_output", _check_finite)
-    x_t, x_ts = act_quant_128x1_transposed_grouped(x, m_offsets, power_of_two, "x_sorted", _check_finite)
+    g_t, g_ts = act_quant_128x1_transposed_grouped(grad_out, m_offsets, power_of_two, "grad_output", check_finite_now())
+    x_t, x_ts = act_quant_128x1_transposed_grouped(x, m_offsets, power_of_two, "x_sorted", check_finite_now())
     return fp8_grouped_wgrad(g_t, g_ts, x_t, x_ts, m_offsets, out_dtype)
 
 

@@ -293,7 +293,7 @@ else:
         try:
             yield guard
         finally:
-            L.set_check_finite(True)
+            L.set_check_finite("auto")
 
     def test_kernel_path_never_reads_the_host(no_host_reads, monkeypatch):
         counts = [130, 0, 5, 257]

@@ -183,7 +183,17 @@ else:
         try:
             layer(x)  # no host synchronization, no error: the caller opted out
         finally:
-            L.set_check_finite(True)
+            L.set_check_finite("auto")
+        with torch.no_grad():
+            layer(x)  # "auto": an inference launch never reads its scales on the host (a decode step stays one graph)
+            L.set_check_finite("on")
+            try:
+                with pytest.raises(ValueError, match="`input` contains non-finite values"):
+                    layer(x)
+            finally:
+                L.set_check_finite("auto")
+        with pytest.raises(ValueError, match="policy must be one of"):
+            L.set_check_finite("sometimes")
 
     class Expert(torch.nn.Module):
         def __init__(self, hidden, inter):
