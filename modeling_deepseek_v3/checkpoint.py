@@ -261,11 +261,14 @@ def official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     The copies are clones: safetensors refuses aliased tensors and transformers would drop an alias on save.
     """
-    state_dict = model.state_dict()
-    config = model.config
+    return with_mtp_copies(model.state_dict(), model)
+
+
+def with_mtp_copies(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state_dict`` (of ``model``) plus the MTP layers' copies of the shared embedding and head it lacks."""
     if not hasattr(model, "lm_head"):  # base model: no head to copy, and its keys carry no "model." prefix
         return state_dict
-    for copy_name, main_name in mtp_shared_keys(config).items():
+    for copy_name, main_name in mtp_shared_keys(model.config).items():
         if main_name in state_dict and copy_name not in state_dict:
             state_dict[copy_name] = state_dict[main_name].detach().clone()
     return state_dict
@@ -453,12 +456,19 @@ def save_pretrained(model, base_save, save_directory, *args, state_dict=None, pu
     ``save_directory`` and uploads what changed there, so that path is left to it (the card is written by
     ``prepare_push``, called from ``_upload_modified_files``).
     """
-    if state_dict is None and getattr(model, "hf_quantizer", None) is None:
+    # A model sharded by transformers' distributed engine gathers its full weights inside ``base_save`` (every rank
+    # takes part, one writes); the copies are added to what it gathered (``gather_sharded_state_dict_for_save``).
+    sharded = getattr(model, "is_distributed_loading_by_transformers", False)
+    if state_dict is None and getattr(model, "hf_quantizer", None) is None and not sharded:
         # a quantized model's state dict comes from its quantizer (``get_state_dict_and_metadata``), which adds the copies
         state_dict = official_state_dict(model)
-    if push_to_hub or not is_main_process:
-        return base_save(save_directory, *args, state_dict=state_dict, push_to_hub=push_to_hub,
-                         is_main_process=is_main_process, **kwargs)
+    # One process writes (rank 0 of a launch); the others only join the gathering collectives.
+    distributed_config = getattr(model.config, "distributed_config", None)
+    if push_to_hub or not model.should_save_on_this_rank(is_main_process):
+        result = base_save(save_directory, *args, state_dict=state_dict, push_to_hub=push_to_hub,
+                           is_main_process=is_main_process, **kwargs)
+        model.barrier_after_gathered_checkpoint_save(distributed_config)  # until the writer's folder is in place
+        return result
 
     def write(tmp_dir):
         base_save(tmp_dir, *args, state_dict=state_dict, is_main_process=is_main_process, **kwargs)
@@ -469,6 +479,7 @@ def save_pretrained(model, base_save, save_directory, *args, state_dict=None, pu
             model_card.build_model_card(model).save(os.path.join(tmp_dir, "README.md"))
 
     atomic_save(save_directory, write)
+    model.barrier_after_gathered_checkpoint_save(distributed_config)
 
 
 def load_pretrained_model(base_load, model, state_dict, checkpoint_files, load_config, *args, **kwargs):

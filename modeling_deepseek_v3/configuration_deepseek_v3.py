@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 from transformers import DeepseekV3Config as _TransformersDeepseekV3Config
 
+from . import parallel_plans
 from .registry import EXPERTS_KIND, get_plugin
 
 # config field -> plugin kind it selects
@@ -91,6 +92,11 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
     """
 
     model_type = "deepseek_v3"
+    # how transformers' distributed engine shards our parameters (see parallel_plans)
+    base_model_ep_plan = parallel_plans.EP_PLAN
+    base_model_tp_plan = parallel_plans.TP_PLAN
+    base_model_fsdp_plan = parallel_plans.FSDP_PLAN
+    base_model_pp_plan = parallel_plans.PP_PLAN
 
     def __init__(
         self,

@@ -24,7 +24,7 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from . import checkpoint, model_card
+from . import checkpoint, distributed, model_card
 from .configuration_deepseek_v3 import DeepseekV3Config
 from . import kernels
 from .layers import DeepseekV3DecoderLayer, DeepseekV3Experts, DeepseekV3RMSNorm, DeepseekV3RotaryEmbedding, configure_fused_kernels
@@ -85,6 +85,10 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         # transformers' FineGrainedFP8Config(dequantize=...) becomes ours, so the "fp8" block stays with our quantizer
         if kwargs.get("quantization_config") is not None:
             kwargs["quantization_config"] = checkpoint.as_quantization_config(kwargs["quantization_config"])
+        if kwargs.get("distributed_config") is not None:
+            # a layout that cannot work fails here, in one message, before transformers starts the process group
+            config = distributed.resolve_model_config(cls.config_class, pretrained_model_name_or_path, kwargs)
+            distributed.check_distributed_config(cls, config, kwargs["distributed_config"], distributed.world_size())
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     @staticmethod
@@ -97,6 +101,12 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         # official layout (MTP copies of embedding/head), written to a temporary folder then renamed, plus README.md
         return checkpoint.save_pretrained(self, super().save_pretrained, save_directory, *args, **kwargs)
+
+    def gather_sharded_state_dict_for_save(self, model_to_save, state_dict, distributed_config, **kwargs):
+        # A sharded model's save gathers the full weights itself (ignoring the state dict it was handed): the MTP
+        # layers' copies of the embedding and head are added to what it gathered.
+        gathered = super().gather_sharded_state_dict_for_save(model_to_save, state_dict, distributed_config, **kwargs)
+        return checkpoint.with_mtp_copies(gathered, self) if gathered else gathered
 
     def load_state_dict(self, state_dict, *args, **kwargs):
         # a state dict in the official per-expert layout (what we save; what Trainer reloads on resume) is stacked
@@ -214,7 +224,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
 
         hidden_states, aux_losses = inputs_embeds, []
         for layer in self.decoder_layers:
-            hidden_states, aux_loss = layer(
+            output = layer(
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=causal_mask,
@@ -223,6 +233,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
                 token_mask=token_mask,
                 **kwargs,
             )
+            # a pipeline stage replaces the layers it does not own by identities that return the hidden states alone
+            hidden_states, aux_loss = output if isinstance(output, tuple) else (output, None)
             if aux_loss is not None:
                 aux_losses.append(aux_loss)
         hidden_states = self.norm(hidden_states)

@@ -1,11 +1,16 @@
 """Training concerns kept out of the model math: the aux-loss-free bias update and its Trainer callback.
 
 During training every router counts the real (non-padding) tokens it sends to each expert
-(``tokens_per_expert``). Once per optimizer step, ``update_expert_bias`` sums the counts over the data-parallel
-group, turns them into ``b_i += γ · sign(mean_load − load_i)`` for the routers that have an
-``e_score_correction_bias`` (DESIGN §4), resets them, and returns the per-layer loads and
-``MaxVio = max_i load_i / mean_load − 1``. Since the counts cover everything since the previous call, calling it
-once per optimizer step counts every micro-batch of a gradient-accumulation step exactly once.
+(``tokens_per_expert``). Once per optimizer step, ``update_expert_bias`` sums the counts over every rank (one
+all-reduce for all layers), hands each router its total (``router.update_bias(load, γ)``: the router owns how its
+bias moves, ``b_i += γ · sign(mean_load − load_i)`` for the aux-loss-free one), resets the counts, and returns the
+per-layer loads and ``MaxVio = max_i load_i / mean_load − 1``. Since the counts cover everything since the previous
+call, calling it once per optimizer step counts every micro-batch of a gradient-accumulation step exactly once.
+
+Under transformers' distributed engine the routers are replicated on every rank and each routes its own batch, so
+the world-wide sum is the load of the union of the batches — what one process would count on all of them —
+except that the ranks of a tensor-parallel group share one batch: the sum is divided by their number
+(``distributed.batch_replicas``). Every rank then applies the same step, and the biases stay identical.
 
 ``ExpertBiasUpdateCallback`` does that call for ``transformers.Trainer`` and puts the MaxVio statistics into the
 Trainer's logs (and so into ``trainer.state.log_history``).
@@ -20,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback
 
+from .distributed import batch_replicas
 from .registry import RouterPlugin
 
 
@@ -60,8 +66,9 @@ def update_expert_bias(model: nn.Module, update_speed: float | None = None, proc
     """Apply one aux-loss-free bias step from the counts gathered since the last call, then reset them.
 
     ``update_speed`` (γ) defaults to ``model.config.router_bias_update_speed``; 0 only measures and resets.
-    Counts are summed over ``process_group`` (default: the world) when ``torch.distributed`` is initialised, so
-    every rank applies the same update and the biases stay identical across ranks. Every rank must call it.
+    Counts are summed over ``process_group`` when ``torch.distributed`` is initialised; by default over the world,
+    divided by the ranks that hold the same batch, so that every token counts once. Every rank applies the same
+    update and the biases stay identical across ranks. Every rank must call it.
     """
     model = _unwrap(model)
     gamma = model.config.router_bias_update_speed if update_speed is None else update_speed
@@ -76,16 +83,16 @@ def update_expert_bias(model: nn.Module, update_speed: float | None = None, proc
     device = next(found[n].weight.device for n in names)
     counts = torch.stack([found[n].tokens_per_expert.to(device=device, dtype=torch.float32) for n in names])  # [L, E]
     if dist.is_available() and dist.is_initialized():
+        replicas = batch_replicas(model) if process_group is None else 1
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=process_group)
+        if replicas > 1:
+            counts /= replicas  # whole counts: every replica of a batch added the same ones
     for name, load in zip(names, counts):
         router = found[name]
         mean_load = load.mean()
         stats.load[name] = load.cpu()
         stats.max_vio[name] = float(load.max() / mean_load - 1) if mean_load > 0 else 0.0
-        bias = getattr(router, "e_score_correction_bias", None)
-        if bias is not None and gamma > 0 and mean_load > 0:
-            # Overloaded experts (load > mean) lose γ, underloaded ones gain γ, exactly balanced ones keep theirs.
-            bias += gamma * torch.sign(mean_load - load).to(bias.device, bias.dtype)
+        router.update_bias(load, gamma)
         router.reset_counts()
     return stats
 

@@ -5,7 +5,8 @@ the bias-balancing update); the gate value uses ``s_i`` alone. A group scores th
 ``s + b``; the ``topk_group`` best groups are kept and the top ``num_experts_per_tok`` experts chosen inside them.
 While training with ``aux_loss_alpha > 0`` it also returns the complementary sequence-wise balance loss.
 
-The bias itself is moved by ``update_expert_bias`` (``modeling_deepseek_v3.training``), once per optimizer step.
+The bias moves only in ``update_bias``, once per optimizer step, from the loads that ``update_expert_bias``
+(``modeling_deepseek_v3.training``) sums over every rank.
 A router that trains for ``warn_after_forwards`` forwards with γ > 0 and no update warns: the bias would stay
 frozen, which is almost always a forgotten ``ExpertBiasUpdateCallback``.
 """
@@ -45,6 +46,20 @@ class NoAuxTCRouter(TopKRouter):
         if self.e_score_correction_bias.dtype != torch.float32 and fp32_bias.dtype == torch.float32:
             self.e_score_correction_bias = fp32_bias.to(self.e_score_correction_bias.device)
         return self
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor, update_speed: float) -> None:
+        """``b_i += γ·sign(mean_load − load_i)``: overloaded experts (load above the mean) lose γ, underloaded ones gain
+        γ, exactly balanced ones keep theirs. ``load`` [E] must be the same on every rank (summed over all of them),
+        so the biases stay identical everywhere. No step for γ = 0 or when nothing was routed."""
+        if load.shape != self.e_score_correction_bias.shape:
+            raise ValueError(
+                f"`load` must hold one count per routed expert ({self.n_routed_experts}), got shape {tuple(load.shape)}."
+            )
+        mean_load = load.float().mean()
+        if update_speed > 0 and mean_load > 0:
+            step = update_speed * torch.sign(mean_load - load.float())
+            self.e_score_correction_bias += step.to(self.e_score_correction_bias.device, self.e_score_correction_bias.dtype)
 
     # Generous on purpose: gradient accumulation legitimately runs hundreds of micro-batches between two updates.
     warn_after_forwards = 1000

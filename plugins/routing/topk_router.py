@@ -18,7 +18,8 @@ def in_backward_pass() -> bool:
 
 class TopKRouter(RouterPlugin):
     """Holds ``weight`` [E, hidden] (the official ``mlp.gate.weight``) and, while training, counts the
-    tokens routed to each expert in ``tokens_per_expert`` until ``update_expert_bias`` reads and resets them.
+    tokens routed to each expert in ``tokens_per_expert`` until ``update_expert_bias`` reads and resets them, sums
+    them over the ranks and hands the total to ``update_bias``.
 
     The counts are deliberately a plain tensor attribute, not a registered buffer: they are per-rank training
     state. DistributedDataParallel broadcasts rank 0's buffers before every forward, which would overwrite each
@@ -49,6 +50,10 @@ class TopKRouter(RouterPlugin):
     def reset_counts(self) -> None:
         self._tokens_per_expert = None
         self.forwards_since_update = 0
+
+    def update_bias(self, load: torch.Tensor, update_speed: float) -> None:
+        """One balancing step from ``load`` [E], the tokens routed to each expert since the last step over the whole
+        batch (every rank's). A router that balances through its loss alone has no bias to move: nothing happens."""
 
     def router_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[..., hidden] -> [..., E] in fp32: routing decisions must not depend on the activation dtype."""

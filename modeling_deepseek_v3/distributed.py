@@ -1,0 +1,120 @@
+"""Our side of transformers' distributed engine (``from_pretrained(..., distributed_config=DistributedConfig(...))``).
+
+The engine builds the device mesh, shards by the plans of ``parallel_plans``, exchanges tokens between expert ranks
+and applies FSDP2. This module adds what it cannot know about DeepSeek-V3:
+
+- ``check_distributed_config``: the sizes checked against the model config and the world size, and plan overrides
+  against our names, in the launching process before any process group or mesh exists, so a bad layout fails
+  with one message naming the values instead of a collective hanging or a shard-shape error deep in loading.
+- ``batch_replicas``: how many ranks of a sharded model hold the same batch (the ranks of a tensor-parallel group),
+  so that per-expert token counts summed over the world count every token once.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from . import expert_placement, parallel_plans
+
+# from_pretrained keywords that say where a config is read from
+_HUB_KEYWORDS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
+
+
+def world_size() -> int | None:
+    """The number of processes of this launch: the process group's size, else torchrun's ``WORLD_SIZE``, else None."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    value = os.environ.get("WORLD_SIZE")
+    return int(value) if value is not None else None
+
+
+def as_distributed_config(value):
+    from transformers import DistributedConfig
+
+    return DistributedConfig.from_dict(value) if isinstance(value, dict) else value
+
+
+def resolve_model_config(config_class, pretrained_model_name_or_path, kwargs: dict):
+    """The model config ``from_pretrained`` will build: the ``config`` keyword, else read from the checkpoint."""
+    config = kwargs.get("config")
+    if isinstance(config, config_class):
+        return config
+    hub = {k: kwargs[k] for k in _HUB_KEYWORDS if k in kwargs}
+    return config_class.from_pretrained(config if isinstance(config, (str, os.PathLike)) else pretrained_model_name_or_path, **hub)
+
+
+def check_distributed_config(model_class, config, distributed_config, world: int | None) -> None:
+    """Raise ``ValueError`` naming the values when ``distributed_config`` cannot shard ``model_class(config)`` over
+    ``world`` processes. Reads nothing from other processes."""
+    dc = as_distributed_config(distributed_config)
+    sizes = {"pp_size": dc.pp_size, "dp_replicate_size": dc.dp_replicate_size, "fsdp_size": dc.fsdp_size, "tp_size": dc.tp_size}
+    needed = 1
+    for size in sizes.values():
+        needed *= size
+    if needed == 1:
+        return  # transformers runs an unsharded model: nothing is distributed
+    product = " × ".join(f"{name}={size}" for name, size in sizes.items())
+    if world is None:
+        raise ValueError(
+            f"DistributedConfig({product}) needs {needed} processes, but this one was not started by a launcher "
+            f"(no process group, no WORLD_SIZE): run it with `torchrun --nproc-per-node {needed} ...`."
+        )
+    if needed != world:
+        raise ValueError(f"DistributedConfig sizes {product} multiply to {needed}, but the world size is {world}.")
+    if dc.ep_size > 1:
+        if world % dc.ep_size:
+            raise ValueError(f"DistributedConfig ep_size={dc.ep_size} does not divide the world size {world}.")
+        if config.n_routed_experts % dc.ep_size:
+            raise ValueError(
+                f"DistributedConfig ep_size={dc.ep_size} does not divide the model's n_routed_experts="
+                f"{config.n_routed_experts}: every expert-parallel rank holds the same number of experts."
+            )
+        if config.topk_method == "noaux_tc" and not expert_placement.groups_align_with_ranks(config.n_group, dc.ep_size):
+            warnings.warn(
+                f"ep_size={dc.ep_size} and n_group={config.n_group}: neither divides the other, so routing groups straddle "
+                f"expert-parallel ranks and group-limited routing (topk_group={config.topk_group}) no longer keeps a token "
+                f"on {config.topk_group} groups' ranks: it can reach {expert_placement.max_destination_ranks(config, dc.ep_size)} "
+                f"of the {dc.ep_size} ranks.",
+                UserWarning,
+                stacklevel=3,
+            )
+    overrides = {name: getattr(dc, name) for name in ("ep_plan", "tp_plan", "fsdp_plan") if isinstance(getattr(dc, name), dict)}
+    if overrides:
+        names = parallel_plans.wildcard_names(_meta_model(model_class, config))
+        for plan_name, plan in overrides.items():
+            if unknown := parallel_plans.unmatched_rules(plan, names):
+                raise ValueError(
+                    f"DistributedConfig {plan_name} names {unknown}, which {model_class.__name__} does not have "
+                    "(rules name modules or parameters from the top model, `*` for a layer number, e.g. "
+                    "'model.layers.*.mlp.experts')."
+                )
+
+
+def _meta_model(model_class, config):
+    """The model's module tree on the meta device (no memory), with just enough layers to show every name a plan can
+    use: the dense ones, one MoE layer and the MTP modules."""
+    small = config.__class__.from_dict(config.to_dict())
+    small.num_hidden_layers = min(config.num_hidden_layers, config.first_k_dense_replace + 1)
+    with torch.device("meta"):
+        return model_class(small)
+
+
+def batch_replicas(model) -> int:
+    """How many ranks hold each batch of ``model`` (its tensor-parallel group: those ranks run the same tokens
+    through the replicated routers). 1 for a model transformers did not shard."""
+    dc = getattr(model.config, "distributed_config", None)
+    if dc is None:
+        return 1
+    if dc.pp_size > 1:
+        raise ValueError(
+            f"pp_size={dc.pp_size}: transformers' pipeline parallelism runs inference only; each stage holds some of the "
+            "routers, so there are no whole-model loads to balance. Train with ep_size/fsdp_size/tp_size instead."
+        )
+    return dc.tp_size
+
+
+__all__ = ["check_distributed_config", "resolve_model_config", "batch_replicas", "world_size", "as_distributed_config"]
