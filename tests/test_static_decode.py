@@ -72,3 +72,21 @@ def test_decode_step_compiles_to_one_graph_and_matches_eager(experts_backend, ml
         eager = model(**step).logits
         compiled = torch.compile(twin.forward, fullgraph=True, backend="eager")(**twin_step).logits  # raises on a break
     assert relative_error(compiled, eager) < 1e-6
+
+
+def test_training_step_compiles_to_one_graph_and_matches_eager():
+    # forward + backward with load counting, the sequence-wise balance loss and MTP, traced with fullgraph=True
+    ids = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(2))
+    config = tiny_config(experts_backend="grouped_mm", num_nextn_predict_layers=1, aux_loss_alpha=0.01)
+    eager, compiled = build_model(config).train(), build_model(config).train()
+    torch._dynamo.reset()
+    step = torch.compile(lambda model, i: model(i, labels=i), fullgraph=True, backend="eager")  # raises on a break
+    out_eager, out_compiled = eager(ids, labels=ids), step(compiled, ids)
+    out_eager.loss.backward()
+    out_compiled.loss.backward()
+    assert relative_error(out_compiled.loss, out_eager.loss.detach()) < 1e-6 and out_compiled.aux_loss > 0
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        if p.grad is not None:
+            assert relative_error(q.grad, p.grad) < 1e-5, name
+    routers = [(a, b) for a, b in zip(eager.modules(), compiled.modules()) if hasattr(a, "tokens_per_expert")]
+    assert routers and all(torch.equal(a.tokens_per_expert, b.tokens_per_expert) for a, b in routers)

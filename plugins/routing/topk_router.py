@@ -12,7 +12,13 @@ from modeling_deepseek_v3.registry import RouterPlugin
 def in_backward_pass() -> bool:
     """True while the autograd engine runs a backward pass, i.e. when activation checkpointing re-runs a
     layer's forward to recompute what it did not save. The recomputation routes the same tokens again; counting
-    them a second time would double every load (FSDP2 detects its own backward the same way)."""
+    them a second time would double every load (FSDP2 detects its own backward the same way).
+
+    Inside a compiled graph the forward's Python runs once, at trace time, and a checkpointed region's
+    recomputation is part of the compiled backward, so it never re-enters this code: False there (the engine's
+    task id is not traceable)."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -86,7 +92,7 @@ class TopKRouter(RouterPlugin):
         over the rows that hold at least one real token.
 
         Over the ``T_s`` real tokens of row s (``token_mask`` [S, T], True = real; None = all real):
-        ``f_i = E/(K·T_s) · #tokens choosing i`` and ``P_i = (1/T_s) Σ_t probs[t, i]`` (DESIGN §4). Padding tokens
+        ``f_i = E/(K·T_s) · #tokens choosing i`` and ``P_i = (1/T_s) Σ_t probs[t, i]`` (docs/equations.md). Padding tokens
         are routed like any other but carry no data, so they take no part in the balance they would distort.
         """
         rows, tokens, experts = probs.shape
