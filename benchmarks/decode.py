@@ -1,9 +1,9 @@
-"""Decoding benchmark (issue 6): ours against transformers' own ``DeepseekV3ForCausalLM`` on the same weights.
+"""Decoding benchmark: ours against transformers' own ``DeepseekV3ForCausalLM`` on the same weights.
 
     python benchmarks/decode.py --out benchmarks/decode_h100        # writes decode_h100.md and decode_h100.json
     python benchmarks/decode.py --tiny --out /tmp/decode_tiny        # tiny config on the CPU, seconds (functional)
 
-One process, one random-weight checkpoint folder, loaded by both classes. Config of the issue: hidden 1024, 8 layers,
+One process, one random-weight checkpoint folder, loaded by both classes. Full-size config: hidden 1024, 8 layers,
 16 heads, q_lora 384, kv_lora 256, rope 32, nope 64, v 64, 64 routed experts of width 512 (6 active, 1 shared,
 8 groups / 4 kept), first layer dense (2816), vocab 32000; bf16.
 

@@ -1,4 +1,4 @@
-"""FP8 block-scaled GEMM benchmark (issue 4): ours against bf16 ``torch.matmul`` and torch's blockwise ``scaled_mm``.
+"""FP8 block-scaled GEMM benchmark: ours against bf16 ``torch.matmul`` and torch's blockwise ``scaled_mm``.
 
     python benchmarks/fp8_gemm.py --out benchmarks/fp8_gemm_h100.md
 

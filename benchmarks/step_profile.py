@@ -49,7 +49,7 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# 4 layers (1 dense + 3 MoE), 16 routed experts: the shapes of the issue-6 config, short enough for a CPU.
+# 4 layers (1 dense + 3 MoE), 16 routed experts: the shapes of train_step.py's full-size config, short enough for a CPU.
 DEFAULT_CONFIG = dict(
     vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=4,
     num_attention_heads=16, num_key_value_heads=16, q_lora_rank=384, kv_lora_rank=256, qk_rope_head_dim=32,

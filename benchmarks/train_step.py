@@ -1,7 +1,7 @@
 """Training-step throughput and peak memory: ours (experts backends, FP8, fused kernels) against transformers'
 own ``DeepseekV3ForCausalLM`` on the same config and the same weights, in one process.
 
-    python benchmarks/train_step.py --out benchmarks/out          # needs a CUDA GPU (the issue's config)
+    python benchmarks/train_step.py --out benchmarks/out          # needs a CUDA GPU (the full-size config)
     python benchmarks/train_step.py --tiny                        # seconds on a CPU: a smoke test of the script
 
 One step is forward + backward + AdamW step (+ our aux-loss-free bias update, which is part of our training
@@ -28,7 +28,7 @@ import transformers
 import modeling_deepseek_v3
 from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
 
-# The config of issue 6 (813M parameters).
+# The full-size benchmark config (813M parameters).
 ISSUE_CONFIG = dict(
     vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=8,
     num_attention_heads=16, num_key_value_heads=16, q_lora_rank=384, kv_lora_rank=256, qk_rope_head_dim=32,
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     shapes = {"batch": batch, "seq_len": seq, "dtype": str(dtype).replace("torch.", ""), "steps": steps, "warmup": warmup,
               "parameters": num_params, "optimizer": "AdamW(foreach)", "attn_implementation": "sdpa"}
     md = "\n".join([
-        f"### train_step ({'tiny CPU smoke config' if args.tiny else 'issue 6 config'})",
+        f"### train_step ({'tiny CPU smoke config' if args.tiny else 'full-size config'})",
         "",
         "device: " + env["device"] + " · " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "device"),
         "",

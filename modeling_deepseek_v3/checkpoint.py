@@ -1,4 +1,4 @@
-"""The released DeepSeek-V3 checkpoint layout, both ways (DESIGN §3).
+"""The released DeepSeek-V3 checkpoint layout, both ways (see docs/checkpoint-format.md).
 
 Loading
     bf16/fp32 folders need nothing special: our parameters sit at the official names. FP8 folders carry

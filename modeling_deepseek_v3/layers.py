@@ -104,7 +104,7 @@ def causal_mask_for_last_queries(query_len: int, key_len: int, device=None) -> t
 
 
 def yarn_softmax_scale(config: DeepseekV3Config, head_dim: int) -> float:
-    """``head_dim^-0.5``, times ``(0.1·mscale_all_dim·ln(factor) + 1)²`` under YaRN (DESIGN §4)."""
+    """``head_dim^-0.5``, times ``(0.1·mscale_all_dim·ln(factor) + 1)²`` under YaRN (see docs/equations.md, MLA)."""
     scale = head_dim**-0.5
     rope = config.rope_parameters
     factor = rope.get("factor", 1.0)

@@ -298,7 +298,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             Run the ``num_nextn_predict_layers`` MTP modules and compute ``mtp_loss`` (needs ``labels``). Defaults to
             ``self.training``: training gets the MTP objective, inference skips the modules.
 
-        With labels, ``loss = CE + mtp_loss_weight · mtp_loss + aux_loss`` (DESIGN §4): ``CE`` the next-token
+        With labels, ``loss = CE + mtp_loss_weight · mtp_loss + aux_loss`` (docs/equations.md): ``CE`` the next-token
         cross-entropy, ``mtp_loss = (1/D) Σ_k CE_k`` with ``CE_k`` the cross-entropy of MTP module k predicting
         ``t_{i+k+1}``, ``aux_loss`` the routers' balance losses (training only; MTP modules' routers included
         when they ran). Each cross-entropy is a mean over its targets (0 when there are none). When the Trainer
@@ -364,7 +364,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         )
 
     def _mtp_forward(self, main_hidden, embeds, targets: "_NextTokenTargets", token_mask, position_ids):
-        """``(mtp_loss, aux_loss of the MTP modules' routers or None)``: the D sequential modules of DESIGN §4.
+        """``(mtp_loss, aux_loss of the MTP modules' routers or None)``: the D sequential modules of docs/equations.md.
 
         Module k (1-based) at position i combines ``h^{k-1}_i`` with the embedding of ``t_{i+k}`` and predicts
         ``t_{i+k+1}``. Positions i ≥ T−k have no token ``t_{i+k}``, so depth k runs on the first T−k positions

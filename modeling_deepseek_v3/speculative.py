@@ -1,4 +1,4 @@
-"""MTP self-speculative decoding (DESIGN §4 "MTP"): the model's first MTP module drafts, the main model verifies.
+"""MTP self-speculative decoding (docs/equations.md, MTP): the model's first MTP module drafts, the main model verifies.
 
 ``model.generate(input_ids, use_mtp=True)`` runs transformers' own assisted-generation loop (greedy verification,
 speculative sampling with ``do_sample=True``, logits processors, stopping criteria, streamers, KV-cache cropping of

@@ -1,5 +1,5 @@
-"""FP8 for DeepSeek-V3 (arXiv 2412.19437 §3.3): E4M3 tile/block formats, Triton kernels, FP8 linear layers and
-the ``fp8_block`` quantizer plugin (registered on import).
+"""FP8 for DeepSeek-V3 (arXiv 2412.19437, Sec. 3.3): E4M3 tile/block formats, Triton kernels, FP8 linear layers and
+the ``fp8_block`` quantizer plugin (registered on import). The numerics: docs/equations.md, FP8.
 
 The Triton kernels live in ``.kernels`` and are imported lazily (only where a CUDA GPU runs them), so this
 package imports without triton.

@@ -11,7 +11,7 @@ or from the shell (with a progress bar)::
     python -m modeling_deepseek_v3.quantization.converter --to fp8  SRC DST
     python -m modeling_deepseek_v3.quantization.converter --to bf16 SRC DST
 
-FP8 is the released format (DESIGN §3): each eligible Linear's ``weight`` becomes float8_e4m3fn with an fp32
+FP8 is the released format (docs/checkpoint-format.md): each eligible Linear's ``weight`` becomes float8_e4m3fn with an fp32
 ``weight_scale_inv`` per 128×128 block (``amax / 448``, edge blocks zero-padded), computed by
 ``formats.quantize_weight_128x128``. Eligible are the attention projections and the dense / shared / routed
 expert MLPs (``quantizer.is_fp8_eligible``); embeddings, norms, the router ``mlp.gate``, ``lm_head``, the MTP

@@ -1,4 +1,4 @@
-"""FP8 E4M3 block formats of DeepSeek-V3 (arXiv 2412.19437, §3.3), as plain PyTorch.
+"""FP8 E4M3 block formats of DeepSeek-V3 (arXiv 2412.19437, Sec. 3.3; docs/equations.md, FP8), as plain PyTorch.
 
 These functions are the numerical definition of every Triton kernel in ``kernels/``: each kernel is
 tested against the function here that carries its name, and the FP8 layers fall back to them where

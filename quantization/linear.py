@@ -1,7 +1,7 @@
 """FP8 linear layers: the paper's training recipe and the checkpoint's inference format.
 
 * ``FP8TrainingLinear`` — a drop-in ``nn.Linear`` (same parameters, same state dict) whose three GEMMs run
-  in FP8 E4M3 with fp32 accumulation (DeepSeek-V3 §3.3, Fig. 6):
+  in FP8 E4M3 with fp32 accumulation (paper Sec. 3.3, Fig. 6; docs/equations.md, FP8):
 
   ====================  ========================  ==========================  ======================
   GEMM                  A operand (1×128 tiles)   B operand                   output
@@ -196,7 +196,7 @@ class FP8LinearFunction(torch.autograd.Function):
 
 
 class FP8TrainingLinear(nn.Linear):
-    """``nn.Linear`` whose forward and backward GEMMs run in FP8 (DeepSeek-V3 §3.3).
+    """``nn.Linear`` whose forward and backward GEMMs run in FP8 (see docs/equations.md, FP8).
 
     Parameters, their names, dtypes and initialization are ``nn.Linear``'s, so checkpoints, optimizers,
     FSDP and ``save_pretrained`` see an ordinary Linear.

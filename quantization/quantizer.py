@@ -50,7 +50,7 @@ def is_fp8_eligible(module_name: str) -> bool:
 
 @register_plugin("quantizer", "fp8_block")
 class FP8BlockQuantizer(QuantizerPlugin):
-    """E4M3 with 1×128 activation tiles and 128×128 weight blocks (DeepSeek-V3 §3.3)."""
+    """E4M3 with 1×128 activation tiles and 128×128 weight blocks (see docs/equations.md, FP8)."""
 
     modes = ("train", "inference")
 

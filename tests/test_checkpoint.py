@@ -96,7 +96,7 @@ def test_fp8_logits_against_transformers_on_dequantized_weights(folders):
         out_fp8 = fp8(ids).logits
     # dequantized weights: the same numbers as transformers' own class
     assert ((out_deq - ref).norm() / ref.norm()).item() < 1e-5
-    # FP8 GEMMs additionally quantize activations per 1x128 tile: FP8-sized error (DESIGN §5), not garbage
+    # FP8 GEMMs additionally quantize activations per 1x128 tile: FP8-sized error (docs/equations.md, FP8), not garbage
     rel = ((out_fp8 - ref).norm() / ref.norm()).item()
     assert 1e-4 < rel < 0.2, rel  # random data at E4M3 resolution, a few layers deep; garbage is ~1
 

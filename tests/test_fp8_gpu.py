@@ -95,7 +95,7 @@ def test_training_linear_on_gpu_matches_cpu_reference():
 
 
 def test_small_model_fp8_training_tracks_bf16_on_gpu():
-    """A few hundred steps: the FP8 loss curve stays within 1% of the bf16 one (the issue's GPU bound)."""
+    """A few hundred steps: the FP8 loss curve stays within 1% of the bf16 one."""
 
     def make(cls):
         torch.manual_seed(0)

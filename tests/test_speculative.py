@@ -82,7 +82,7 @@ def test_untrained_mtp_greedy_identical_and_drafts_match_reference(attn, seed):
     assert stats.drafted > 5
 
     with torch.no_grad():
-        hidden = model.model(speculative).last_hidden_state  # after model.norm: h^0 of DESIGN §4
+        hidden = model.model(speculative).last_hidden_state  # after model.norm: h^0 (docs/equations.md, MTP)
         length = speculative.shape[1] - 1
         positions = torch.arange(length)[None]
         from transformers.masking_utils import create_causal_mask

@@ -1,4 +1,4 @@
-"""Training like the paper (issue 5): aux-loss-free bias updates, the padding-aware balance losses, the MTP
+"""Training like the paper (docs/equations.md): aux-loss-free bias updates, the padding-aware balance losses, the MTP
 objective and the composition of the training loss. Single process; Trainer and multi-process tests live in
 test_training_trainer.py and test_training_distributed.py."""
 
@@ -183,7 +183,7 @@ def _router_inputs(model, ids):
 
 
 def test_noaux_balance_loss_matches_the_paper_formula():
-    # L = α Σ_i f_i P_i per sequence, f_i = E/(K T) Σ_t 1[i selected], P_i = mean_t s_i,t / Σ_j s_j,t (DESIGN §4)
+    # L = α Σ_i f_i P_i per sequence, f_i = E/(K T) Σ_t 1[i selected], P_i = mean_t s_i,t / Σ_j s_j,t (docs/equations.md)
     model = build_model(tiny_config(aux_loss_alpha=0.01)).train()
     ids = torch.randint(1, 97, (3, 7), generator=torch.Generator().manual_seed(6))
     inputs = _router_inputs(model, ids)
@@ -209,7 +209,7 @@ def test_noaux_balance_loss_matches_the_paper_formula():
 
 def mtp_reference_logits(model, ids):
     """Logits of every MTP depth computed independently of ``DeepseekV3ForCausalLM.forward``: full-length inputs
-    whose tail (no token k ahead) holds zeros, as DESIGN §4 states the recurrence."""
+    whose tail (no token k ahead) holds zeros; the recurrence is that of docs/equations.md, MTP."""
     embed = model.model.embed_tokens
     with torch.no_grad():
         h = model.model(ids).last_hidden_state  # h^0: after model.norm

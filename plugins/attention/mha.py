@@ -1,4 +1,4 @@
-"""Plain multi-head attention of MLA's width: the ablation baseline for MLA (DESIGN §2).
+"""Plain multi-head attention of MLA's width: the ablation baseline for MLA (see docs/equations.md, MLA).
 
 Queries and keys have ``qk_nope_head_dim + qk_rope_head_dim`` channels per head, the last
 ``qk_rope_head_dim`` of them rotary; values have ``v_head_dim``. Full per-head keys and values are cached,

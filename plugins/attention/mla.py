@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (DeepSeek-V2/V3, DESIGN §4).
+"""Multi-head Latent Attention (DeepSeek-V2/V3; see docs/equations.md, MLA).
 
 Per token only ``c_kv = kv_a_layernorm(W_dkv h)`` (``kv_lora_rank`` numbers) and the shared rotary key
 ``k_rope`` (``qk_rope_head_dim`` numbers) are cached, through transformers' Cache API: the cache's "keys"

@@ -1,4 +1,4 @@
-"""Multi-token prediction module (DESIGN §4 "MTP"), stored as the official layer ``num_hidden_layers + depth``.
+"""Multi-token prediction module (docs/equations.md, MTP), stored as the official layer ``num_hidden_layers + depth``.
 
 Module k combines the previous depth's hidden state ``h^{k-1}`` with the embedding of token ``t_{i+k}``:
 ``h' = eh_proj([enorm(emb); hnorm(h^{k-1})])``, runs one full decoder layer on it, and hands the result to

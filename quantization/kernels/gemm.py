@@ -1,5 +1,5 @@
 """Block-scaled FP8 GEMMs in Triton: ``C = A @ B^T`` with fp32 accumulation, both scales applied per
-128-wide K block (the paper's "increasing accumulation precision", §3.3.2).
+128-wide K block (the paper's "increasing accumulation precision", Sec. 3.3.2).
 
 * ``fp8_gemm_kernel``         -> ``formats.fp8_gemm_reference``: persistent programs walk the output
   tiles in grouped order (L2 reuse); operands through TMA tensor descriptors on Hopper, through masked
