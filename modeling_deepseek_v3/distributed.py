@@ -33,9 +33,15 @@ def world_size() -> int | None:
 
 
 def as_distributed_config(value):
+    """A ``DistributedConfig`` from itself or from a dict (whose invalid sizes are reported with the dict)."""
     from transformers import DistributedConfig
 
-    return DistributedConfig.from_dict(value) if isinstance(value, dict) else value
+    if not isinstance(value, dict):
+        return value
+    try:
+        return DistributedConfig.from_dict(value)
+    except ValueError as error:
+        raise ValueError(f"distributed_config={value}: {error}") from error
 
 
 def resolve_model_config(config_class, pretrained_model_name_or_path, kwargs: dict):
@@ -63,25 +69,26 @@ def check_distributed_config(model_class, config, distributed_config, world: int
             f"DistributedConfig({product}) needs {needed} processes, but this one was not started by a launcher "
             f"(no process group, no WORLD_SIZE): run it with `torchrun --nproc-per-node {needed} ...`."
         )
-    if needed != world:
-        raise ValueError(f"DistributedConfig sizes {product} multiply to {needed}, but the world size is {world}.")
     if dc.ep_size > 1:
-        if world % dc.ep_size:
-            raise ValueError(f"DistributedConfig ep_size={dc.ep_size} does not divide the world size {world}.")
         if config.n_routed_experts % dc.ep_size:
             raise ValueError(
                 f"DistributedConfig ep_size={dc.ep_size} does not divide the model's n_routed_experts="
                 f"{config.n_routed_experts}: every expert-parallel rank holds the same number of experts."
             )
-        if config.topk_method == "noaux_tc" and not expert_placement.groups_align_with_ranks(config.n_group, dc.ep_size):
-            warnings.warn(
-                f"ep_size={dc.ep_size} and n_group={config.n_group}: neither divides the other, so routing groups straddle "
-                f"expert-parallel ranks and group-limited routing (topk_group={config.topk_group}) no longer keeps a token "
-                f"on {config.topk_group} groups' ranks: it can reach {expert_placement.max_destination_ranks(config, dc.ep_size)} "
-                f"of the {dc.ep_size} ranks.",
-                UserWarning,
-                stacklevel=3,
-            )
+        if world % dc.ep_size:
+            raise ValueError(f"DistributedConfig ep_size={dc.ep_size} does not divide the world size {world}.")
+    if needed != world:
+        raise ValueError(f"DistributedConfig sizes {product} multiply to {needed}, but the world size is {world}.")
+    grouped = config.topk_method == "noaux_tc"
+    if dc.ep_size > 1 and grouped and not expert_placement.groups_align_with_ranks(config.n_group, dc.ep_size):
+        warnings.warn(
+            f"ep_size={dc.ep_size} and n_group={config.n_group}: neither divides the other, so routing groups straddle "
+            f"expert-parallel ranks and group-limited routing (topk_group={config.topk_group}) no longer keeps a token "
+            f"on {config.topk_group} groups' ranks: it can reach {expert_placement.max_destination_ranks(config, dc.ep_size)} "
+            f"of the {dc.ep_size} ranks.",
+            UserWarning,
+            stacklevel=3,
+        )
     overrides = {name: getattr(dc, name) for name in ("ep_plan", "tp_plan", "fsdp_plan") if isinstance(getattr(dc, name), dict)}
     if overrides:
         names = parallel_plans.wildcard_names(_meta_model(model_class, config))
