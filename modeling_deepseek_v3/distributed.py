@@ -66,7 +66,7 @@ def check_distributed_config(model_class, config, distributed_config, world: int
     product = " × ".join(f"{name}={size}" for name, size in sizes.items())
     if world is None:
         raise ValueError(
-            f"DistributedConfig({product}) needs {needed} processes, but this one was not started by a launcher "
+            f"DistributedConfig sizes {product} need {needed} processes, but this one was not started by a launcher "
             f"(no process group, no WORLD_SIZE): run it with `torchrun --nproc-per-node {needed} ...`."
         )
     if dc.ep_size > 1:

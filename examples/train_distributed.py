@@ -1,0 +1,117 @@
+"""Train DeepSeek-V3 over several processes with transformers.Trainer on transformers' distributed engine.
+
+The model is loaded with ``from_pretrained(..., distributed_config=DistributedConfig(...))``: the routed experts are
+split over ``--ep-size`` ranks (tokens reach them by all-to-all), every other weight is FSDP2-sharded over
+``--fsdp-size`` ranks (replicated ``--dp-replicate-size`` times), the dense MLPs optionally split ``--tp-size`` ways.
+The paper's training rides along: ``ExpertBiasUpdateCallback`` sums the per-expert loads over every rank once per
+optimizer step, so the routing biases move as one process's would on the whole batch; the sequence-wise balance
+loss and the MTP loss are part of the model's loss.
+
+    torchrun --standalone --nproc-per-node 4 examples/train_distributed.py --ep-size 2 --fsdp-size 2 --dp-replicate-size 2
+    accelerate launch --config_file examples/accelerate_distributed.yaml examples/train_distributed.py --ep-size 2 --fsdp-size 2
+
+Without a launcher (all sizes 1) it trains in one process on the same global batches, which is what the
+multi-process run must reproduce. On CPUs the ranks talk over gloo, on GPUs over NCCL. ``--checkpoint`` defaults to
+the embedded tiny model (built once, seeded, under ``--output-dir/init``). At the end the model is saved, in the
+official per-expert layout, to ``--output-dir/final`` (every rank takes part in gathering the shards, one writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM, ByT5Tokenizer, DistributedConfig, Trainer, TrainingArguments
+
+from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM, ExpertBiasUpdateCallback
+from modeling_deepseek_v3.demo import DEFAULTS, TextBlocks
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="model folder (default: the embedded tiny model, built under --output-dir/init)")
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs/train_distributed"))
+    parser.add_argument("--ep-size", type=int, default=1, help="ranks the routed experts are split over")
+    parser.add_argument("--fsdp-size", type=int, default=1, help="ranks the other weights are FSDP2-sharded over")
+    parser.add_argument("--dp-replicate-size", type=int, default=1, help="FSDP replicas (HSDP), e.g. the number of nodes")
+    parser.add_argument("--tp-size", type=int, default=1, help="ranks the dense MLPs are split over (they share a batch)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--global-batch-size", type=int, default=8, help="sequences per micro-batch over all ranks")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--bias-update-speed", type=float, default=0.01, help="γ; the paper uses 0.001 over many more steps")
+    return parser.parse_args()
+
+
+def start_processes(backend: str | None = None) -> int:
+    """Join the launcher's process group (torchrun / accelerate set WORLD_SIZE); the world size, 1 without one."""
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def initial_checkpoint(folder: Path, bias_update_speed: float) -> str:
+    """The embedded tiny model, seeded, saved once by rank 0 (the others wait for it)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        if not (folder / "config.json").exists():
+            torch.manual_seed(0)
+            config = DeepseekV3Config.from_json_file(DEFAULTS / "tiny_config.json")
+            config.router_bias_update_speed = bias_update_speed
+            DeepseekV3ForCausalLM(config).save_pretrained(folder)
+    if dist.is_initialized():
+        dist.barrier()
+    return str(folder)
+
+
+def main() -> None:
+    args = parse_args()
+    world = start_processes()
+    sizes = dict(ep_size=args.ep_size, fsdp_size=args.fsdp_size, dp_replicate_size=args.dp_replicate_size, tp_size=args.tp_size)
+    distributed_config = DistributedConfig(ep_implementation="all_to_all", **sizes)
+    checkpoint = args.checkpoint or initial_checkpoint(args.output_dir / "init", args.bias_update_speed)
+    # all sizes 1: one unsharded process; sizes that do not fit the launch fail here, naming them
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, distributed_config=distributed_config, dtype=torch.float32)
+    if args.global_batch_size % distributed_config.dp_size:
+        raise ValueError(
+            f"--global-batch-size {args.global_batch_size} must split evenly over the {distributed_config.dp_size} "
+            "data-parallel ranks (dp_replicate_size × fsdp_size)."
+        )
+    text = (DEFAULTS / "tiny_corpus.txt").read_text(encoding="utf-8")
+    dataset = TextBlocks(ByT5Tokenizer()(text)["input_ids"], args.block_size, args.block_size // 2)
+    training_args = TrainingArguments(
+        output_dir=str(args.output_dir),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.global_batch_size // distributed_config.dp_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant",
+        # the same batches in the same order whatever the number of ranks: rank i of step k gets the i-th slice
+        train_sampling_strategy="sequential",
+        logging_steps=max(1, args.steps // 5),
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),  # on CPUs accelerate joins the launch only when told so (gloo)
+    )
+    callback = ExpertBiasUpdateCallback()
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, callbacks=[callback])
+    trainer.train()
+    trainer.save_model(str(args.output_dir / "final"))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+        print(f"{world} process(es), {sizes}: loss {logged[0]['loss']:.4f} -> {logged[-1]['loss']:.4f}, "
+              f"MaxVio averaged over layers {logged[0]['max_vio_mean']:.3f} -> {logged[-1]['max_vio_mean']:.3f}")
+        print(f"saved {args.output_dir / 'final'}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
