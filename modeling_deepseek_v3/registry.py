@@ -50,8 +50,9 @@ class RouterPlugin(_ConfigChecked, nn.Module):
     False at padding (None: all real); padding is routed like any token but left out of load counts and balance
     losses. ``aux_loss`` is the balance loss already multiplied by its coefficient, or None when not training.
     While training, a router that balances by counting exposes ``tokens_per_expert`` [E] (real tokens routed to
-    each expert since the last reset) and ``reset_counts()``; ``modeling_deepseek_v3.training.update_expert_bias``
-    reads, all-reduces and resets them, and moves ``e_score_correction_bias`` where the router has one.
+    each expert since the last reset), ``reset_counts()`` and ``update_bias(load [E], update_speed)``, its balancing
+    step from the loads of the whole batch; ``modeling_deepseek_v3.training.update_expert_bias`` reads the counts,
+    sums them over every rank, calls ``update_bias`` and resets them.
     """
 
 
