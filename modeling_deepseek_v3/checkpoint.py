@@ -37,7 +37,6 @@ Saving
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -55,10 +54,9 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 from transformers.quantizers.base import HfQuantizer
-from transformers.utils.quantization_config import FineGrainedFP8Config
-
 from . import model_card
-from .quantization.converter import CheckpointError, read_safetensors_header
+from .fp8_config import OFFICIAL_QUANT_METHOD, QUANT_METHOD, DeepseekV3FP8Config, as_quantization_config
+from .quantization.converter import CheckpointError, check_scale_values, read_index, read_safetensors_header
 from .quantization.experts import FP8Experts
 from .quantization.formats import BLOCK, FP8_DTYPE, ceil_div
 from .quantization.linear import FP8Linear
@@ -67,86 +65,10 @@ from .registry import ExpertsPlugin
 
 logger = logging.getLogger(__name__)
 
-OFFICIAL_QUANT_METHOD = "fp8"
-QUANT_METHOD = "deepseek_v3_fp8"  # our key in transformers' quantizer registry; never written to config.json
-OFFICIAL_FP8_FIELDS = {"activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [BLOCK, BLOCK]}
-
-
 
 # ---------------------------------------------------------------------------------------------------
-# quantization config + HfQuantizer
+# the HfQuantizer of the official FP8 block (its config class lives in fp8_config)
 # ---------------------------------------------------------------------------------------------------
-
-
-class DeepseekV3FP8Config(FineGrainedFP8Config):
-    """The official FP8 block of DeepSeek-V3's ``config.json``, dispatched to :class:`DeepseekV3FP8HfQuantizer`.
-
-    ``dequantize``: ``False`` keeps the weights in FP8 (``FP8Linear``), ``True`` dequantizes them at load to the
-    load ``dtype``, ``None`` (default) keeps FP8 on a CUDA machine and dequantizes elsewhere.
-    """
-
-    def __init__(self, activation_scheme="dynamic", weight_block_size=(BLOCK, BLOCK), dequantize=None,
-                 modules_to_not_convert=None, fmt="e4m3", **kwargs):
-        kwargs.pop("quant_method", None)
-        super().__init__(activation_scheme=activation_scheme, weight_block_size=tuple(weight_block_size),
-                         dequantize=bool(dequantize), modules_to_not_convert=modules_to_not_convert)
-        self.dequantize = dequantize  # keep None ("auto"): the parent stores a bool
-        self.fmt = fmt
-        self.quant_method = QUANT_METHOD
-        for key, value in kwargs.items():  # unknown official fields survive a load/save round trip
-            setattr(self, key, value)
-        self._extra_fields = sorted(kwargs)
-        self.check_official()
-
-    def check_official(self) -> None:
-        if list(self.weight_block_size) != [BLOCK, BLOCK]:
-            raise ValueError(f"quantization_config.weight_block_size must be [128, 128] (DeepSeek-V3 FP8), got {list(self.weight_block_size)}.")
-        if str(self.fmt).lower() != "e4m3":
-            raise ValueError(f"quantization_config.fmt must be 'e4m3' (DeepSeek-V3 FP8), got {self.fmt!r}.")
-        if self.activation_scheme != "dynamic":
-            raise ValueError(f"quantization_config.activation_scheme must be 'dynamic', got {self.activation_scheme!r}.")
-
-    @classmethod
-    def from_official(cls, block: dict) -> "DeepseekV3FP8Config":
-        return cls(**{k: v for k, v in block.items() if k != "quant_method"})
-
-    @classmethod
-    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
-        config = cls(**{**config_dict, **kwargs})
-        return (config, {}) if return_unused_kwargs else config
-
-    def to_dict(self) -> dict:
-        """The official block: what the released config.json holds, plus fields the user set."""
-        out = {"activation_scheme": self.activation_scheme, "fmt": self.fmt, "quant_method": OFFICIAL_QUANT_METHOD,
-               "weight_block_size": list(self.weight_block_size)}
-        if self.modules_to_not_convert:
-            out["modules_to_not_convert"] = list(self.modules_to_not_convert)
-        for key in self._extra_fields:
-            out[key] = getattr(self, key)
-        return out
-
-    def to_diff_dict(self) -> dict:
-        return self.to_dict()
-
-    # transformers' `get_hf_quantizer` reads `config.quantization_config` as a mapping when it is one
-    def get(self, key, default=None):
-        return getattr(self, key, default)
-
-    def __getitem__(self, key):
-        return self.to_dict()[key]
-
-
-def as_quantization_config(value):
-    """``config.quantization_config`` as DeepseekV3Config stores it: the official FP8 block becomes a
-    :class:`DeepseekV3FP8Config`; anything else is returned unchanged."""
-    if isinstance(value, DeepseekV3FP8Config):
-        return value
-    if isinstance(value, FineGrainedFP8Config):
-        return DeepseekV3FP8Config(activation_scheme=value.activation_scheme, weight_block_size=value.weight_block_size,
-                                   dequantize=value.dequantize, modules_to_not_convert=value.modules_to_not_convert)
-    if isinstance(value, dict) and value.get("quant_method") in (OFFICIAL_QUANT_METHOD, QUANT_METHOD):
-        return DeepseekV3FP8Config.from_official(value)
-    return value
 
 
 class DeepseekV3FP8HfQuantizer(HfQuantizer):
@@ -195,6 +117,9 @@ class DeepseekV3FP8HfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        for name, param in model.named_parameters():
+            if name.endswith("scale_inv"):
+                check_scale_values(name, param.detach(), "the checkpoint")
         if self.quantization_config.dequantize:
             self._dequantize(model, self.load_dtype)
         return model
@@ -217,7 +142,8 @@ class DeepseekV3FP8HfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        # transformers' Trainer asks: adapters (PEFT LoRA, quantization.lora) train over the frozen FP8 weights
+        return True
 
 
 def register_with_transformers() -> None:
@@ -345,21 +271,33 @@ class CheckpointShapeError(CheckpointError, RuntimeError):
     size mismatch; ``from_pretrained(..., ignore_mismatched_sizes=True)`` re-initialises such tensors instead."""
 
 
+_INTEGER_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"}  # safetensors' names
+
+
+def check_every_expert(model: nn.Module, headers: dict) -> None:
+    """A checkpoint in the per-expert layout must hold every projection of every routed expert of each stacked
+    experts module (the loader stacks them; one missing would only surface as a shape mismatch of the stack)."""
+    for name, module in model.named_modules():
+        if not isinstance(module, ExpertsPlugin) or not any(k.startswith(f"{name}.0.") for k in headers):
+            continue  # not stored per expert here (a stacked save, or another model's checkpoint)
+        for expert in range(module.num_experts):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                key = f"{name}.{expert}.{proj}.weight"
+                if key not in headers:
+                    raise CheckpointError(
+                        f"The checkpoint has no {key!r}: every one of the {module.num_experts} routed experts of {name!r} "
+                        "needs its gate_proj, up_proj and down_proj (official layout: docs/checkpoint-format.md)."
+                    )
+
+
 def validate_checkpoint_files(model: nn.Module, files, index_path: str | None = None, ignore_mismatched_sizes: bool = False) -> None:
     """Check, from the headers alone, that ``files`` can load into ``model`` (built, possibly on meta). With
     ``ignore_mismatched_sizes`` a shape mismatch is left to transformers, which re-initialises the tensor and says so."""
     files = [os.fspath(f) for f in files]
     if index_path is not None and os.path.isfile(index_path):
-        with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map", {})
-        folder = os.path.dirname(index_path)
-        for shard in sorted(set(weight_map.values())):
-            if not os.path.isfile(os.path.join(folder, shard)):
-                names = [k for k, v in weight_map.items() if v == shard]
-                raise CheckpointError(
-                    f"The index {index_path} maps {len(names)} tensor(s) (e.g. {names[0]!r}) to {shard}, which does not exist."
-                )
+        read_index(index_path)  # valid JSON, every shard present
     headers = checkpoint_headers(files)
+    check_every_expert(model, headers)
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
     for name, param in params.items():
@@ -376,6 +314,11 @@ def validate_checkpoint_files(model: nn.Module, files, index_path: str | None = 
                 f"Tensor {name!r} in {path} has shape {list(shape)}, but the model (config) expects {list(expected)}."
             )
         owner = name.rpartition(".")[0]
+        if info["dtype"] in _INTEGER_DTYPES and param.dtype.is_floating_point:
+            raise CheckpointError(
+                f"Tensor {name!r} in {path} is {info['dtype']}, but the model holds it in {param.dtype}: a weight is never an "
+                "integer tensor (casting it would load garbage)."
+            )
         if is_fp8 and name.endswith(".weight") and len(shape) == 2:
             scale_name = owner + ".weight_scale_inv"
             grid = [ceil_div(shape[0], BLOCK), ceil_div(shape[1], BLOCK)]
@@ -482,6 +425,41 @@ def save_pretrained(model, base_save, save_directory, *args, state_dict=None, pu
     model.barrier_after_gathered_checkpoint_save(distributed_config)
 
 
+_DECODER_TENSOR = re.compile(r"^(?:model\.)?(?:layers\.(?P<layer>\d+)\.|norm\.weight$)")
+
+
+def check_index_of(folder) -> None:
+    """Before transformers reads a local folder: its ``model.safetensors.index.json``, if any, is valid JSON naming
+    shards that exist (else a ``CheckpointError`` naming the file)."""
+    index = Path(os.fspath(folder)) / "model.safetensors.index.json"
+    if index.is_file():
+        read_index(index)
+
+
+def check_no_missing_weights(model: nn.Module, missing_keys, source) -> None:
+    """Raise a ``CheckpointError`` naming the tensors of the decoder stack (attention, router and its bias, experts,
+    norms of the ``num_hidden_layers`` layers, and the final norm) that ``source`` did not provide, when it provided
+    others: a misnamed or dropped tensor would otherwise stay randomly initialised behind a load-report line. A
+    checkpoint holding none of them is not one of this model's (transformers' load report lists every tensor then,
+    and its tests load such folders on purpose). What transformers conventionally initialises stays a warning:
+    output and classification heads, and the MTP modules (see ``report_missing_mtp``)."""
+
+    def in_decoder(key):
+        match = _DECODER_TENSOR.match(key)
+        return match is not None and (match["layer"] is None or int(match["layer"]) < model.config.num_hidden_layers)
+
+    missing = sorted(k for k in missing_keys if in_decoder(k))
+    decoder = [n for n, _ in (*model.named_parameters(), *model.named_buffers()) if in_decoder(n)]
+    if not missing or len(missing) >= len(decoder):
+        return
+    shown = ", ".join(repr(k) for k in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    raise CheckpointError(
+        f"The checkpoint {source} has no tensor for {shown}: they would be left randomly initialised. Check the "
+        "tensor names (official layout: docs/checkpoint-format.md), or pass `allow_missing_weights=True` to "
+        "from_pretrained to initialise them on purpose."
+    )
+
+
 def load_pretrained_model(base_load, model, state_dict, checkpoint_files, load_config, *args, **kwargs):
     """transformers' ``_load_pretrained_model`` with the header checks before and the MTP report after."""
     if state_dict is None and checkpoint_files:
@@ -499,6 +477,7 @@ def load_pretrained_model(base_load, model, state_dict, checkpoint_files, load_c
 __all__ = [
     "CheckpointError",
     "CheckpointShapeError",
+    "check_no_missing_weights",
     "DeepseekV3FP8Config",
     "DeepseekV3FP8HfQuantizer",
     "QUANT_METHOD",

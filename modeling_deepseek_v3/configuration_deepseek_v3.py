@@ -8,11 +8,14 @@ transformers reads it, and a folder we save stays readable by transformers' clas
 from __future__ import annotations
 
 import dataclasses
+import math
 from types import SimpleNamespace
 
 from transformers import DeepseekV3Config as _TransformersDeepseekV3Config
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from . import parallel_plans
+from .fp8_config import as_quantization_config
 from .registry import EXPERTS_KIND, get_plugin
 
 # config field -> plugin kind it selects
@@ -25,6 +28,8 @@ PLUGIN_FIELDS = {
 }
 
 FUSED_KERNEL_MODES = ("auto", "on", "off")
+FP8_MODES = ("train", "inference")
+SCORING_FUNCS = ("sigmoid", "softmax")
 _POSITIVE_INT_FIELDS = (
     "vocab_size",
     "hidden_size",
@@ -63,6 +68,10 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
     topk_method (`str`, defaults to `"noaux_tc"`):
         Router plugin (the official field): `"noaux_tc"` (sigmoid scores, bias-based aux-loss-free
         balancing, group-limited top-k) or `"greedy"` (softmax top-k with the classic auxiliary loss).
+    scoring_func (`str` or `None`, defaults to `None`):
+        The router's affinity function (the official field): `"sigmoid"` (each expert scored on its own, DeepSeek-V3)
+        or `"softmax"` (a distribution over the experts, DeepSeek-V2). Both routers compute their scores with it;
+        `None` picks the router's own (`noaux_tc`: sigmoid, `greedy`: softmax).
     experts_backend (`str` or `None`, defaults to `None`):
         How the routed experts execute: a name of transformers' experts interface (`"eager"`, `"batched_mm"`,
         `"grouped_mm"`, ours `"deepseek_fp8"`, or any registered one). It is the model's default
@@ -103,7 +112,7 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         attention_backend: str = "mla",
         mla_mode: str = "auto",
         topk_method: str = "noaux_tc",
-        scoring_func: str = "sigmoid",
+        scoring_func: str | None = None,
         experts_backend: str | None = None,
         mtp_backend: str = "sequential",
         quantizer: str | None = None,
@@ -133,10 +142,16 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         if self.experts_backend is not None and kwargs.get("experts_implementation") is None:
             kwargs["experts_implementation"] = self.experts_backend
         super().__init__(**kwargs)
+        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(
+                f"Config field `rope_scaling` (or `rope_parameters`) names rope type {rope_type!r}, which transformers does "
+                f"not know; the rope types are {['default', *sorted(ROPE_INIT_FUNCTIONS)]}."
+            )
+        if self.scoring_func is None:  # the router's own affinity function (sigmoid for noaux_tc, softmax for greedy)
+            self.scoring_func = getattr(self.plugin("topk_method"), "default_scoring_func", "sigmoid")
         # The official FP8 block dispatches to our quantizer (checkpoint.py); it still serializes as "fp8".
         if getattr(self, "quantization_config", None) is not None:
-            from .checkpoint import as_quantization_config
-
             self.quantization_config = as_quantization_config(self.quantization_config)
 
     def to_dict(self):
@@ -202,8 +217,12 @@ def validate_fields(config) -> None:
             raise ValueError(f"Config field `{field}` must be a non-negative integer, got {value!r}.")
     for field in _NON_NEGATIVE_FLOAT_FIELDS:
         value = getattr(config, field)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-            raise ValueError(f"Config field `{field}` must be a non-negative number, got {value!r}.")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+            raise ValueError(f"Config field `{field}` must be a finite non-negative number, got {value!r}.")
+    if config.fp8_mode not in FP8_MODES:
+        raise ValueError(f"Config field `fp8_mode` must be one of {list(FP8_MODES)}, got {config.fp8_mode!r}.")
+    if config.scoring_func is not None and config.scoring_func not in SCORING_FUNCS:
+        raise ValueError(f"Config field `scoring_func` must be one of {list(SCORING_FUNCS)} (or null), got {config.scoring_func!r}.")
     if config.q_lora_rank is not None and (not isinstance(config.q_lora_rank, int) or config.q_lora_rank <= 0):
         raise ValueError(f"Config field `q_lora_rank` must be null or a positive integer, got {config.q_lora_rank!r}.")
     if config.qk_rope_head_dim % 2:

@@ -9,6 +9,7 @@ at the official names ``model.layers.{num_hidden_layers + k}.*``; the main forwa
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,8 @@ from . import checkpoint, distributed, model_card
 from .configuration_deepseek_v3 import DeepseekV3Config
 from . import kernels
 from .layers import DeepseekV3DecoderLayer, DeepseekV3Experts, DeepseekV3RMSNorm, DeepseekV3RotaryEmbedding, configure_fused_kernels
+from .quantization.experts import FP8Experts
+from .quantization.linear import FP8Linear
 from .registry import AttentionPlugin, RouterPlugin
 from .training import update_expert_bias
 
@@ -89,7 +92,16 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
             # a layout that cannot work fails here, in one message, before transformers starts the process group
             config = distributed.resolve_model_config(cls.config_class, pretrained_model_name_or_path, kwargs)
             distributed.check_distributed_config(cls, config, kwargs["distributed_config"], distributed.world_size())
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        # A decoder-layer tensor the checkpoint lacks is an error naming it, unless `allow_missing_weights=True`
+        # (transformers would initialise it at random and only mention it in the load report).
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isdir(pretrained_model_name_or_path):
+            checkpoint.check_index_of(pretrained_model_name_or_path)  # transformers would fail on it with a bare JSON error
+        allow_missing = kwargs.pop("allow_missing_weights", False)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+        if not allow_missing and pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None:
+            checkpoint.check_no_missing_weights(model, info.get("missing_keys", ()), pretrained_model_name_or_path)
+        return (model, info) if want_info else model
 
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
@@ -116,6 +128,16 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         # transformers' push_to_hub put a placeholder README.md there; ours describes the model
         model_card.prepare_push(self, working_dir, repo_id)
         return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and any(isinstance(m, (FP8Linear, FP8Experts)) for m in self.modules()):
+            logger.warning_once(
+                "This model holds weights stored in FP8 (an FP8 checkpoint kept in FP8, or `fp8_mode='inference'`): they "
+                "are frozen, so training updates only the other parameters (and adapters such as LoRA). To train them "
+                "in FP8, build the model with `quantizer='fp8_block', fp8_mode='train'` from high-precision weights."
+            )
+        return self
 
     def update_expert_bias(self, update_speed: float | None = None, process_group=None):
         """One aux-loss-free balancing step from the loads counted since the last call (see ``training``)."""
@@ -208,6 +230,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             position_ids = (torch.arange(seq_len, device=device) + past_seen).unsqueeze(0)
         seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         self._check_inputs(input_ids, inputs_embeds, position_ids, decoding=past_key_values is not None and seq_len == 1)
+        _check_attention_mask(attention_mask, (input_ids if input_ids is not None else inputs_embeds).shape[:2])
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
 
@@ -240,6 +263,19 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         hidden_states = self.norm(hidden_states)
         return DeepseekV3ModelOutputWithPast(
             last_hidden_state=hidden_states, past_key_values=past_key_values, aux_loss=sum_losses(aux_losses)
+        )
+
+
+def _check_attention_mask(attention_mask: torch.Tensor | None, shape) -> None:
+    """A 2-D padding mask is [batch, cached + new tokens]: one row per sequence, at least as long as the input (a
+    longer one also covers the cached prefix). Prepared 4-D masks are transformers' business."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return
+    batch, seq_len = shape
+    if attention_mask.shape[0] != batch or attention_mask.shape[1] < seq_len:
+        raise ValueError(
+            f"`attention_mask` must have shape [batch={batch}, past + seq_len ≥ {seq_len}] for input of shape "
+            f"{[batch, seq_len]}, got {list(attention_mask.shape)}."
         )
 
 
@@ -333,6 +369,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         loss = mtp_loss = None
         aux_loss = outputs.aux_loss
         if targets is not None:
+            targets.check_vocabulary(self.config.vocab_size)
             token_mask = token_mask_from_attention_mask(attention_mask, targets.aligned.shape[1])
             fused = getattr(self.config, "fused_kernels", "auto")
             loss, num_targets = _cross_entropy(
@@ -468,6 +505,19 @@ class _NextTokenTargets:
         if shift_labels is not None:
             return cls(shift_labels, window=1)
         return cls(nn.functional.pad(labels[:, 1:], (0, 1), value=-100), window=2)
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Every target is -100 or a token id in ``[0, vocab_size)``. One host read per training forward (a GPU's
+        cross-entropy would otherwise stop on a device-side assert that names nothing); skipped in compiled graphs."""
+        if torch.compiler.is_compiling():
+            return
+        bad = ((self.aligned < 0) & (self.aligned != -100)) | (self.aligned >= vocab_size)
+        if bad.any():
+            values = self.aligned[bad]
+            raise ValueError(
+                f"`labels` (or `shift_labels`) must be -100 or token ids in [0, vocab_size={vocab_size}), got "
+                f"{values.numel()} value(s) outside, e.g. {values[:4].tolist()}."
+            )
 
     def at_depth(self, k: int, token_mask: torch.Tensor | None) -> torch.Tensor:
         """Targets [B, T−k] of MTP depth k (0 = the main head): position i predicts ``aligned[i + k]``

@@ -87,19 +87,46 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
     return header
 
 
+def read_index(index: str | os.PathLike) -> dict[str, str]:
+    """The ``weight_map`` of a ``model.safetensors.index.json``, every shard it names checked to exist; a
+    ``CheckpointError`` naming the file when it is not JSON, has no ``weight_map``, or points at a missing shard.
+    The one reader of index files (the model loader and the converter both use it)."""
+    index = Path(index)
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"The index {index} is not valid JSON: {error}.") from None
+    except (KeyError, TypeError):
+        raise CheckpointError(f"The index {index} has no `weight_map` object (tensor name -> shard file).") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"The index {index} has a `weight_map` that is not a mapping of tensor names to shard files.")
+    for shard in sorted(set(weight_map.values())):
+        if not (index.parent / shard).is_file():
+            names = [k for k, v in weight_map.items() if v == shard]
+            raise CheckpointError(f"The index {index} maps {len(names)} tensor(s) (e.g. {names[0]!r}) to {shard}, which does not exist.")
+    return weight_map
+
+
+def check_scale_values(name: str, scale: torch.Tensor, where: str) -> None:
+    """FP8 block scales must be finite and positive: a nan, inf, zero or negative ``weight_scale_inv`` would turn its
+    whole 128×128 block into garbage without any error. The grids are tiny, so their values are checked on load."""
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bad.any():
+        values = scale[bad]
+        raise CheckpointError(
+            f"Scale grid {name!r} in {where} has {values.numel()} of its {scale.numel()} block scales that are not finite "
+            f"and positive (e.g. {values[:4].tolist()}): the checkpoint is corrupt."
+        )
+
+
 def list_shards(folder: str | os.PathLike) -> tuple[list[str], dict[str, str] | None]:
     """Shard file names of a checkpoint folder (index order) and the index's weight map (None if unsharded)."""
     folder = Path(folder)
     index = folder / INDEX_NAME
     if index.is_file():
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        shards = sorted(set(weight_map.values()))
-        for shard in shards:
-            if not (folder / shard).is_file():
-                names = [k for k, v in weight_map.items() if v == shard]
-                raise CheckpointError(f"The index {index} maps {len(names)} tensor(s) (e.g. {names[0]!r}) to {shard}, which does not exist.")
-        return shards, weight_map
+        weight_map = read_index(index)
+        return sorted(set(weight_map.values())), weight_map
     if (folder / SINGLE_NAME).is_file():
         return [SINGLE_NAME], None
     raise CheckpointError(f"{folder} holds neither {INDEX_NAME} nor {SINGLE_NAME}.")
@@ -165,6 +192,7 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
                 f"Scale grid {module + '.weight_scale_inv'!r} has shape {list(scale.shape)}, but {key!r} in {file} "
                 f"({list(tensor.shape)}) needs {list(grid)}."
             )
+        check_scale_values(module + ".weight_scale_inv", scale, file)
         return dequantize_state_dict({key: tensor, f"{module}.weight_scale_inv": scale.float()}, self.dtype)
 
     def quantize(self, save_dir, file_prefix=None, progress: bool = True, overwrite: bool = False) -> Path:

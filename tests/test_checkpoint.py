@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 
@@ -18,6 +19,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import modeling_deepseek_v3
 from conftest import build_model, tiny_config
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM
 from modeling_deepseek_v3.checkpoint import CheckpointError, DeepseekV3FP8Config
@@ -250,3 +252,62 @@ def test_failed_save_leaves_target_untouched(folders, tmp_path):
     assert sorted(p for p in os.listdir(target) if p.endswith(".safetensors")) == ["model.safetensors"]
     assert not (target / "model.safetensors.index.json").exists()
     assert transformers.AutoModelForCausalLM.from_pretrained(target) is not None
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -1.0])
+def test_bad_scale_values_are_named_at_load_and_in_the_converter(folders, tmp_path, bad):
+    folder = _copy(folders / "fp8", tmp_path / "c")
+    shard = _shard_of(folder, f"{KV}.weight_scale_inv")
+
+    def corrupt(tensors):
+        tensors[f"{KV}.weight_scale_inv"][0, 0] = bad
+
+    _rewrite_shard(folder, shard, corrupt)
+    with pytest.raises(CheckpointError, match=rf"{KV}\.weight_scale_inv.*not finite and positive"):
+        _load_fp8(folder)
+    with pytest.raises(CheckpointError, match=rf"{KV}\.weight_scale_inv.*{shard}.*not finite and positive"):
+        DeepseekV3FP8Converter.from_pretrained(folder, to="bf16").quantize(tmp_path / "never", progress=False)
+
+
+def test_index_that_is_not_json_names_the_file(folders, tmp_path):
+    folder = _copy(folders / "bf16", tmp_path / "c")
+    (folder / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json is not valid JSON"):
+        transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json is not valid JSON"):
+        DeepseekV3FP8Converter.from_pretrained(folder).quantize(tmp_path / "never", progress=False)
+
+
+def test_integer_typed_weight_is_named(folders, tmp_path):
+    folder = _copy(folders / "bf16", tmp_path / "c")
+    key = "model.layers.0.mlp.up_proj.weight"
+    shard = _shard_of(folder, key)
+    _rewrite_shard(folder, shard, lambda t: t.__setitem__(key, t[key].to(torch.int32)))
+    with pytest.raises(CheckpointError, match=rf"{key}.*{shard}.*I32"):
+        transformers.AutoModelForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("key", ["model.layers.1.self_attn.o_proj.weight", "model.layers.2.mlp.gate.e_score_correction_bias",
+                                 "model.layers.1.mlp.experts.3.down_proj.weight", "model.norm.weight"])
+def test_missing_decoder_tensor_is_an_error_unless_allowed(folders, tmp_path, key):
+    folder = _copy(folders / "bf16", tmp_path / "c")
+    shard = _shard_of(folder, key)
+    _rewrite_shard(folder, shard, lambda t: t.pop(key))
+    index = json.load(open(folder / "model.safetensors.index.json"))
+    del index["weight_map"][key]
+    json.dump(index, open(folder / "model.safetensors.index.json", "w"))
+    if ".experts." in key:  # an incomplete set of experts cannot be stacked at all: named, no opt-out
+        with pytest.raises(CheckpointError, match=rf"no {re.escape(repr(key))}: every one of the 8 routed experts"):
+            transformers.AutoModelForCausalLM.from_pretrained(folder, allow_missing_weights=True)
+        return
+    with pytest.raises(CheckpointError, match=rf"{re.escape(key)}.*allow_missing_weights=True"):
+        transformers.AutoModelForCausalLM.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, allow_missing_weights=True)
+    assert isinstance(model, transformers.PreTrainedModel)
+
+
+def test_heads_missing_from_a_base_checkpoint_keep_transformers_behaviour(tmp_path):
+    base = modeling_deepseek_v3.DeepseekV3Model(tiny_config())
+    base.save_pretrained(tmp_path)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=2)  # fresh `score`
+    assert model.score.weight.shape == (2, 64)

@@ -51,14 +51,15 @@ def test_eager_experts_read_their_loop_bounds_once_per_moe_layer():
 
 
 def test_training_step_reads_the_host_only_for_input_checks():
-    # two reads in a training step with MTP: our input check (ids within the vocabulary, positions within range: one
-    # `tolist`) and transformers' causal-mask builder asking whether position_ids hold packed sequences (`bool`, which
-    # is the `_local_scalar_dense` op below it; transformers' own class makes it too)
+    # three reads in a training step with MTP: our input check (ids within the vocabulary, positions within range: one
+    # `tolist`), our labels check (targets within the vocabulary: one `bool`), and transformers' causal-mask builder
+    # asking whether position_ids hold packed sequences (`bool`; transformers' own class makes it too). Each `bool` is
+    # the `_local_scalar_dense` op below it.
     model = build_model(tiny_config(experts_backend="grouped_mm", num_nextn_predict_layers=1)).train()
     ids = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(1))
     with HostReads() as reads:
         model(ids, labels=ids).loss.backward()
-    assert dict(reads.counts) == {"tolist": 1, "__bool__": 1, "_local_scalar_dense": 1}, reads.where
+    assert dict(reads.counts) == {"tolist": 1, "__bool__": 2, "_local_scalar_dense": 2}, reads.where
     assert any("modeling_deepseek_v3.py" in w for w in reads.where) and any("masking_utils.py" in w for w in reads.where)
 
 

@@ -1,4 +1,5 @@
-"""Aux-loss-free router (``topk_method: "noaux_tc"``): sigmoid affinities, bias-corrected group-limited top-k.
+"""Aux-loss-free router (``topk_method: "noaux_tc"``): sigmoid affinities (``scoring_func``, default ``sigmoid``),
+bias-corrected group-limited top-k.
 
 Selection uses ``s_i + b_i`` with ``b`` = ``e_score_correction_bias`` (fp32, adjusted outside the gradient by
 the bias-balancing update); the gate value uses ``s_i`` alone. A group scores the sum of its two best
@@ -67,7 +68,7 @@ class NoAuxTCRouter(TopKRouter):
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None):
         batch_size, seq_len, _ = hidden_states.shape
         logits = self.router_logits(hidden_states).view(-1, self.n_routed_experts)  # [N, E] fp32
-        scores = logits.sigmoid()
+        scores = self.scores(logits)
         scores_for_choice = scores + self.e_score_correction_bias.float()
         grouped = scores_for_choice.view(-1, self.n_group, self.n_routed_experts // self.n_group)
         group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [N, G]

@@ -33,8 +33,12 @@ class TopKRouter(RouterPlugin):
     optimizer step).
     """
 
+    # The affinity function when the config leaves `scoring_func` unset (each router has the paper's).
+    default_scoring_func = "sigmoid"
+
     def __init__(self, config):
         super().__init__()
+        self.scoring_func = config.scoring_func
         self.top_k = config.num_experts_per_tok
         self.n_routed_experts = config.n_routed_experts
         self.routed_scaling_factor = config.routed_scaling_factor
@@ -60,6 +64,11 @@ class TopKRouter(RouterPlugin):
     def update_bias(self, load: torch.Tensor, update_speed: float) -> None:
         """One balancing step from ``load`` [E], the tokens routed to each expert since the last step over the whole
         batch (every rank's). A router that balances through its loss alone has no bias to move: nothing happens."""
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Token-to-expert affinities from the router logits [N, E] by the config's ``scoring_func``: ``sigmoid``
+        (each expert scored on its own, DeepSeek-V3) or ``softmax`` (a distribution over the experts, DeepSeek-V2)."""
+        return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
 
     def router_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[..., hidden] -> [..., E] in fp32: routing decisions must not depend on the activation dtype."""

@@ -1,0 +1,89 @@
+"""The official FP8 block of DeepSeek-V3's ``config.json`` as a transformers quantization config.
+
+The config module reads it when a ``config.json`` carries ``quantization_config``; the loader (``checkpoint``)
+registers it with transformers' quantizer registry under :data:`QUANT_METHOD` and drives our quantizer with it.
+It depends on transformers and the FP8 block size only, so the config never imports checkpoint I/O.
+"""
+
+from __future__ import annotations
+
+from transformers.utils.quantization_config import FineGrainedFP8Config
+
+from .quantization.formats import BLOCK
+
+OFFICIAL_QUANT_METHOD = "fp8"
+QUANT_METHOD = "deepseek_v3_fp8"  # our key in transformers' quantizer registry; never written to config.json
+
+
+class DeepseekV3FP8Config(FineGrainedFP8Config):
+    """The official FP8 block of DeepSeek-V3's ``config.json``, dispatched to ``checkpoint.DeepseekV3FP8HfQuantizer``.
+
+    ``dequantize``: ``False`` keeps the weights in FP8 (``FP8Linear``), ``True`` dequantizes them at load to the
+    load ``dtype``, ``None`` (default) keeps FP8 on a CUDA machine and dequantizes elsewhere.
+    """
+
+    def __init__(self, activation_scheme="dynamic", weight_block_size=(BLOCK, BLOCK), dequantize=None,
+                 modules_to_not_convert=None, fmt="e4m3", **kwargs):
+        kwargs.pop("quant_method", None)
+        super().__init__(activation_scheme=activation_scheme, weight_block_size=tuple(weight_block_size),
+                         dequantize=bool(dequantize), modules_to_not_convert=modules_to_not_convert)
+        self.dequantize = dequantize  # keep None ("auto"): the parent stores a bool
+        self.fmt = fmt
+        self.quant_method = QUANT_METHOD
+        for key, value in kwargs.items():  # unknown official fields survive a load/save round trip
+            setattr(self, key, value)
+        self._extra_fields = sorted(kwargs)
+        self.check_official()
+
+    def check_official(self) -> None:
+        if list(self.weight_block_size) != [BLOCK, BLOCK]:
+            raise ValueError(f"quantization_config.weight_block_size must be [128, 128] (DeepSeek-V3 FP8), got {list(self.weight_block_size)}.")
+        if str(self.fmt).lower() != "e4m3":
+            raise ValueError(f"quantization_config.fmt must be 'e4m3' (DeepSeek-V3 FP8), got {self.fmt!r}.")
+        if self.activation_scheme != "dynamic":
+            raise ValueError(f"quantization_config.activation_scheme must be 'dynamic', got {self.activation_scheme!r}.")
+
+    @classmethod
+    def from_official(cls, block: dict) -> "DeepseekV3FP8Config":
+        return cls(**{k: v for k, v in block.items() if k != "quant_method"})
+
+    @classmethod
+    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
+        config = cls(**{**config_dict, **kwargs})
+        return (config, {}) if return_unused_kwargs else config
+
+    def to_dict(self) -> dict:
+        """The official block: what the released config.json holds, plus fields the user set."""
+        out = {"activation_scheme": self.activation_scheme, "fmt": self.fmt, "quant_method": OFFICIAL_QUANT_METHOD,
+               "weight_block_size": list(self.weight_block_size)}
+        if self.modules_to_not_convert:
+            out["modules_to_not_convert"] = list(self.modules_to_not_convert)
+        for key in self._extra_fields:
+            out[key] = getattr(self, key)
+        return out
+
+    def to_diff_dict(self) -> dict:
+        return self.to_dict()
+
+    # transformers' `get_hf_quantizer` reads `config.quantization_config` as a mapping when it is one
+    def get(self, key, default=None):
+        return getattr(self, key, default)
+
+    def __getitem__(self, key):
+        return self.to_dict()[key]
+
+
+def as_quantization_config(value):
+    """``config.quantization_config`` as DeepseekV3Config stores it: the official FP8 block becomes a
+    :class:`DeepseekV3FP8Config`; anything else is returned unchanged."""
+    if isinstance(value, DeepseekV3FP8Config):
+        return value
+    if isinstance(value, FineGrainedFP8Config):
+        return DeepseekV3FP8Config(activation_scheme=value.activation_scheme, weight_block_size=value.weight_block_size,
+                                   dequantize=value.dequantize, modules_to_not_convert=value.modules_to_not_convert)
+    if isinstance(value, dict) and value.get("quant_method") in (OFFICIAL_QUANT_METHOD, QUANT_METHOD):
+        return DeepseekV3FP8Config.from_official(value)
+    return value
+
+
+__all__ = ["DeepseekV3FP8Config", "OFFICIAL_QUANT_METHOD", "QUANT_METHOD", "as_quantization_config"]
