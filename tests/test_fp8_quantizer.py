@@ -214,3 +214,39 @@ def test_tiny_deepseek_v3_trains_with_fp8_block():
 def test_bad_fp8_mode_in_config_names_the_field():
     with pytest.raises(ValueError, match="`fp8_mode`"):
         tiny_config(quantizer="fp8_block", fp8_mode="int4")
+
+
+@pytest.mark.parametrize("power_of_two", [False, True])
+def test_fp8_experts_follow_the_power_of_two_flag(power_of_two):
+    # the routed experts of an fp8_block model compute exactly what one FP8TrainingLinear per expert computes with
+    # the same scale rounding, whichever experts implementation was configured before the quantizer ran
+    from conftest import build_model, relative_error, tiny_config
+    from modeling_deepseek_v3.expert_slots import SortedSlots
+    from modeling_deepseek_v3.quantization import FP8TrainingLinear
+
+    outputs = []
+    for backend in ("eager", "grouped_mm"):
+        model = build_model(tiny_config(quantizer="fp8_block", fp8_power_of_two_scales=power_of_two, experts_backend=backend,
+                                        hidden_size=128, moe_intermediate_size=128))
+        assert model.config._experts_implementation == "deepseek_fp8"
+        experts = model.model.layers[1].mlp.experts
+        x = torch.randn(10, 128, generator=torch.Generator().manual_seed(0))
+        idx = torch.randint(0, 8, (10, 3), generator=torch.Generator().manual_seed(1))
+        w = torch.rand(10, 3, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            outputs.append(experts(x, idx, w))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    slots, expected = SortedSlots(idx, 8), torch.zeros(30, 128)
+    xs, start = slots.gather(x), 0
+    with torch.no_grad():
+        for e, end in enumerate(slots.offsets.tolist()):
+            if end > start:
+                gate_up = nn.Linear(128, 256, bias=False)
+                gate_up.weight.copy_(experts.gate_up_proj[e])
+                down = nn.Linear(128, 128, bias=False)
+                down.weight.copy_(experts.down_proj[e])
+                h = FP8TrainingLinear.from_linear(gate_up, power_of_two)(xs[start:end])
+                g, u = h.chunk(2, dim=-1)
+                expected[start:end] = FP8TrainingLinear.from_linear(down, power_of_two)(torch.nn.functional.silu(g) * u)
+            start = end
+    assert relative_error(outputs[0], slots.combine(expected, w, x)) < 1e-6
