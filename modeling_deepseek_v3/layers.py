@@ -23,12 +23,12 @@ from .registry import ExpertsPlugin
 
 
 class DeepseekV3RMSNorm(nn.Module):
-    # `fused_kernels` mode (see modeling_deepseek_v3.kernels); the model sets it from its config, a norm built
-    # on its own stays on the plain path.
-    fused_kernels = "off"
+    """``fused_kernels``: the config field of that name (see ``modeling_deepseek_v3.kernels``), passed by whoever
+    builds the norm; a norm built on its own stays on the plain path."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, fused_kernels: str = "off"):
         super().__init__()
+        self.fused_kernels = fused_kernels
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
@@ -216,8 +216,8 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
         self.self_attn = config.plugin("attention_backend")(config, layer_idx)
         is_dense = layer_idx < config.first_k_dense_replace
         self.mlp = DeepseekV3MLP(config) if is_dense else DeepseekV3MoE(config)
-        self.input_layernorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = DeepseekV3RMSNorm(config.hidden_size, config.rms_norm_eps, config.fused_kernels)
+        self.post_attention_layernorm = DeepseekV3RMSNorm(config.hidden_size, config.rms_norm_eps, config.fused_kernels)
 
     def forward(
         self,
@@ -245,14 +245,6 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
         return hidden_states + mlp_out, aux_loss
 
 
-def configure_fused_kernels(model: nn.Module, mode) -> None:
-    """Set the ``fused_kernels`` mode (config field, see ``modeling_deepseek_v3.kernels``) on every RMSNorm of
-    ``model``, whichever plugin built it."""
-    for module in model.modules():
-        if isinstance(module, DeepseekV3RMSNorm):
-            module.fused_kernels = mode
-
-
 def linear_weight(linear: nn.Module) -> torch.Tensor:
     """The dense weight of a Linear-like layer, dequantized if the layer stores it quantized."""
     dequantize = getattr(linear, "dequantize_weight", None)
@@ -270,5 +262,4 @@ __all__ = [
     "yarn_softmax_scale",
     "causal_mask_for_last_queries",
     "linear_weight",
-    "configure_fused_kernels",
 ]

@@ -28,7 +28,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from . import checkpoint, distributed, model_card
 from .configuration_deepseek_v3 import DeepseekV3Config
 from . import kernels
-from .layers import DeepseekV3DecoderLayer, DeepseekV3Experts, DeepseekV3RMSNorm, DeepseekV3RotaryEmbedding, configure_fused_kernels
+from .layers import DeepseekV3DecoderLayer, DeepseekV3Experts, DeepseekV3RMSNorm, DeepseekV3RotaryEmbedding
 from .quantization.experts import FP8Experts
 from .quantization.linear import FP8Linear
 from .registry import AttentionPlugin, RouterPlugin
@@ -167,9 +167,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             [DeepseekV3DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
             + [mtp_module(config, depth) for depth in range(config.num_nextn_predict_layers)]
         )
-        self.norm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = DeepseekV3RMSNorm(config.hidden_size, config.rms_norm_eps, config.fused_kernels)
         self.rotary_emb = DeepseekV3RotaryEmbedding(config)
-        configure_fused_kernels(self, config.fused_kernels)  # every RMSNorm, plugins' included
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -371,7 +370,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         if targets is not None:
             targets.check_vocabulary(self.config.vocab_size)
             token_mask = token_mask_from_attention_mask(attention_mask, targets.aligned.shape[1])
-            fused = getattr(self.config, "fused_kernels", "auto")
+            fused = self.config.fused_kernels
             loss, num_targets = _cross_entropy(
                 logits, targets.at_depth(0, token_mask)[:, slice_indices], num_items_in_batch, fused
             )
@@ -436,7 +435,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
                 return_normed=True,
             )
             logits = self.lm_head(normed)
-            fused = getattr(self.config, "fused_kernels", "auto")
+            fused = self.config.fused_kernels
             ce_losses.append(_cross_entropy(logits, targets.at_depth(k, token_mask), None, fused)[0])
             if aux_loss is not None:
                 aux_losses.append(aux_loss)

@@ -229,3 +229,13 @@ else:
         for name, p in fused.named_parameters():
             if p.grad is not None:
                 assert torch.allclose(p.grad, ref_params[name].grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_fused_kernels_reaches_every_norm_through_its_constructor():
+    from modeling_deepseek_v3.layers import DeepseekV3RMSNorm
+
+    for mode in ("on", "off"):
+        model = build_model(tiny_config(fused_kernels=mode, num_nextn_predict_layers=1))
+        norms = [m for m in model.modules() if isinstance(m, DeepseekV3RMSNorm)]
+        # per decoder layer (the MTP module has one) two layer norms and MLA's q_a and kv_a; enorm, hnorm, shared_head.norm; final
+        assert len(norms) == (3 + 1) * 4 + 3 + 1 and all(n.fused_kernels == mode for n in norms)

@@ -20,7 +20,7 @@ class SharedHead(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.norm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = DeepseekV3RMSNorm(config.hidden_size, config.rms_norm_eps, config.fused_kernels)
 
 
 @register_plugin("mtp", "sequential")
@@ -28,8 +28,8 @@ class SequentialMTPModule(DeepseekV3DecoderLayer, MTPPlugin):
     def __init__(self, config, depth: int):
         super().__init__(config, layer_idx=config.num_hidden_layers + depth)
         self.depth = depth
-        self.enorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.hnorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.enorm = DeepseekV3RMSNorm(config.hidden_size, config.rms_norm_eps, config.fused_kernels)
+        self.hnorm = DeepseekV3RMSNorm(config.hidden_size, config.rms_norm_eps, config.fused_kernels)
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = SharedHead(config)
 
