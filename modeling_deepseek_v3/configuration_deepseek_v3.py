@@ -7,14 +7,13 @@ transformers reads it, and a folder we save stays readable by transformers' clas
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from types import SimpleNamespace
 
 from transformers import DeepseekV3Config as _TransformersDeepseekV3Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from . import parallel_plans
+from . import compat, parallel_plans
 from .fp8_config import as_quantization_config
 from .registry import EXPERTS_KIND, get_plugin
 
@@ -166,10 +165,7 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         return output
 
     def _incoming_values(self, kwargs: dict) -> SimpleNamespace:
-        values = {}
-        for f in dataclasses.fields(_TransformersDeepseekV3Config):
-            if f.default is not dataclasses.MISSING:
-                values[self.attribute_map.get(f.name, f.name)] = f.default
+        values = {self.attribute_map.get(name, name): default for name, default in compat.official_field_defaults().items()}
         for key, value in kwargs.items():
             values[self.attribute_map.get(key, key)] = value
         values.update({field: getattr(self, field) for field in _OWN_FIELDS})

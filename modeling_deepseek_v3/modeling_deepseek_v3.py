@@ -25,7 +25,7 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from . import checkpoint, distributed, model_card
+from . import checkpoint, compat, distributed, model_card
 from .configuration_deepseek_v3 import DeepseekV3Config
 from . import kernels
 from .layers import DeepseekV3DecoderLayer, DeepseekV3Experts, DeepseekV3RMSNorm, DeepseekV3RotaryEmbedding
@@ -103,11 +103,13 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
             checkpoint.check_no_missing_weights(model, info.get("missing_keys", ()), pretrained_model_name_or_path)
         return (model, info) if want_info else model
 
+    # The three private hooks overridden here (_load_pretrained_model, _upload_modified_files,
+    # _get_candidate_generator) are listed and version-checked in compat.py.
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
         # header checks (clear errors naming tensor and file) before transformers reads, MTP report after
         return checkpoint.load_pretrained_model(
-            PreTrainedModel._load_pretrained_model, model, state_dict, checkpoint_files, load_config, *args, **kwargs
+            compat.base_load_pretrained_model(), model, state_dict, checkpoint_files, load_config, *args, **kwargs
         )
 
     def save_pretrained(self, save_directory, *args, **kwargs):

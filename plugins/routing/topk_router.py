@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from modeling_deepseek_v3 import compat
 from modeling_deepseek_v3.registry import RouterPlugin
 
 
@@ -19,7 +20,7 @@ def in_backward_pass() -> bool:
     task id is not traceable)."""
     if torch.compiler.is_compiling():
         return False
-    return torch._C._current_graph_task_id() != -1
+    return compat.in_backward_pass()
 
 
 class TopKRouter(RouterPlugin):
