@@ -265,12 +265,42 @@ class KeepsStorageDtype(nn.Module):
         return super()._apply(keep_dtype, recurse)
 
 
+def _frozen_fp8_fprop(x2d, weight, weight_scale_inv, power_of_two: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    x_q, x_s = quantize_act(x2d, power_of_two, "input")
+    return fp8_matmul(x_q, x_s, weight, weight_scale_inv, BLOCK, out_dtype)
+
+
+class FrozenFP8LinearFunction(torch.autograd.Function):
+    """``y = x Wᵀ`` over a weight stored in FP8 with its block scales, differentiable in ``x`` only.
+
+    Fprop is the inference GEMM; Dgrad is ``FP8LinearFunction``'s (``dy`` in 1×128 tiles times the stored blocks
+    transposed), so the backward reads the same FP8 bytes as the forward and never builds a high-precision copy of
+    the weight (on the CPU the reference dequantizes one 128-wide slab at a time). There is no Wgrad: the weight
+    is frozen.
+    """
+
+    @staticmethod
+    def forward(ctx, x2d, weight, weight_scale_inv, power_of_two: bool, out_dtype: torch.dtype):
+        ctx.save_for_backward(weight, weight_scale_inv)
+        ctx.power_of_two, ctx.x_dtype = power_of_two, x2d.dtype
+        return _frozen_fp8_fprop(x2d, weight, weight_scale_inv, power_of_two, out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, weight_scale_inv = ctx.saved_tensors
+        g_q, g_s = quantize_act(grad_out.contiguous(), ctx.power_of_two, "grad_output")
+        grad_x = fp8_matmul(g_q, g_s, weight.t().contiguous(), weight_scale_inv.t().contiguous(), BLOCK, ctx.x_dtype)
+        return grad_x, None, None, None, None
+
+
 class FP8Linear(KeepsStorageDtype):
     """Linear layer holding ``weight`` (float8_e4m3fn ``[out, in]``) and ``weight_scale_inv`` (fp32
     ``[ceil(out/128), ceil(in/128)]``) as in the released checkpoint; activations quantized per 1×128 tile.
 
-    The output has the input's dtype. Not trainable: fine-tune with ``FP8TrainingLinear`` instead. Casting the
-    model leaves ``weight`` and ``weight_scale_inv`` in their dtypes (``KeepsStorageDtype``).
+    The output has the input's dtype. The weight is frozen (fine-tune it with ``FP8TrainingLinear``), but gradients
+    reach the input through an FP8 Dgrad (``FrozenFP8LinearFunction``), so LoRA adapters train over it
+    (``quantization.lora``). Casting the model leaves ``weight`` and ``weight_scale_inv`` in their dtypes
+    (``KeepsStorageDtype``).
     """
 
     storage_dtype_names = ("weight", "weight_scale_inv")
@@ -327,8 +357,11 @@ class FP8Linear(KeepsStorageDtype):
         out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
         if x.numel() == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features, dtype=out_dtype)
-        x_q, x_s = quantize_act(x.reshape(-1, self.in_features), self.power_of_two_scales, "input")
-        y = fp8_matmul(x_q, x_s, self.weight, self.weight_scale_inv, BLOCK, out_dtype)
+        x2d = x.reshape(-1, self.in_features)
+        if torch.is_grad_enabled() and x.requires_grad:  # something before this layer trains: give it a Dgrad
+            y = FrozenFP8LinearFunction.apply(x2d, self.weight, self.weight_scale_inv, self.power_of_two_scales, out_dtype)
+        else:
+            y = _frozen_fp8_fprop(x2d, self.weight, self.weight_scale_inv, self.power_of_two_scales, out_dtype)
         if self.bias is not None:
             y = y + self.bias.to(out_dtype)
         return y.view(*x.shape[:-1], self.out_features)
@@ -348,14 +381,36 @@ def fp8_grouped_linear(x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, 
 
     ``x_sorted [T, K]`` holds the tokens sorted by expert, ``tokens_per_expert [E]`` how many each expert got
     (a device tensor; on the GPU path it is never copied to the host). ``weight [E, N, K]`` fp8 and
-    ``weight_scale_inv [E, ceil(N/128), ceil(K/128)]`` one grid per expert. Inference only
-    (no autograd). Returns ``[T, N]`` in ``x_sorted``'s dtype.
+    ``weight_scale_inv [E, ceil(N/128), ceil(K/128)]`` one grid per expert. The weights are frozen; when
+    ``x_sorted`` requires grad, gradients reach it through a grouped FP8 Dgrad (``FrozenFP8GroupedLinearFunction``).
+    Returns ``[T, N]`` in ``x_sorted``'s dtype.
     """
     m_offsets = _m_offsets(tokens_per_expert, weight.shape[0], x_sorted.device)
     if x_sorted.shape[0] == 0:
         return x_sorted.new_zeros(0, weight.shape[1])
+    if torch.is_grad_enabled() and x_sorted.requires_grad:
+        return FrozenFP8GroupedLinearFunction.apply(x_sorted, m_offsets, weight, weight_scale_inv, power_of_two_scales)
     x_q, x_s = quantize_act(x_sorted, power_of_two_scales, "x_sorted")
     return fp8_grouped_matmul(x_q, x_s, weight, weight_scale_inv, m_offsets, x_sorted.dtype)
+
+
+class FrozenFP8GroupedLinearFunction(torch.autograd.Function):
+    """``fp8_grouped_linear`` differentiable in the tokens: Dgrad is one grouped FP8 GEMM of ``dy`` (1×128 tiles)
+    with every expert's stored blocks transposed, as in ``FP8GroupedLinearFunction``; no Wgrad (frozen weights)."""
+
+    @staticmethod
+    def forward(ctx, x_sorted, m_offsets, weight, weight_scale_inv, power_of_two: bool):
+        ctx.save_for_backward(m_offsets, weight, weight_scale_inv)
+        ctx.power_of_two = power_of_two
+        x_q, x_s = quantize_act(x_sorted, power_of_two, "x_sorted")
+        return fp8_grouped_matmul(x_q, x_s, weight, weight_scale_inv, m_offsets, x_sorted.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        m_offsets, weight, weight_scale_inv = ctx.saved_tensors
+        g_q, g_s = quantize_act(grad_out.contiguous(), ctx.power_of_two, "grad_output")
+        w_t, w_ts = weight.transpose(1, 2).contiguous(), weight_scale_inv.transpose(1, 2).contiguous()
+        return fp8_grouped_matmul(g_q, g_s, w_t, w_ts, m_offsets, grad_out.dtype), None, None, None, None
 
 
 def _m_offsets(tokens_per_expert: torch.Tensor, num_experts: int, device) -> torch.Tensor:

@@ -1,0 +1,185 @@
+"""TRL's SFT, DPO and GRPO trainers with DeepSeek-V3's balancing: drop-in subclasses.
+
+Needs the ``finetune`` extra. Each trainer is TRL's, plus what TRL does not know about this architecture:
+
+* the routers' sequence-wise balance loss (``aux_loss_alpha``) is added to the loss TRL optimises. TRL computes its
+  loss from the backbone through its own LM head, which drops the backbone's ``aux_loss``; its own MoE term
+  (``router_aux_loss_coef``) is Mixtral's softmax load-balancing loss over the router logits, not DeepSeek-V3's, so a
+  non-zero ``router_aux_loss_coef`` is refused. The balance loss is scaled for gradient accumulation exactly as each
+  TRL trainer scales its own MoE term, and logged as ``balance_loss``;
+* forwards made without autograd in training mode (the DPO/GRPO reference, GRPO's old-policy scores and generation)
+  run as inference: they neither count tokens into the routers' loads nor compute a balance loss
+  (``balance_hooks.BalanceLossTap``);
+* ``ExpertBiasUpdateCallback`` is added unless one is passed: one aux-loss-free bias step of ±γ per optimizer step,
+  MaxVio in the logs;
+* ``peft_config`` goes through ``lora.prepare_lora_config`` (target names checked, LoRA over kept-FP8 layers);
+* the reference, as TRL documents it: with ``peft_config`` (or a ``PeftModel``), the policy with its adapters
+  disabled; otherwise ``ref_model=AutoModelForCausalLM.from_pretrained(folder)``, or nothing at all for a policy
+  loaded from a folder. TRL would rebuild that one with the class its config names in ``transformers`` (theirs, not
+  ours), so the DPO trainer reloads the folder with the policy's class instead; GRPO (``beta`` > 0) needs adapters.
+  A DPO reference must be the policy's architecture (a ``ValueError`` names the first config field that differs), and
+  a policy built in memory, with neither a reference nor adapters to disable, is refused up front.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedModel
+from trl import DPOTrainer, GRPOTrainer, SFTTrainer
+
+from .balance_hooks import BalanceLossTap
+from .lora import prepare_lora_config
+from .quantization.lora import register_fp8_lora_layers
+from .training import ExpertBiasUpdateCallback
+
+# Config fields that change what the network computes. The others may differ between policy and reference: dtype,
+# quantization, kernels and experts implementation, training knobs (γ, α, λ) and the MTP depth (a reference never runs
+# the MTP modules).
+ARCHITECTURE_FIELDS = (
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim",
+    "qk_nope_head_dim", "v_head_dim", "n_routed_experts", "n_shared_experts", "n_group", "topk_group",
+    "num_experts_per_tok", "first_k_dense_replace", "norm_topk_prob", "routed_scaling_factor", "topk_method",
+    "scoring_func", "hidden_act", "rms_norm_eps", "attention_backend", "rope_parameters", "rope_interleave",
+    "max_position_embeddings", "tie_word_embeddings",
+)
+
+
+def _base_config(model):
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(model, "module", model), "config", None)
+
+
+def check_reference_model(model, ref_model) -> None:
+    """``ValueError`` naming the first architecture field (``ARCHITECTURE_FIELDS``) whose value differs."""
+    policy, reference = _base_config(model), _base_config(ref_model)
+    if policy is None or reference is None:
+        return
+    for field in ARCHITECTURE_FIELDS:
+        mine, theirs = getattr(policy, field, None), getattr(reference, field, None)
+        if mine != theirs:
+            raise ValueError(
+                f"The reference model differs from the policy in config field `{field}`: policy {mine!r}, reference "
+                f"{theirs!r}. The reference must be the policy's starting point (the same architecture), e.g. "
+                "AutoModelForCausalLM.from_pretrained(<the folder the policy was loaded from>)."
+            )
+
+
+def _reference_from_folder(model, ref_model, peft_config, needed: bool):
+    """The DPO reference to pass to TRL. Where TRL would rebuild one from the policy's folder, it is built here with
+    the policy's own class: TRL picks ``getattr(transformers, config.architectures[0])``, which for a DeepSeek-V3
+    folder is transformers' class, not this one (plugins, FP8 kept or not). A policy built in memory has no folder."""
+    is_peft = hasattr(model, "get_base_model") and hasattr(model, "peft_config")
+    if not needed or ref_model is not None or peft_config is not None or is_peft or not isinstance(model, PreTrainedModel):
+        return ref_model
+    folder = getattr(model.config, "_name_or_path", "")
+    if not folder:
+        raise ValueError(
+            "No reference model: the policy was built in memory, so there is no folder to reload it from. Pass "
+            "`ref_model=AutoModelForCausalLM.from_pretrained(folder)` (a saved copy of the starting weights), or a "
+            "`peft_config` (the reference is then the policy with its adapters disabled)."
+        )
+    quantization = getattr(model.config, "quantization_config", None)
+    kwargs = {"quantization_config": quantization} if quantization is not None else {}
+    return type(model).from_pretrained(folder, dtype=model.dtype, **kwargs).eval()
+
+
+def _refuse_rebuilt_reference(model, peft_config, beta: float) -> None:
+    is_peft = hasattr(model, "get_base_model") and hasattr(model, "peft_config")
+    if beta != 0.0 and peft_config is None and not is_peft:
+        raise ValueError(
+            f"GRPO with `beta`={beta} and no adapters: TRL would rebuild the reference from the policy's folder with "
+            "transformers' own DeepseekV3ForCausalLM, not this class. Pass a `peft_config` (the reference is then the "
+            "policy with its adapters disabled) or keep `beta=0.0`."
+        )
+
+
+def _prepare_peft(model, peft_config):
+    if peft_config is None or not hasattr(peft_config, "target_modules"):
+        return peft_config
+    if isinstance(model, PreTrainedModel):
+        return prepare_lora_config(model, peft_config)
+    return register_fp8_lora_layers(peft_config)  # a path: TRL loads the model, names are checked by PEFT only
+
+
+class _DeepseekV3Balancing:
+    """What the three trainers share (see the module doc)."""
+
+    def _tap_model(self, model) -> None:
+        self._tap = BalanceLossTap(model) if isinstance(model, PreTrainedModel) else None
+
+    def _finish_setup(self) -> None:
+        if self.router_aux_loss_coef:
+            raise ValueError(
+                f"`router_aux_loss_coef`={self.router_aux_loss_coef}: TRL's MoE term is Mixtral's load-balancing loss, "
+                "not DeepSeek-V3's. These trainers add the model's own sequence-wise balance loss (config field "
+                "`aux_loss_alpha`); leave `router_aux_loss_coef` unset."
+            )
+        if self._tap is None:
+            self._tap = BalanceLossTap(self.model)
+        if not any(isinstance(cb, ExpertBiasUpdateCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(ExpertBiasUpdateCallback())
+
+    def _with_balance_loss(self, result, scale: float):
+        balance = self._tap.pop()
+        if balance is None:
+            return result
+        loss, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, None)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["balance_loss"].append(self.accelerator.gather_for_metrics(balance.detach()).mean().item())
+        loss = loss + balance.to(loss.device) * scale
+        return (loss, *rest) if rest is not None else loss
+
+
+class DeepseekV3SFTTrainer(_DeepseekV3Balancing, SFTTrainer):
+    """``trl.SFTTrainer`` with DeepSeek-V3's balancing (see the module doc)."""
+
+    def __init__(self, model, *args, peft_config=None, **kwargs):
+        self._tap_model(model)
+        super().__init__(model, *args, peft_config=_prepare_peft(model, peft_config), **kwargs)
+        self._finish_setup()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._tap.pop()  # only this loss's forwards count
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        # as SFTTrainer scales its MoE term: with `num_items_in_batch`, gradient accumulation is left to the loss
+        steps = getattr(self, "current_gradient_accumulation_steps", 1) if num_items_in_batch is not None else 1
+        return self._with_balance_loss(result, 1.0 / steps)
+
+
+class DeepseekV3DPOTrainer(_DeepseekV3Balancing, DPOTrainer):
+    """``trl.DPOTrainer`` with DeepSeek-V3's balancing and reference checks (see the module doc)."""
+
+    def __init__(self, model, ref_model=None, args=None, *rest, peft_config=None, **kwargs):
+        ref_model = _reference_from_folder(model, ref_model, peft_config,
+                                           needed=not getattr(args, "precompute_ref_log_probs", False))
+        if ref_model is not None:
+            check_reference_model(model, ref_model)
+        self._tap_model(model)
+        super().__init__(model, ref_model, args, *rest, peft_config=_prepare_peft(model, peft_config), **kwargs)
+        self._finish_setup()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._tap.pop()
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        return self._with_balance_loss(result, 1.0)  # as DPOTrainer adds its MoE term: Trainer scales the sum
+
+
+class DeepseekV3GRPOTrainer(_DeepseekV3Balancing, GRPOTrainer):
+    """``trl.GRPOTrainer`` with DeepSeek-V3's balancing (see the module doc)."""
+
+    def __init__(self, model, reward_funcs=None, args=None, *rest, peft_config=None, **kwargs):
+        _refuse_rebuilt_reference(model, peft_config, getattr(args, "beta", 0.0))
+        self._tap_model(model)
+        super().__init__(model, reward_funcs, args, *rest, peft_config=_prepare_peft(model, peft_config), **kwargs)
+        self._finish_setup()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._tap.pop()
+        loss = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        # as GRPOTrainer scales its MoE term: its loss is already divided by the accumulation steps in training
+        steps = getattr(self, "current_gradient_accumulation_steps", 1) if self.model.training else 1
+        return self._with_balance_loss(loss, 1.0 / steps)
+
+
+__all__ = ["ARCHITECTURE_FIELDS", "DeepseekV3DPOTrainer", "DeepseekV3GRPOTrainer", "DeepseekV3SFTTrainer",
+           "check_reference_model"]
