@@ -290,4 +290,4 @@ def test_lora_on_fp8_experts_is_refused_naming_the_parameter(fp8_folder):
         prepare_lora_config(model, LoraConfig(r=2, target_modules=[], target_parameters=EXPERTS))
     # PEFT turns target_modules gate_proj/up_proj/down_proj into the stacked expert parameters: refused in dispatch
     with pytest.raises(ValueError, match=r"parameter model\.layers\.1\.mlp\.experts\.(gate_up|down)_proj: .* stored in FP8"):
-        get_peft_model(model, prepare_lora_config(model, LoraConfig(r=2, target_modules=["q_a_proj", "gate_proj"])))
+        get_peft_model(model, prepare_lora_config(model, LoraConfig(r=2, target_modules=["q_a_proj", "gate_proj", "up_proj"])))
