@@ -29,7 +29,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--generations", type=int, default=4)
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/grpo"))
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs/grpo"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

@@ -36,7 +36,7 @@ def main() -> int:
     parser.add_argument("--merge", choices=["requantize", "dequantize"], default="requantize",
                         help="FP8 base only: merge back into FP8, or into a plain fp32 checkpoint")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/sft_lora"))
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs/sft_lora"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

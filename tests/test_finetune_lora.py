@@ -14,17 +14,15 @@ import pytest
 import torch
 import transformers
 from conftest import build_model, relative_error, tiny_config
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 
-peft = pytest.importorskip("peft")
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-
-from modeling_deepseek_v3 import DeepseekV3FP8Config, DeepseekV3ForCausalLM  # noqa: E402
-from modeling_deepseek_v3.lora import merge_and_unload, prepare_lora_config  # noqa: E402
-from modeling_deepseek_v3.quantization import FP8Linear, FP8TrainingLinear, formats  # noqa: E402
-from modeling_deepseek_v3.quantization.converter import DeepseekV3FP8Converter  # noqa: E402
-from modeling_deepseek_v3.quantization.linear import fp8_grouped_linear, quantize_expert_weights  # noqa: E402
-from modeling_deepseek_v3.quantization.lora import FP8LoraLinear  # noqa: E402
+from modeling_deepseek_v3 import DeepseekV3FP8Config, DeepseekV3ForCausalLM
+from modeling_deepseek_v3.lora import merge_and_unload, prepare_lora_config
+from modeling_deepseek_v3.quantization import FP8Linear, FP8TrainingLinear, formats
+from modeling_deepseek_v3.quantization.converter import DeepseekV3FP8Converter
+from modeling_deepseek_v3.quantization.linear import fp8_grouped_linear, quantize_expert_weights
+from modeling_deepseek_v3.quantization.lora import FP8LoraLinear
 
 MLA = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]

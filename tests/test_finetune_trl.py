@@ -11,17 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_model, tiny_config
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, ByT5Tokenizer
+from trl import DPOConfig, DPOTrainer, GRPOConfig, SFTConfig, SFTTrainer
 
-pytest.importorskip("peft")
-pytest.importorskip("trl")
-from peft import LoraConfig  # noqa: E402
-from transformers import AutoModelForCausalLM, ByT5Tokenizer  # noqa: E402
-from trl import DPOConfig, DPOTrainer, GRPOConfig, SFTConfig, SFTTrainer  # noqa: E402
-
-from modeling_deepseek_v3 import DeepseekV3ForCausalLM, ExpertBiasUpdateCallback  # noqa: E402
-from modeling_deepseek_v3.plugins.routing.topk_router import TopKRouter, in_backward_pass  # noqa: E402
-from modeling_deepseek_v3.training import routers  # noqa: E402
-from modeling_deepseek_v3.trl_trainers import (  # noqa: E402
+from modeling_deepseek_v3 import DeepseekV3FP8Config, DeepseekV3ForCausalLM, ExpertBiasUpdateCallback
+from modeling_deepseek_v3.quantization.converter import DeepseekV3FP8Converter
+from modeling_deepseek_v3.plugins.routing.topk_router import TopKRouter, in_backward_pass
+from modeling_deepseek_v3.training import routers
+from modeling_deepseek_v3.trl_trainers import (
     DeepseekV3DPOTrainer,
     DeepseekV3GRPOTrainer,
     DeepseekV3SFTTrainer,
@@ -142,6 +140,22 @@ def test_sft_optimises_the_balance_loss_and_steps_the_bias(tmp_path):
     check_bias_steps(trainer, callback, steps=2)
 
 
+def test_sft_over_a_kept_fp8_base(tmp_path):
+    policy().save_pretrained(tmp_path / "fp32")
+    DeepseekV3FP8Converter.from_pretrained(tmp_path / "fp32").quantize(tmp_path / "fp8", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", quantization_config=DeepseekV3FP8Config(dequantize=False),
+                                                 dtype=torch.float32)
+    fp8 = [(p, p.detach().view(torch.uint8).clone()) for p in model.parameters() if p.dtype == torch.float8_e4m3fn]
+    callback = BiasSteps()
+    trainer = recording(DeepseekV3SFTTrainer, lambda inputs: inputs["attention_mask"].sum())(
+        model, args=SFTConfig(**common(tmp_path, max_steps=1), max_length=48), train_dataset=dataset("sft", 4),
+        processing_class=ByT5Tokenizer(), peft_config=lora(experts=False), callbacks=[callback])
+    trainer.bias_steps = callback
+    trainer.train()
+    check_bias_steps(trainer, callback, steps=1)
+    assert fp8 and all(torch.equal(p.detach().view(torch.uint8), before) for p, before in fp8)
+
+
 def dpo_tokens(inputs):
     return inputs["attention_mask"].sum()
 
@@ -223,3 +237,10 @@ def test_trls_mixtral_balance_term_is_refused(tmp_path):
     with pytest.raises(ValueError, match="`router_aux_loss_coef`=0.5"):
         DeepseekV3SFTTrainer(policy(), args=SFTConfig(**common(tmp_path), router_aux_loss_coef=0.5),
                              train_dataset=dataset("sft", 4), processing_class=ByT5Tokenizer(), peft_config=lora())
+
+
+def test_grpo_with_a_rebuilt_reference_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="`beta`=0.1 and no adapters"):
+        DeepseekV3GRPOTrainer(policy(), reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
+                              args=GRPOConfig(**common(tmp_path), num_generations=4, beta=0.1),
+                              train_dataset=dataset("grpo", 4), processing_class=ByT5Tokenizer())
