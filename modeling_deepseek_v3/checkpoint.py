@@ -41,7 +41,6 @@ import logging
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -55,8 +54,8 @@ from transformers.quantizers.auto import (
 )
 from transformers.quantizers.base import HfQuantizer
 from . import model_card
-from .fp8_config import OFFICIAL_QUANT_METHOD, QUANT_METHOD, DeepseekV3FP8Config, as_quantization_config
-from .quantization.converter import CheckpointError, check_scale_values, read_index, read_safetensors_header
+from .fp8_config import QUANT_METHOD, DeepseekV3FP8Config, as_quantization_config
+from .checkpoint_io import INDEX_NAME, CheckpointError, atomic_save, check_scale_values, read_index, read_safetensors_header
 from .quantization.experts import FP8Experts
 from .quantization.formats import BLOCK, FP8_DTYPE, ceil_div
 from .quantization.linear import FP8Linear
@@ -358,40 +357,6 @@ def validate_checkpoint_files(model: nn.Module, files, index_path: str | None = 
 # ---------------------------------------------------------------------------------------------------
 
 
-def atomic_save(save_directory: str | os.PathLike, write) -> None:
-    """Run ``write(tmp_dir)`` in a temporary sibling folder, then move its files into ``save_directory``.
-
-    A fresh target is a single directory rename. An existing one gets each file by ``os.replace`` (atomic per
-    file), the index last, and loses the weight files of an earlier save that the new one does not have. If
-    ``write`` fails, the target is untouched.
-    """
-    target = Path(save_directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        write(str(tmp))
-        if not target.exists() or (target.is_dir() and not any(target.iterdir())):
-            if target.exists():
-                target.rmdir()
-            os.replace(tmp, target)
-            return
-        new = sorted(p.name for p in tmp.iterdir())
-        new.sort(key=lambda n: n.endswith(".index.json"))  # index after the shards it names
-        for name in new:
-            os.replace(tmp / name, target / name)
-        for old in target.iterdir():
-            if old.name not in new and old.suffix == ".safetensors" and old.name.startswith("model"):
-                old.unlink()
-        if not any(p.name.endswith(".index.json") for p in tmp.iterdir()) and "model.safetensors.index.json" not in new:
-            stale_index = target / "model.safetensors.index.json"
-            if stale_index.exists() and (target / "model.safetensors").exists():
-                stale_index.unlink()
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_pretrained(model, base_save, save_directory, *args, state_dict=None, push_to_hub=False, is_main_process=True, **kwargs):
     """``PreTrainedModel.save_pretrained`` in the official layout, atomically, with a model card.
 
@@ -431,7 +396,7 @@ _DECODER_TENSOR = re.compile(r"^(?:model\.)?(?:layers\.(?P<layer>\d+)\.|norm\.we
 def check_index_of(folder) -> None:
     """Before transformers reads a local folder: its ``model.safetensors.index.json``, if any, is valid JSON naming
     shards that exist (else a ``CheckpointError`` naming the file)."""
-    index = Path(os.fspath(folder)) / "model.safetensors.index.json"
+    index = Path(os.fspath(folder)) / INDEX_NAME
     if index.is_file():
         read_index(index)
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from transformers.utils.quantization_config import FineGrainedFP8Config
 
-from .quantization.formats import BLOCK
+from .checkpoint_io import OFFICIAL_FP8_BLOCK
 
-OFFICIAL_QUANT_METHOD = "fp8"
+OFFICIAL_QUANT_METHOD = OFFICIAL_FP8_BLOCK["quant_method"]
+_BLOCK = tuple(OFFICIAL_FP8_BLOCK["weight_block_size"])
 QUANT_METHOD = "deepseek_v3_fp8"  # our key in transformers' quantizer registry; never written to config.json
 
 
@@ -22,8 +23,8 @@ class DeepseekV3FP8Config(FineGrainedFP8Config):
     load ``dtype``, ``None`` (default) keeps FP8 on a CUDA machine and dequantizes elsewhere.
     """
 
-    def __init__(self, activation_scheme="dynamic", weight_block_size=(BLOCK, BLOCK), dequantize=None,
-                 modules_to_not_convert=None, fmt="e4m3", **kwargs):
+    def __init__(self, activation_scheme=OFFICIAL_FP8_BLOCK["activation_scheme"], weight_block_size=_BLOCK, dequantize=None,
+                 modules_to_not_convert=None, fmt=OFFICIAL_FP8_BLOCK["fmt"], **kwargs):
         kwargs.pop("quant_method", None)
         super().__init__(activation_scheme=activation_scheme, weight_block_size=tuple(weight_block_size),
                          dequantize=bool(dequantize), modules_to_not_convert=modules_to_not_convert)
@@ -36,7 +37,7 @@ class DeepseekV3FP8Config(FineGrainedFP8Config):
         self.check_official()
 
     def check_official(self) -> None:
-        if list(self.weight_block_size) != [BLOCK, BLOCK]:
+        if tuple(self.weight_block_size) != _BLOCK:
             raise ValueError(f"quantization_config.weight_block_size must be [128, 128] (DeepSeek-V3 FP8), got {list(self.weight_block_size)}.")
         if str(self.fmt).lower() != "e4m3":
             raise ValueError(f"quantization_config.fmt must be 'e4m3' (DeepSeek-V3 FP8), got {self.fmt!r}.")
