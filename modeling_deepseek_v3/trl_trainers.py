@@ -23,6 +23,8 @@ Needs the ``finetune`` extra. Each trainer is TRL's, plus what TRL does not know
 
 from __future__ import annotations
 
+from peft import LoraConfig, PeftModel
+from torch import nn
 from transformers import PreTrainedModel
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
@@ -45,7 +47,7 @@ ARCHITECTURE_FIELDS = (
 
 
 def _base_config(model):
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model = model.get_base_model() if isinstance(model, PeftModel) else model
     return getattr(getattr(model, "module", model), "config", None)
 
 
@@ -68,8 +70,7 @@ def _reference_from_folder(model, ref_model, peft_config, needed: bool):
     """The DPO reference to pass to TRL. Where TRL would rebuild one from the policy's folder, it is built here with
     the policy's own class: TRL picks ``getattr(transformers, config.architectures[0])``, which for a DeepSeek-V3
     folder is transformers' class, not this one (plugins, FP8 kept or not). A policy built in memory has no folder."""
-    is_peft = hasattr(model, "get_base_model") and hasattr(model, "peft_config")
-    if not needed or ref_model is not None or peft_config is not None or is_peft or not isinstance(model, PreTrainedModel):
+    if not needed or ref_model is not None or peft_config is not None or not isinstance(model, PreTrainedModel):
         return ref_model
     folder = getattr(model.config, "_name_or_path", "")
     if not folder:
@@ -84,8 +85,7 @@ def _reference_from_folder(model, ref_model, peft_config, needed: bool):
 
 
 def _refuse_rebuilt_reference(model, peft_config, beta: float) -> None:
-    is_peft = hasattr(model, "get_base_model") and hasattr(model, "peft_config")
-    if beta != 0.0 and peft_config is None and not is_peft:
+    if beta != 0.0 and peft_config is None and not isinstance(model, PeftModel):
         raise ValueError(
             f"GRPO with `beta`={beta} and no adapters: TRL would rebuild the reference from the policy's folder with "
             "transformers' own DeepseekV3ForCausalLM, not this class. Pass a `peft_config` (the reference is then the "
@@ -94,7 +94,7 @@ def _refuse_rebuilt_reference(model, peft_config, beta: float) -> None:
 
 
 def _prepare_peft(model, peft_config):
-    if peft_config is None or not hasattr(peft_config, "target_modules"):
+    if not isinstance(peft_config, LoraConfig):
         return peft_config
     if isinstance(model, PreTrainedModel):
         return prepare_lora_config(model, peft_config)
@@ -105,7 +105,8 @@ class _DeepseekV3Balancing:
     """What the three trainers share (see the module doc)."""
 
     def _tap_model(self, model) -> None:
-        self._tap = BalanceLossTap(model) if isinstance(model, PreTrainedModel) else None
+        # before TRL's setup, which may already run reference forwards (precomputed reference log-probabilities)
+        self._tap = BalanceLossTap(model) if isinstance(model, nn.Module) else None
 
     def _finish_setup(self) -> None:
         if self.router_aux_loss_coef:
