@@ -56,7 +56,7 @@ def single_process(checkpoint: str, forced: bool = False) -> dict:
     ids = worker.global_batch()
     output = model(ids, labels=ids)
     output.loss.backward()
-    result = {"loss": float(output.loss), "logits": output.logits.detach(),
+    result = {"loss": float(output.loss.detach()), "logits": output.logits.detach(),
               "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
     optimizer = torch.optim.AdamW(model.parameters(), lr=worker.LR)
     optimizer.step()
