@@ -24,7 +24,6 @@ def _randn(*shape, seed=0, dtype=torch.float32, scale=1.0):
 
 if not INTERPRETING:
     from modeling_deepseek_v3 import kernels
-    from modeling_deepseek_v3.kernels import cross_entropy as CE
 
     def test_triton_kernels_under_the_interpreter():
         run_file_under_triton_interpreter(__file__)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import huggingface_hub
 import pytest
-import torch
 import transformers
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import EntryNotFoundError
