@@ -24,15 +24,16 @@ def main() -> int:
     parser.add_argument("--reference", choices=["adapter", "folder"], default="adapter",
                         help="adapter: LoRA, reference = adapters disabled; folder: full fine-tuning, reference reloaded")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--learning-rate", type=float, default=None, help="default 2e-3 (adapter) or 5e-4 (folder)")
+    parser.add_argument("--learning-rate", type=float, default=None, help="default 1e-3 (adapter) or 5e-4 (folder)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/dpo"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     folder = save_tiny_base(args.output_dir, seed=args.seed)
     policy = load(folder)
+    learning_rate = args.learning_rate or (1e-3 if args.reference == "adapter" else 5e-4)
     training = DPOConfig(**training_defaults(args.output_dir, args.steps, args.seed), per_device_train_batch_size=8,
-                         learning_rate=args.learning_rate or (2e-3 if args.reference == "adapter" else 5e-4), max_length=96, beta=0.1)
+                         learning_rate=learning_rate, max_length=96, beta=0.1)
     if args.reference == "adapter":
         trainer = DeepseekV3DPOTrainer(policy, args=training, train_dataset=dataset("dpo"),
                                        processing_class=tokenizer(), peft_config=lora_config(experts=True))

@@ -21,6 +21,7 @@ from trl import SFTConfig
 
 from modeling_deepseek_v3 import DeepseekV3FP8Config
 from modeling_deepseek_v3.lora import merge_and_unload
+from modeling_deepseek_v3.quantization.lora import FP8LoraLinear
 from modeling_deepseek_v3.trl_trainers import DeepseekV3SFTTrainer
 from transformers import AutoModelForCausalLM
 
@@ -62,7 +63,12 @@ def main() -> int:
     if before:
         print(f"All {len(before)} FP8 base tensors are byte-identical after training.")
 
+    fp8_layers = [m for m in trainer.model.modules() if isinstance(m, FP8LoraLinear)]
     merged = merge_and_unload(trainer.model, fp8=args.merge, dtype=torch.float32).eval()
+    if fp8_layers:
+        worst = max(layer.merge_report["update_relative_error"] for layer in fp8_layers)
+        print(f"Merged {len(fp8_layers)} FP8 layers ({args.merge}); largest ||stored − (W + ΔW)|| / ||ΔW|| of a "
+              f"layer: {worst:.3g}")
     save_dir = args.output_dir / "merged"
     merged.save_pretrained(save_dir)
     tokenizer().save_pretrained(save_dir)
