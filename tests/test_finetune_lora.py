@@ -289,3 +289,9 @@ def test_lora_on_fp8_experts_is_refused_naming_the_parameter(fp8_folder):
     # PEFT turns target_modules gate_proj/up_proj/down_proj into the stacked expert parameters: refused in dispatch
     with pytest.raises(ValueError, match=r"parameter model\.layers\.1\.mlp\.experts\.(gate_up|down)_proj: .* stored in FP8"):
         get_peft_model(model, prepare_lora_config(model, LoraConfig(r=2, target_modules=["q_a_proj", "gate_proj", "up_proj"])))
+
+
+def test_lora_options_fp8_layers_do_not_implement_are_named(fp8_folder):
+    model = load_fp8(fp8_folder)
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.q_a_proj'.*`use_dora`"):
+        get_peft_model(model, prepare_lora_config(model, LoraConfig(r=2, target_modules=["q_a_proj"], use_dora=True)))
