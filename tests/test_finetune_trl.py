@@ -13,7 +13,7 @@ import torch
 from conftest import build_model, tiny_config
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, ByT5Tokenizer
-from trl import DPOConfig, DPOTrainer, GRPOConfig, SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 from modeling_deepseek_v3 import DeepseekV3FP8Config, DeepseekV3ForCausalLM, ExpertBiasUpdateCallback
 from modeling_deepseek_v3.quantization.converter import DeepseekV3FP8Converter
@@ -104,14 +104,21 @@ def check_bias_steps(trainer, callback, steps: int) -> None:
     assert len(logged) == steps and all("max_vio_mean" in entry and "balance_loss" in entry for entry in logged)
 
 
-def balance_loss_of(model, inputs) -> torch.Tensor:
-    """The backbone's own balance loss on ``inputs`` in training mode (the ground truth the trainers add)."""
+def balance_loss_of(model, input_ids, attention_mask) -> torch.Tensor:
+    """The backbone's own balance loss on these tokens in training mode (the ground truth the trainers add); the
+    routers' token counts are left as they were."""
     backbone = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+    counts = {name: router._tokens_per_expert for name, router in routers(model).items()}
     with torch.enable_grad():
-        loss = backbone(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).aux_loss
+        loss = backbone(input_ids=input_ids, attention_mask=attention_mask).aux_loss
+    for name, router in routers(model).items():
+        router._tokens_per_expert = counts[name]
+    return loss.detach()
+
+
+def reset_counts(model) -> None:
     for router in routers(model).values():
         router.reset_counts()
-    return loss.detach()
 
 
 def lora(experts: bool = True) -> LoraConfig:
@@ -133,8 +140,9 @@ def test_sft_optimises_the_balance_loss_and_steps_the_bias(tmp_path):
     trainer.model.train()
     ours = DeepseekV3SFTTrainer.compute_loss(trainer, trainer.model, dict(inputs))
     trl_loss = SFTTrainer.compute_loss(trainer, trainer.model, dict(inputs))
-    balance = balance_loss_of(trainer.model, inputs)
+    balance = balance_loss_of(trainer.model, inputs["input_ids"], inputs["attention_mask"])
     assert balance > 0 and torch.allclose(ours.detach() - trl_loss.detach(), balance, rtol=1e-4, atol=1e-7)
+    reset_counts(trainer.model)  # the two losses above were training forwards too
 
     trainer.train()
     check_bias_steps(trainer, callback, steps=2)
@@ -181,8 +189,9 @@ def test_dpo_with_the_adapter_disabled_reference(tmp_path, monkeypatch):
     trainer.model.train()
     ours = DeepseekV3DPOTrainer.compute_loss(trainer, trainer.model, dict(inputs))
     trl_loss = DPOTrainer.compute_loss(trainer, trainer.model, dict(inputs))
-    balance = balance_loss_of(trainer.model, inputs)
+    balance = balance_loss_of(trainer.model, inputs["input_ids"], inputs["attention_mask"])
     assert torch.allclose(ours.detach() - trl_loss.detach(), balance, rtol=1e-4, atol=1e-7)
+    reset_counts(trainer.model)
 
     balance_calls.clear()
     trainer.train()
@@ -210,14 +219,31 @@ def test_grpo_generation_and_scoring_count_nothing(tmp_path):
     def reward(completions, answer, **kwargs):
         return [1.0 if text.startswith(right) else float(text[:1].isdigit()) / 4 for text, right in zip(completions, answer)]
 
+    class Checked(recording(DeepseekV3GRPOTrainer, lambda inputs: inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())):
+        differences = []
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            if not self.differences:  # first training loss: ours minus TRL's is the backbone's balance loss
+                with torch.no_grad():  # a forward without autograd runs as inference: nothing counted
+                    trl_loss = GRPOTrainer.compute_loss(self, model, inputs)
+                ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+                mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+                with self.accelerator.autocast():  # as GRPO scores the tokens (bf16 autocast by default)
+                    self.differences.append((trl_loss, balance_loss_of(model, ids, mask)))
+            loss = super().compute_loss(model, inputs, *args, **kwargs)
+            if len(self.differences) == 1:
+                self.differences.append(loss.detach())
+            return loss
+
     callback = BiasSteps()
     args = GRPOConfig(**common(tmp_path), num_generations=4, max_completion_length=4, beta=0.0)
-    trainer = recording(DeepseekV3GRPOTrainer, lambda inputs: (inputs["prompt_mask"].sum() + inputs["completion_mask"].sum()))(
-        policy(), reward_funcs=reward, args=args, train_dataset=dataset("grpo"), processing_class=ByT5Tokenizer(),
-        peft_config=lora(experts=False), callbacks=[callback])
+    trainer = Checked(policy(), reward_funcs=reward, args=args, train_dataset=dataset("grpo"),
+                      processing_class=ByT5Tokenizer(), peft_config=lora(experts=False), callbacks=[callback])
     trainer.bias_steps = callback
     trainer.train()
     check_bias_steps(trainer, callback, steps=2)
+    (trl_loss, balance), ours = trainer.differences
+    assert balance > 0 and torch.allclose((ours - trl_loss).float(), balance.float(), rtol=1e-3, atol=1e-6)
 
 
 def test_dpo_reference_of_another_architecture_is_named(tmp_path):
