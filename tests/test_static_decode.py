@@ -91,3 +91,21 @@ def test_training_step_compiles_to_one_graph_and_matches_eager():
             assert relative_error(q.grad, p.grad) < 1e-5, name
     routers = [(a, b) for a, b in zip(eager.modules(), compiled.modules()) if hasattr(a, "tokens_per_expert")]
     assert routers and all(torch.equal(a.tokens_per_expert, b.tokens_per_expert) for a, b in routers)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("mla_mode", MLA_MODES)
+def test_static_cache_prefill_and_decode_match_transformers_full_forward(tmp_path, mla_mode, attn_implementation):
+    # A short prompt into a longer static cache: transformers passes no mask for the prefill (SDPA's top-left
+    # `is_causal` keeps the empty slots out), so the absorbed path must align its own causal mask the same way.
+    build_model(tiny_config()).save_pretrained(tmp_path)
+    theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path, attn_implementation=attn_implementation).eval()
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=attn_implementation,
+                                                             mla_mode=mla_mode).eval()
+    ids = torch.randint(1, 97, (1, 9), generator=torch.Generator().manual_seed(5))
+    cache = transformers.StaticCache(config=ours.config, max_cache_len=32)
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        prefill = ours(ids[:, :8], past_key_values=cache, use_cache=True).logits
+        step = ours(ids[:, 8:], past_key_values=cache, use_cache=True).logits
+    assert relative_error(prefill, expected[:, :8]) < 1e-5 and relative_error(step, expected[:, 8:]) < 1e-5

@@ -26,7 +26,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from modeling_deepseek_v3.layers import (
     DeepseekV3RMSNorm,
     apply_rotary,
-    causal_mask_for_last_queries,
     linear_weight,
     yarn_softmax_scale,
 )
@@ -205,12 +204,16 @@ class MultiHeadLatentAttention(AttentionPlugin):
 def _fold_mask(attention_mask, query_len: int, num_heads: int, key_len: int, device) -> torch.Tensor | None:
     """The [B, 1|H, T, S] mask for queries folded to [B, 1, T·H, S] (t-major), bool (True = attend) or additive.
 
-    transformers leaves the mask out (None) when plain causal masking is exact, i.e. the T queries are the last T
-    of the S keys; folded queries cannot use ``is_causal``, so that mask is built here (bottom-right aligned)."""
+    transformers leaves the mask out (None) where SDPA's ``is_causal`` is exact: one query (it sees every key), or
+    queries aligned to the first keys — as many keys as queries, or a prefill into an empty static cache whose
+    S ≥ T slots are mostly still empty. ``is_causal`` is aligned to the top left (query i sees keys 0..i), which is
+    right in all those cases and keeps a static cache's empty slots out; folded queries cannot use ``is_causal``,
+    so that mask is built here, aligned the same way."""
     if attention_mask is None:
         if query_len == 1:
             return None
-        attention_mask = causal_mask_for_last_queries(query_len, key_len, device)
+        positions = torch.arange(max(query_len, key_len), device=device)
+        attention_mask = (positions[None, :key_len] <= positions[:query_len, None])[None, None]  # [1, 1, T, S]
     attention_mask = attention_mask[..., -key_len:]  # masks may be longer than the keys (never shorter)
     if query_len == 1 and attention_mask.shape[1] == 1:
         return attention_mask  # [B, 1, 1, S] broadcasts over the H folded queries: no copy
