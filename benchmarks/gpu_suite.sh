@@ -118,7 +118,10 @@ if [ $DRY_RUN = 1 ]; then
     run_step train_step "" "$PY" benchmarks/train_step.py --tiny --steps 1 --out "$OUTDIR"
     run_step decode "" "$PY" benchmarks/decode.py --tiny --new-tokens 4 --batches 1 2 --contexts 24 --mtp-steps 10 \
         --out "$OUTDIR/decode"
-    run_step step_profile "" "$PY" benchmarks/step_profile.py --tiny --out "$OUTDIR/step_profile.json"
+    # one row of ours beside transformers' is enough to check the wiring (tests/test_step_profile_benchmark.py runs
+    # every --tiny row on its own)
+    run_step step_profile "" "$PY" benchmarks/step_profile.py --tiny --experts grouped_mm --mla-modes absorbed \
+        --out "$OUTDIR/step_profile.json"
 else
     run_step pytest_gpu "" "$PY" -m pytest -m gpu -q -p no:cacheprovider tests --junitxml="$OUTDIR/pytest_gpu.xml"
     run_step fp8_gemm "" "$PY" benchmarks/fp8_gemm.py --out "$OUTDIR/fp8_gemm.md"
