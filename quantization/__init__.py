@@ -7,28 +7,21 @@ package imports without triton.
 
 from . import formats
 from .experts import FP8Experts
-from .formats import BLOCK, FP8_DTYPE, FP8_MAX, dequantize_weight_128x128, quantize_weight_128x128
-from .linear import FP8Linear, FP8TrainingLinear, fp8_grouped_linear, fp8_grouped_mm, set_check_finite
+from .linear import FP8Linear, FP8TrainingLinear, set_check_finite
 from .quantizer import FP8BlockQuantizer, dequantize_state_dict, is_fp8_eligible, quantize_state_dict
 
-# What users call. The tile/block formats, references and kernels are reached through `formats`, `linear` and
-# `kernels`: `fp8_grouped_mm` is the differentiable grouped GEMM for training (high-precision [E, N, K] weights),
-# `fp8_grouped_linear` the inference one (weights already in FP8 with their scales).
+# What users call: the quantizer plugin, the FP8 layers, offline state-dict (de)quantization and the inf/nan check
+# policy. Everything else lives in its module: the tile/block formats and their references in `formats`, the
+# grouped expert GEMMs in `linear` (`fp8_grouped_linear_trainable` over high-precision master weights, for training;
+# `fp8_grouped_linear_frozen` over weights stored in FP8), the Triton kernels in `kernels`.
 __all__ = [
-    "BLOCK",
-    "FP8_DTYPE",
-    "FP8_MAX",
     "FP8BlockQuantizer",
     "FP8Experts",
     "FP8Linear",
     "FP8TrainingLinear",
     "dequantize_state_dict",
-    "dequantize_weight_128x128",
     "formats",
-    "fp8_grouped_linear",
-    "fp8_grouped_mm",
     "is_fp8_eligible",
     "quantize_state_dict",
-    "quantize_weight_128x128",
     "set_check_finite",
 ]

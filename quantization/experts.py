@@ -25,7 +25,7 @@ from ..expert_slots import SortedSlots
 from ..registry import ExpertsPlugin, register_plugin
 from . import formats
 from .formats import BLOCK, ceil_div
-from .linear import KeepsStorageDtype, fp8_grouped_linear, fp8_grouped_mm, quantize_expert_weights
+from .linear import KeepsStorageDtype, fp8_grouped_linear_frozen, fp8_grouped_linear_trainable, quantize_expert_weights
 
 FP8_EXPERTS_IMPLEMENTATION = "deepseek_fp8"
 
@@ -36,8 +36,8 @@ def deepseek_fp8_experts_forward(self, hidden_states: torch.Tensor, top_k_index:
     power_of_two = self.config.fp8_power_of_two_scales
     slots = SortedSlots(top_k_index, self.num_experts)
     x = slots.gather(hidden_states)
-    gate_up = fp8_grouped_mm(x, slots.tokens_per_expert, self.gate_up_proj, power_of_two)
-    out = fp8_grouped_mm(self._apply_gate(gate_up), slots.tokens_per_expert, self.down_proj, power_of_two)
+    gate_up = fp8_grouped_linear_trainable(x, slots.tokens_per_expert, self.gate_up_proj, power_of_two)
+    out = fp8_grouped_linear_trainable(self._apply_gate(gate_up), slots.tokens_per_expert, self.down_proj, power_of_two)
     return slots.combine(out, top_k_weights, hidden_states)
 
 
@@ -121,11 +121,11 @@ class FP8Experts(KeepsStorageDtype, ExpertsPlugin):
         x = slots.gather(hidden_states)
         counts, p2 = slots.tokens_per_expert, self.power_of_two_scales
         if self.intermediate_dim % BLOCK == 0:  # the stacked grid is the concatenated matrix's grid: one GEMM
-            gate_up = fp8_grouped_linear(x, counts, self.gate_up_proj, self.gate_up_proj_scale_inv, p2)
+            gate_up = fp8_grouped_linear_frozen(x, counts, self.gate_up_proj, self.gate_up_proj_scale_inv, p2)
             gate, up = gate_up.chunk(2, dim=-1)
         else:
-            gate, up = (fp8_grouped_linear(x, counts, w.contiguous(), s.contiguous(), p2) for w, s in self._halves())
-        out = fp8_grouped_linear(self.act_fn(gate) * up, counts, self.down_proj, self.down_proj_scale_inv, p2)
+            gate, up = (fp8_grouped_linear_frozen(x, counts, w.contiguous(), s.contiguous(), p2) for w, s in self._halves())
+        out = fp8_grouped_linear_frozen(self.act_fn(gate) * up, counts, self.down_proj, self.down_proj_scale_inv, p2)
         return slots.combine(out, top_k_weights, hidden_states)
 
     def extra_repr(self) -> str:

@@ -375,9 +375,10 @@ class FP8Linear(KeepsStorageDtype):
 # ---------------------------------------------------------------------------------------------------
 
 
-def fp8_grouped_linear(x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, weight: torch.Tensor,
-                       weight_scale_inv: torch.Tensor, power_of_two_scales: bool = False) -> torch.Tensor:
-    """``out[rows of e] = x_sorted[rows of e] @ weight[e]ᵀ`` for all experts in one grouped FP8 GEMM.
+def fp8_grouped_linear_frozen(x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, weight: torch.Tensor,
+                              weight_scale_inv: torch.Tensor, power_of_two_scales: bool = False) -> torch.Tensor:
+    """``out[rows of e] = x_sorted[rows of e] @ weight[e]ᵀ`` for all experts in one grouped FP8 GEMM, over expert
+    weights *stored in FP8* (frozen: inference, or adapters trained over them).
 
     ``x_sorted [T, K]`` holds the tokens sorted by expert, ``tokens_per_expert [E]`` how many each expert got
     (a device tensor; on the GPU path it is never copied to the host). ``weight [E, N, K]`` fp8 and
@@ -395,7 +396,7 @@ def fp8_grouped_linear(x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, 
 
 
 class FrozenFP8GroupedLinearFunction(torch.autograd.Function):
-    """``fp8_grouped_linear`` differentiable in the tokens: Dgrad is one grouped FP8 GEMM of ``dy`` (1×128 tiles)
+    """``fp8_grouped_linear_frozen`` differentiable in the tokens: Dgrad is one grouped FP8 GEMM of ``dy`` (1×128 tiles)
     with every expert's stored blocks transposed, as in ``FP8GroupedLinearFunction``; no Wgrad (frozen weights)."""
 
     @staticmethod
@@ -494,8 +495,8 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         return grad_x, None, grad_w, None
 
 
-def fp8_grouped_mm(x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, weight: torch.Tensor,
-                   power_of_two_scales: bool = False) -> torch.Tensor:
+def fp8_grouped_linear_trainable(x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, weight: torch.Tensor,
+                                 power_of_two_scales: bool = False) -> torch.Tensor:
     """Differentiable grouped FP8 GEMM for training: ``x_sorted [T, K]`` (tokens sorted by expert),
     ``tokens_per_expert [E]``, high-precision ``weight [E, N, K]`` (e.g. ``torch.stack`` of the experts' master
     weights, so gradients reach each of them) -> ``[T, N]`` in ``x_sorted``'s dtype."""

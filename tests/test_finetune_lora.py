@@ -21,7 +21,7 @@ from modeling_deepseek_v3 import DeepseekV3FP8Config, DeepseekV3ForCausalLM
 from modeling_deepseek_v3.lora import merge_and_unload, prepare_lora_config
 from modeling_deepseek_v3.quantization import FP8Linear, FP8TrainingLinear, formats
 from modeling_deepseek_v3.quantization.converter import DeepseekV3FP8Converter
-from modeling_deepseek_v3.quantization.linear import fp8_grouped_linear, quantize_expert_weights
+from modeling_deepseek_v3.quantization.linear import fp8_grouped_linear_frozen, quantize_expert_weights
 from modeling_deepseek_v3.quantization.lora import FP8LoraLinear
 
 MLA = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
@@ -111,7 +111,7 @@ def test_fp8_linear_backward_is_the_fp8_dgrad():
     tokens_per_expert = torch.tensor([3, 0, 5, 2])
     x_sorted = torch.randn(10, 300, requires_grad=True)
     grad_out = torch.randn(10, 200)
-    fp8_grouped_linear(x_sorted, tokens_per_expert, q, s).backward(grad_out)
+    fp8_grouped_linear_frozen(x_sorted, tokens_per_expert, q, s).backward(grad_out)
     dense = torch.stack([formats.dequantize_weight_128x128(q[e], s[e]) for e in range(4)])
     expert_of_row = torch.repeat_interleave(torch.arange(4), tokens_per_expert)
     assert relative_error(x_sorted.grad, torch.einsum("tn,tnk->tk", grad_out, dense[expert_of_row])) < 0.05

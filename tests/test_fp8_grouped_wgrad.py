@@ -53,7 +53,7 @@ def grouped_expert_mlp(experts, x, counts):
     """``down(silu(gate(x)) * up(x))`` of every expert as grouped FP8 GEMMs over their stacked master weights (each
     projection stacked separately, so every expert's blocks are its own FP8Linear's)."""
     def project(h, name):
-        return L.fp8_grouped_mm(h, counts, torch.stack([getattr(e, name).weight for e in experts]))
+        return L.fp8_grouped_linear_trainable(h, counts, torch.stack([getattr(e, name).weight for e in experts]))
 
     return project(nn.functional.silu(project(x, "gate_proj")) * project(x, "up_proj"), "down_proj")
 
@@ -320,13 +320,13 @@ else:
         weight = (seeded_randn(4, 200, 150, seed=10) * 0.05).requires_grad_()
         xx = x.clone().requires_grad_()
         with no_host_reads:
-            out = L.fp8_grouped_mm(xx, torch.tensor(counts), weight)
+            out = L.fp8_grouped_linear_trainable(xx, torch.tensor(counts), weight)
         out.backward(dy)
         assert xx.grad is not None and weight.grad is not None and weight.grad[0].any()
         # the same backward on the reference path trips the guard
         monkeypatch.setattr(L, "use_triton", lambda device: False)
         with pytest.raises(HostReadError, match="tolist"):
-            L.fp8_grouped_mm(x, torch.tensor(counts), weight).backward(dy)
+            L.fp8_grouped_linear_trainable(x, torch.tensor(counts), weight).backward(dy)
 
     def test_grouped_expert_mlp_grads_on_the_kernels_match_per_expert_linears(monkeypatch):
         torch.manual_seed(8)

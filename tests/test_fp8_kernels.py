@@ -208,8 +208,8 @@ else:
         def project(h, name):
             weight = torch.stack([getattr(e, name).weight for e in experts])
             if training:
-                return L.fp8_grouped_mm(h, counts, weight)
-            return L.fp8_grouped_linear(h, counts, *L.quantize_expert_weights(weight.detach(), False))
+                return L.fp8_grouped_linear_trainable(h, counts, weight)
+            return L.fp8_grouped_linear_frozen(h, counts, *L.quantize_expert_weights(weight.detach(), False))
 
         return project(torch.nn.functional.silu(project(x, "gate_proj")) * project(x, "up_proj"), "down_proj")
 

@@ -8,7 +8,8 @@ from torch import nn
 
 from modeling_deepseek_v3.quantization import formats as F
 from modeling_deepseek_v3.quantization import linear as L
-from modeling_deepseek_v3.quantization import FP8Linear, FP8TrainingLinear, fp8_grouped_linear
+from modeling_deepseek_v3.quantization import FP8Linear, FP8TrainingLinear
+from modeling_deepseek_v3.quantization.linear import fp8_grouped_linear_frozen
 
 
 pytestmark = pytest.mark.filterwarnings("ignore:FP8 kernels need a CUDA GPU")
@@ -220,13 +221,13 @@ def test_grouped_linear_matches_per_expert_fp8_linears():
     w = torch.stack([e.weight for e in experts])
     s = torch.stack([e.weight_scale_inv for e in experts])
     assert w.shape == (4, 200, 300) and s.shape == (4, 2, 3)
-    out = fp8_grouped_linear(x, counts, w, s)
+    out = fp8_grouped_linear_frozen(x, counts, w, s)
     start = 0
     for e, n in enumerate(counts.tolist()):
         torch.testing.assert_close(out[start : start + n], experts[e](x[start : start + n]), rtol=1e-5, atol=1e-5)
         start += n
     with pytest.raises(ValueError, match="one entry per expert"):
-        fp8_grouped_linear(x, counts[:3], w, s)
+        fp8_grouped_linear_frozen(x, counts[:3], w, s)
 
 
 # --------------------------------------------------------------------------------------------------- experts, training
@@ -241,7 +242,7 @@ def test_grouped_mm_equals_per_expert_training_linears(n):
     g = torch.randn(int(counts.sum()), n)
     x_grouped = x.clone().requires_grad_()
     weight = torch.stack([layer.weight for layer in layers])  # gradients flow back to each expert's master weight
-    out = L.fp8_grouped_mm(x_grouped, counts, weight)
+    out = L.fp8_grouped_linear_trainable(x_grouped, counts, weight)
     grad_x, grad_w = torch.autograd.grad(out, (x_grouped, weight), g)
     start = 0
     for e, m in enumerate(counts.tolist()):
@@ -259,7 +260,7 @@ def test_grouped_mm_equals_per_expert_training_linears(n):
     # and through torch.stack the gradient reaches each expert's own parameter
     for layer in layers:
         layer.weight.grad = None
-    L.fp8_grouped_mm(x, counts, torch.stack([layer.weight for layer in layers])).backward(g)
+    L.fp8_grouped_linear_trainable(x, counts, torch.stack([layer.weight for layer in layers])).backward(g)
     assert torch.equal(layers[2].weight.grad, grad_w[2])
     with pytest.raises(ValueError, match="one entry per expert"):
-        L.fp8_grouped_mm(x, counts[:2], weight)
+        L.fp8_grouped_linear_trainable(x, counts[:2], weight)
