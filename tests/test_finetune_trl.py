@@ -6,6 +6,9 @@ MaxVio is logged; bad references are named."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -270,3 +273,26 @@ def test_grpo_with_a_rebuilt_reference_is_refused(tmp_path):
         DeepseekV3GRPOTrainer(policy(), reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
                               args=GRPOConfig(**common(tmp_path), num_generations=4, beta=0.1),
                               train_dataset=dataset("grpo", 4), processing_class=ByT5Tokenizer())
+
+
+@pytest.mark.slow
+def test_two_process_sft_keeps_the_biases_identical(tmp_path):
+    """2 data-parallel processes (torchrun, gloo): every bias update uses both ranks' tokens and leaves the same biases
+    on both."""
+    worker = Path(__file__).resolve().parent / "_finetune_dp_worker.py"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker), str(tmp_path)],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 2
+    for (tokens0, local0, _, after0, load0), (tokens1, local1, _, after1, load1) in zip(*ranks):
+        for name in after0:
+            assert local0[name] == tokens0 * TOP_K and local1[name] == tokens1 * TOP_K, name  # each rank's own
+            assert load0[name].sum() == load1[name].sum() == (tokens0 + tokens1) * TOP_K, name  # summed over both
+            assert torch.equal(after0[name], after1[name]), name
+    for step in range(2):
+        for name, bias in ranks[0][step][3].items():
+            moved = bias - ranks[0][step][2][name]
+            assert moved.any() and torch.allclose(moved[moved != 0].abs(), torch.full_like(moved[moved != 0], GAMMA))
