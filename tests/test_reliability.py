@@ -100,3 +100,14 @@ def test_training_a_model_with_frozen_fp8_weights_says_so():
     finally:
         transformers.logging.set_verbosity_error()
     assert "weights stored in FP8" in captured.out and "frozen" in captured.out
+
+
+def test_router_logits_stay_fp32_under_autocast():
+    model = build_model(tiny_config())
+    ids = torch.randint(1, 97, (2, 6))
+    with torch.no_grad():
+        plain = model(ids, output_router_logits=True).router_logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model(ids, output_router_logits=True).router_logits
+    assert all(r.dtype == torch.float32 for r in autocast)
+    assert all(relative_error(a, p) < 1e-2 for a, p in zip(autocast, plain))

@@ -72,8 +72,10 @@ class TopKRouter(RouterPlugin):
         return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
 
     def router_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[..., hidden] -> [..., E] in fp32: routing decisions must not depend on the activation dtype."""
-        return nn.functional.linear(hidden_states.float(), self.weight.float())
+        """[..., hidden] -> [..., E] in fp32: routing decisions must not depend on the activation dtype (autocast
+        would otherwise run this GEMM in bf16 whatever its inputs are)."""
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return nn.functional.linear(hidden_states.float(), self.weight.float())
 
     def count_tokens(self, topk_idx: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
         """Add this forward's selections (tokens where ``token_mask`` is True) to ``tokens_per_expert``."""
