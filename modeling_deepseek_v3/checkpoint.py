@@ -116,9 +116,7 @@ class DeepseekV3FP8HfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        for name, param in model.named_parameters():
-            if name.endswith("scale_inv"):
-                check_scale_values(name, param.detach(), "the checkpoint")
+        check_scale_values({n: p.detach() for n, p in model.named_parameters() if n.endswith("scale_inv")}, "the checkpoint")
         if self.quantization_config.dequantize:
             self._dequantize(model, self.load_dtype)
         return model
@@ -289,12 +287,11 @@ def check_every_expert(model: nn.Module, headers: dict) -> None:
                     )
 
 
-def validate_checkpoint_files(model: nn.Module, files, index_path: str | None = None, ignore_mismatched_sizes: bool = False) -> None:
+def validate_checkpoint_files(model: nn.Module, files, ignore_mismatched_sizes: bool = False) -> None:
     """Check, from the headers alone, that ``files`` can load into ``model`` (built, possibly on meta). With
-    ``ignore_mismatched_sizes`` a shape mismatch is left to transformers, which re-initialises the tensor and says so."""
+    ``ignore_mismatched_sizes`` a shape mismatch is left to transformers, which re-initialises the tensor and says so.
+    (The index was checked before transformers read it: ``check_index_of``.)"""
     files = [os.fspath(f) for f in files]
-    if index_path is not None and os.path.isfile(index_path):
-        read_index(index_path)  # valid JSON, every shard present
     headers = checkpoint_headers(files)
     check_every_expert(model, headers)
     params = dict(model.named_parameters())
@@ -429,10 +426,9 @@ def load_pretrained_model(base_load, model, state_dict, checkpoint_files, load_c
     """transformers' ``_load_pretrained_model`` with the header checks before and the MTP report after."""
     if state_dict is None and checkpoint_files:
         files = [f for f in checkpoint_files if str(f).endswith(".safetensors")]
-        index_path = os.path.join(os.path.dirname(os.fspath(checkpoint_files[0])), "model.safetensors.index.json")
         if files:
             ignore = bool(getattr(load_config, "ignore_mismatched_sizes", False))
-            validate_checkpoint_files(model, files, index_path, ignore_mismatched_sizes=ignore)
+            validate_checkpoint_files(model, files, ignore_mismatched_sizes=ignore)
     result = base_load(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
     info = result[0] if isinstance(result, tuple) else result
     report_missing_mtp(model, getattr(info, "missing_keys", ()))

@@ -87,16 +87,21 @@ def read_index(index: str | os.PathLike) -> dict[str, str]:
     return weight_map
 
 
-def check_scale_values(name: str, scale: torch.Tensor, where: str) -> None:
-    """FP8 block scales must be finite and positive: a nan, inf, zero or negative ``weight_scale_inv`` would turn its
-    whole 128×128 block into garbage without any error. The grids are tiny, so their values are checked on load."""
-    bad = ~(torch.isfinite(scale) & (scale > 0))
-    if bad.any():
-        values = scale[bad]
-        raise CheckpointError(
-            f"Scale grid {name!r} in {where} has {values.numel()} of its {scale.numel()} block scales that are not finite "
-            f"and positive (e.g. {values[:4].tolist()}): the checkpoint is corrupt."
-        )
+def check_scale_values(scales: dict[str, torch.Tensor], where: str) -> None:
+    """FP8 block scales ``{name: grid}`` must be finite and positive: a nan, inf, zero or negative ``weight_scale_inv``
+    would turn its whole 128×128 block into garbage without any error. The grids are tiny, so their values are
+    checked on load, all of them with one host read."""
+    if not scales:
+        return
+    bad = {name: ~(torch.isfinite(s) & (s > 0)) for name, s in scales.items()}
+    counts = torch.stack([b.sum().to("cpu") for b in bad.values()]).tolist()
+    for (name, mask), count in zip(bad.items(), counts):
+        if count:
+            values = scales[name][mask]
+            raise CheckpointError(
+                f"Scale grid {name!r} in {where} has {count} of its {mask.numel()} block scales that are not finite "
+                f"and positive (e.g. {values[:4].tolist()}): the checkpoint is corrupt."
+            )
 
 
 def atomic_save(save_directory: str | os.PathLike, write) -> None:

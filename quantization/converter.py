@@ -129,7 +129,7 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
                 f"Scale grid {module + '.weight_scale_inv'!r} has shape {list(scale.shape)}, but {key!r} in {file} "
                 f"({list(tensor.shape)}) needs {list(grid)}."
             )
-        check_scale_values(module + ".weight_scale_inv", scale, file)
+        check_scale_values({module + ".weight_scale_inv": scale}, file)
         return dequantize_state_dict({key: tensor, f"{module}.weight_scale_inv": scale.float()}, self.dtype)
 
     def quantize(self, save_dir, file_prefix=None, progress: bool = True, overwrite: bool = False) -> Path:

@@ -65,8 +65,8 @@ _warned_fallback = False
 # The CPU reference always checks (a host read costs nothing there).
 CHECK_FINITE_POLICIES = ("auto", "on", "off")
 _LEGACY_POLICY = {"1": "on", "0": "off", "true": "on", "false": "off"}
-_check_finite = _LEGACY_POLICY.get(os.environ.get("DEEPSEEK_V3_FP8_CHECK_FINITE", "auto").lower(),
-                                   os.environ.get("DEEPSEEK_V3_FP8_CHECK_FINITE", "auto").lower())
+_check_finite = os.environ.get("DEEPSEEK_V3_FP8_CHECK_FINITE", "auto").lower()
+_check_finite = _LEGACY_POLICY.get(_check_finite, _check_finite)
 if _check_finite not in CHECK_FINITE_POLICIES:
     raise ValueError(f"DEEPSEEK_V3_FP8_CHECK_FINITE must be one of {list(CHECK_FINITE_POLICIES)} (or 1/0), got {_check_finite!r}.")
 
