@@ -20,8 +20,8 @@ Three tables below steer the mixin's tests, each ``{test name or fnmatch pattern
   reference class only (they say nothing about ours). Empty today: every mixin test passes or skips there.
 
 Coverage the sdist cannot give: it ships only the top-level ``tests/*.py``, so transformers' generation tests
-(``GenerationTesterMixin``), export tests and the tensor-parallel mixin (needs ``distributed_testing_utils``) do not
-run. A few checks of our own stand in for the most relevant parts: static-cache greedy generation, a full-graph
+(``GenerationTesterMixin``) and export tests do not run (its distributed mixins, whose multi-process harness is a
+stand-in, run in ``test_transformers_distributed_mixins.py``). A few checks of our own stand in for the most relevant parts: static-cache greedy generation, a full-graph
 compiled decode step per experts implementation, and router-logit recording. The mixin's own GPU / flash-attention /
 deepspeed / ``@slow`` tests skip themselves on a CPU machine. Runtime: about 20 s on 2 idle cores once cached (the
 first run adds ~10 s to fetch the sdist).
