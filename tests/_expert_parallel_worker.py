@@ -9,7 +9,7 @@ Scenarios (name -> DistributedConfig): see ``SCENARIOS``. Each trains: one forwa
 gradients), then ``STEPS`` AdamW steps each followed by the bias update (parameters, biases), while a hook on every
 experts module records how many EP ranks each token's experts lie on. ``forced`` sends every token to the experts
 of EP rank 0; ``pp2`` runs inference only (transformers' pipeline stages have no backward); ``save`` writes the
-sharded model with ``save_pretrained`` before training.
+sharded model with ``save_pretrained`` before training; ``fp8`` trains EP 2 × FSDP 2 with FP8 GEMMs.
 """
 
 from __future__ import annotations
@@ -36,7 +36,11 @@ SCENARIOS = {
     "ep4": dict(ep_size=4, fsdp_size=4),
     "ep2_dp2": dict(ep_size=2, fsdp_size=2, dp_replicate_size=2),
     "save": dict(ep_size=2, fsdp_size=2),
+    "fp8": dict(ep_size=2, fsdp_size=2),
 }
+# from_pretrained keywords of a scenario beyond the layout: "fp8" trains through the fp8_block quantizer
+# (FP8 GEMMs over high-precision master weights, the routed experts through the grouped FP8 implementation)
+LOAD_KEYWORDS = {"fp8": dict(quantizer="fp8_block", fp8_mode="train")}
 
 
 def global_batch() -> torch.Tensor:
@@ -89,9 +93,11 @@ class FanOut:
 
 def run(checkpoint: str, out: str, name: str) -> dict:
     distributed_config = DistributedConfig(ep_implementation="all_to_all", **SCENARIOS[name])
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, distributed_config=distributed_config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint, distributed_config=distributed_config, dtype=torch.float32, **LOAD_KEYWORDS.get(name, {})
+    )
     ids = local_batch(distributed_config)
-    result = {"rank": dist.get_rank()}
+    result = {"rank": dist.get_rank(), "experts_implementation": model.config._experts_implementation}
     if name == "pp2":
         model.eval()
         with torch.no_grad():

@@ -48,9 +48,9 @@ def launch(nprocs: int, checkpoint: str, out: Path, *scenarios: str) -> list[dic
     return {s: [torch.load(out / f"{s}.rank{r}.pt", weights_only=False) for r in range(nprocs)] for s in scenarios}
 
 
-def single_process(checkpoint: str, forced: bool = False) -> dict:
+def single_process(checkpoint: str, forced: bool = False, **keywords) -> dict:
     """What the ranks compute, by one process on the whole global batch."""
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).train()
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, **keywords).train()
     if forced:
         worker.force_rank0_experts(model, model.config.num_experts_per_tok)
     ids = worker.global_batch()
@@ -84,7 +84,7 @@ def reference(checkpoint):
 @pytest.fixture(scope="module")
 def two_ranks(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("two_ranks")
-    results = launch(2, checkpoint, out, "save", "ep2_fsdp2", "forced", "tp2", "pp2")
+    results = launch(2, checkpoint, out, "save", "ep2_fsdp2", "forced", "tp2", "pp2", "fp8")
     results["folder"] = out
     return results
 
@@ -109,6 +109,34 @@ def test_ep2_fsdp2_trains_like_one_process(two_ranks, reference):
 
 def test_tp2_trains_like_one_process(two_ranks, reference):
     assert_matches_one_process(two_ranks["tp2"], reference)
+
+
+def test_fp8_block_trains_with_sharded_experts(two_ranks, checkpoint):
+    """FP8 training (fp8_block quantizer) under EP 2 × FSDP 2. The forward quantizes activations per token and
+    weights per 128×128 block, so the loss is one process's. The weight-gradient GEMMs quantize along the token axis,
+    so a gradient is exactly what the GEMM saw: each routed expert receives, through the all-to-all, the tokens of
+    both ranks (one process's gradient on the whole batch); every other weight gets the average of the two ranks'
+    gradients on their own halves (one process's average over the two half batches) — the data-parallel FP8
+    gradient of the paper, a few percent (FP8 rounding) away from the whole-batch one."""
+    fp8 = dict(quantizer="fp8_block", fp8_mode="train")
+    ranks = two_ranks["fp8"]
+    assert {rank["experts_implementation"] for rank in ranks} == {"deepseek_fp8"}
+    whole = single_process(checkpoint, **fp8)
+    assert abs(ranks[0]["loss"] - whole["loss"]) / abs(whole["loss"]) < 1e-5
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, **fp8).train()
+    ids = worker.global_batch()
+    for half in ids.chunk(2):
+        model(half, labels=half).loss.backward()
+    halves = {name: p.grad / 2 for name, p in model.named_parameters() if p.grad is not None}
+    assert ranks[0]["grads"].keys() == whole["grads"].keys() == halves.keys()
+    for name, grad in ranks[0]["grads"].items():
+        expected = whole["grads"][name] if ".mlp.experts." in name else halves[name]
+        assert relative_error(grad, expected) < 1e-5, name
+    assert relative_error(whole["grads"]["model.layers.1.self_attn.o_proj.weight"],
+                          halves["model.layers.1.self_attn.o_proj.weight"]) > 1e-3  # the two really differ
+    assert any((b != 0).any() for b in ranks[0]["biases"].values())
+    for name, bias in ranks[0]["biases"].items():  # the bias update counted both ranks' tokens
+        assert torch.equal(ranks[1]["biases"][name], bias), name
 
 
 def test_each_ep_rank_holds_its_contiguous_block_of_experts(two_ranks, checkpoint):
