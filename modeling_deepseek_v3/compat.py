@@ -15,6 +15,13 @@ private API                                                what we use it for
                                                            ``README.md`` before ``push_to_hub`` uploads
 ``GenerationMixin._get_candidate_generator``               ``generate(..., use_mtp=True)``: our MTP drafter inside
                                                            transformers' assisted-decoding loop
+``GenerationMixin._assisted_decoding``                     ``generate(..., use_mtp=True)`` over a static cache runs
+                                                           our loop instead (``speculative``); any other cache goes
+                                                           on to transformers' loop
+``GenerationMixin._valid_auto_compile_criteria``           whether that loop compiles its forward, decided as
+                                                           transformers' decoding loop decides it
+``StaticLayer.cumulative_length``                          a static cache layer's length as a device tensor, which
+                                                           that loop lowers to forget rejected drafts (no host read)
 dataclass fields of transformers' ``DeepseekV3Config``     the defaults of the official fields, to validate a config
                                                            before transformers' own ``__init__`` runs
 ``torch._C._current_graph_task_id``                        whether the autograd engine is running a backward pass
@@ -29,6 +36,7 @@ import inspect
 
 import torch
 from transformers import DeepseekV3Config as TransformersDeepseekV3Config
+from transformers.cache_utils import StaticLayer
 from transformers.generation import GenerationMixin
 from transformers.modeling_utils import PreTrainedModel
 
@@ -42,6 +50,14 @@ _HOOKS = {
     "PreTrainedModel._load_pretrained_model": (PreTrainedModel, "_load_pretrained_model", ("model", "state_dict", "checkpoint_files", "load_config")),
     "PreTrainedModel._upload_modified_files": (PreTrainedModel, "_upload_modified_files", ("working_dir", "repo_id")),
     "GenerationMixin._get_candidate_generator": (GenerationMixin, "_get_candidate_generator", ("generation_config",)),
+    "GenerationMixin._assisted_decoding": (
+        GenerationMixin, "_assisted_decoding",
+        ("input_ids", "logits_processor", "stopping_criteria", "generation_config", "synced_gpus", "streamer",
+         "inputs_tensor", "assistant_model", "assistant_tokenizer", "tokenizer"),
+    ),
+    "GenerationMixin._valid_auto_compile_criteria": (
+        GenerationMixin, "_valid_auto_compile_criteria", ("model_kwargs", "generation_config")
+    ),
 }
 
 
@@ -59,6 +75,8 @@ def check() -> None:
             problems.append(f"{name} has no parameter(s) {absent} (signature {signature})")
     if not dataclasses.is_dataclass(TransformersDeepseekV3Config):
         problems.append("transformers.DeepseekV3Config is not a dataclass (its field defaults are read from it)")
+    if not _static_layer_length_is_a_tensor():
+        problems.append("StaticLayer.cumulative_length is not the layer's length as a tensor")
     if not callable(getattr(torch._C, "_current_graph_task_id", None)):
         problems.append("torch._C._current_graph_task_id does not exist")
     if problems:
@@ -84,9 +102,34 @@ def official_field_defaults() -> dict:
     }
 
 
+def _static_layer_length_is_a_tensor() -> bool:
+    layer = StaticLayer(max_cache_len=4)
+    layer.lazy_initialization(torch.zeros(1, 1, 0, 2), torch.zeros(1, 1, 0, 2))
+    length = getattr(layer, "cumulative_length", None)
+    if not torch.is_tensor(length):
+        return False
+    layer.update(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))
+    return layer.get_seq_length() is length and int(length) == 3
+
+
+def auto_compile_applies(model, model_kwargs: dict, generation_config) -> bool:
+    """Whether transformers' decoding loop would compile the forward for these ``generate`` arguments (a static cache,
+    an accelerator or ``compile_config``'s all-devices flag, no ``disable_compile``)."""
+    return model._valid_auto_compile_criteria(model_kwargs, generation_config)
+
+
+def static_layer_length(layer: StaticLayer) -> torch.Tensor:
+    """A static cache layer's length, the device tensor its writes and the causal mask start from (lowering it in
+    place forgets the last positions: the next write overwrites them)."""
+    return layer.cumulative_length
+
+
 def in_backward_pass() -> bool:
     """True while the autograd engine runs a backward pass (never inside a compiled graph, see the router)."""
     return torch._C._current_graph_task_id() != -1
 
 
-__all__ = ["IncompatibleVersionError", "base_load_pretrained_model", "check", "in_backward_pass", "official_field_defaults"]
+__all__ = [
+    "IncompatibleVersionError", "auto_compile_applies", "base_load_pretrained_model", "check", "in_backward_pass",
+    "official_field_defaults", "static_layer_length",
+]

@@ -103,8 +103,8 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
             checkpoint.check_no_missing_weights(model, info.get("missing_keys", ()), pretrained_model_name_or_path)
         return (model, info) if want_info else model
 
-    # The three private hooks overridden here (_load_pretrained_model, _upload_modified_files,
-    # _get_candidate_generator) are listed and version-checked in compat.py.
+    # The private hooks overridden here (_load_pretrained_model, _upload_modified_files, and in the causal LM
+    # _get_candidate_generator and _assisted_decoding) are listed and version-checked in compat.py.
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
         # header checks (clear errors naming tensor and file) before transformers reads, MTP report after
@@ -159,6 +159,10 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
 
 
 class DeepseekV3Model(DeepseekV3PreTrainedModel):
+    # Set by the static-cache MTP loop (speculative.py) while it runs: its two-token verification steps feed the model
+    # its own tokens, like a one-token decoding step, so they skip the input checks' host read as well.
+    _verifying_drafts = False
+
     def __init__(self, config: DeepseekV3Config):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
@@ -230,7 +234,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = (torch.arange(seq_len, device=device) + past_seen).unsqueeze(0)
         seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        self._check_inputs(input_ids, inputs_embeds, position_ids, decoding=past_key_values is not None and seq_len == 1)
+        decoding = past_key_values is not None and (seq_len == 1 or self._verifying_drafts)
+        self._check_inputs(input_ids, inputs_embeds, position_ids, decoding=decoding)
         _check_attention_mask(attention_mask, (input_ids if input_ids is not None else inputs_embeds).shape[:2])
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -305,6 +310,25 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
                 self, generation_config, kwargs.get("logits_processor"), kwargs.get("model_kwargs")
             )
         return super()._get_candidate_generator(generation_config, *args, **kwargs)
+
+    def _assisted_decoding(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                           streamer=None, inputs_tensor=None, assistant_model=None, assistant_tokenizer=None,
+                           tokenizer=None, **model_kwargs):
+        # `generate(..., use_mtp=True)` over a static cache: transformers' assisted loop refuses static caches, so
+        # speculative.py runs a loop of its own (its docstring says why); everything else is transformers' loop.
+        if getattr(generation_config, "use_mtp", False):
+            from .speculative import is_static_cache, mtp_static_decoding
+
+            if is_static_cache(model_kwargs.get("past_key_values")):
+                return mtp_static_decoding(
+                    self, input_ids, logits_processor, stopping_criteria, generation_config,
+                    synced_gpus=synced_gpus, streamer=streamer, **model_kwargs,
+                )
+        return super()._assisted_decoding(
+            input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=synced_gpus,
+            streamer=streamer, inputs_tensor=inputs_tensor, assistant_model=assistant_model,
+            assistant_tokenizer=assistant_tokenizer, tokenizer=tokenizer, **model_kwargs,
+        )
 
     @can_return_tuple
     def forward(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import build_model, tiny_config
+from transformers.masking_utils import create_causal_mask
 
 PERIOD = torch.randint(1, 97, (11,), generator=torch.Generator().manual_seed(0))
 SEQUENCE = PERIOD.repeat(6)[None]  # a repetitive sequence the MTP module can learn to predict two tokens ahead
@@ -14,10 +15,9 @@ def mtp_config(**overrides):
     return tiny_config(num_nextn_predict_layers=1, initializer_range=0.1, **overrides)
 
 
-@pytest.fixture(scope="module")
-def trained():
+def train_mtp_model(config=None):
     """A tiny model trained for 100 steps (about 1.5 s on 2 cores) with the MTP objective on SEQUENCE."""
-    model = build_model(mtp_config())
+    model = build_model(config or mtp_config())
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for step in range(100):
@@ -28,6 +28,27 @@ def trained():
         optimizer.zero_grad()
     assert out.mtp_loss < 0.05  # the module really learnt the two-ahead token
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return train_mtp_model()
+
+
+def reference_drafts(model, sequence):
+    """[len - 1] tokens: what MTP module 1 predicts at each position of ``sequence`` [1, len], computed without a cache
+    (position i predicts token i + 2)."""
+    with torch.no_grad():
+        hidden = model.model(sequence).last_hidden_state  # after model.norm: h^0 (docs/equations.md, MTP)
+        length = sequence.shape[1] - 1
+        positions = torch.arange(length)[None]
+        embeds = model.model.embed_tokens(sequence[:, 1:])
+        mask = create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=None, past_key_values=None,
+                                  position_ids=positions)
+        _, normed, _ = model.model.mtp_layers[0](
+            hidden[:, :length], embeds, model.model.rotary_emb(hidden, positions), mask, position_ids=positions, return_normed=True
+        )
+        return model.lm_head(normed).argmax(-1)[0]
 
 
 def both(model, prompt, **kwargs):
@@ -81,18 +102,7 @@ def test_untrained_mtp_greedy_identical_and_drafts_match_reference(attn, seed):
     stats = model.mtp_draft_stats
     assert stats.drafted > 5
 
-    with torch.no_grad():
-        hidden = model.model(speculative).last_hidden_state  # after model.norm: h^0 (docs/equations.md, MTP)
-        length = speculative.shape[1] - 1
-        positions = torch.arange(length)[None]
-        from transformers.masking_utils import create_causal_mask
-
-        embeds = model.model.embed_tokens(speculative[:, 1:])
-        mask = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=None, past_key_values=None, position_ids=positions)
-        _, normed, _ = model.model.mtp_layers[0](
-            hidden[:, :length], embeds, model.model.rotary_emb(hidden, positions), mask, position_ids=positions, return_normed=True
-        )
-        reference = model.lm_head(normed).argmax(-1)[0]  # position i predicts token i + 2
+    reference = reference_drafts(model, speculative)
     for target, draft in stats.drafts:
         assert int(draft) == int(reference[target - 2]), f"draft for position {target}"
 
