@@ -9,7 +9,10 @@ Scenarios (name -> DistributedConfig): see ``SCENARIOS``. Each trains: one forwa
 gradients), then ``STEPS`` AdamW steps each followed by the bias update (parameters, biases), while a hook on every
 experts module records how many EP ranks each token's experts lie on. ``forced`` sends every token to the experts
 of EP rank 0; ``pp2`` runs inference only (transformers' pipeline stages have no backward); ``save`` writes the
-sharded model with ``save_pretrained`` before training; ``fp8`` trains EP 2 × FSDP 2 with FP8 GEMMs.
+sharded model with ``save_pretrained`` before training; ``fp8`` trains EP 2 × FSDP 2 with FP8 GEMMs; ``resume``
+stops after the first step, writes the model (``save_pretrained``, official layout, router biases included) and the
+sharded AdamW state (transformers' ``save_optimizer_distributed``), loads both into a freshly sharded model and
+optimizer, and trains on.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import modeling_deepseek_v3  # noqa: F401  (registers our classes with the Auto 
 from modeling_deepseek_v3 import expert_placement
 from modeling_deepseek_v3.training import routers
 from transformers import AutoModelForCausalLM, DistributedConfig
+from transformers.distributed.checkpoint import load_optimizer_distributed, save_optimizer_distributed
 
 STEPS = 3
 LR = 1e-3
@@ -37,6 +41,7 @@ SCENARIOS = {
     "ep2_dp2": dict(ep_size=2, fsdp_size=2, dp_replicate_size=2),
     "save": dict(ep_size=2, fsdp_size=2),
     "fp8": dict(ep_size=2, fsdp_size=2),
+    "resume": dict(ep_size=2, fsdp_size=2),
 }
 # from_pretrained keywords of a scenario beyond the layout: "fp8" trains through the fp8_block quantizer
 # (FP8 GEMMs over high-precision master weights, the routed experts through the grouped FP8 implementation)
@@ -127,6 +132,8 @@ def run(checkpoint: str, out: str, name: str) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     optimizer.step()
     model.update_expert_bias()
+    if name == "resume":
+        model, optimizer = save_and_resume(model, optimizer, distributed_config, os.path.join(out, "resume"))
     for _ in range(STEPS - 1):
         optimizer.zero_grad()
         model(ids, labels=ids).loss.backward()
@@ -137,6 +144,19 @@ def run(checkpoint: str, out: str, name: str) -> dict:
     if fan_out is not None:
         result["fan_out_worst"], result["fan_out_histogram"] = fan_out.worst, fan_out.histogram
     return result
+
+
+def save_and_resume(model, optimizer, distributed_config, folder: str):
+    """Checkpoint the training state and start again from it, as a restarted job would."""
+    model.save_pretrained(os.path.join(folder, "model"))
+    save_optimizer_distributed(model, optimizer, os.path.join(folder, "optimizer"))
+    dist.barrier()
+    resumed = AutoModelForCausalLM.from_pretrained(
+        os.path.join(folder, "model"), distributed_config=distributed_config, dtype=torch.float32
+    ).train()
+    resumed_optimizer = torch.optim.AdamW(resumed.parameters(), lr=LR)
+    load_optimizer_distributed(resumed, resumed_optimizer, os.path.join(folder, "optimizer"))
+    return resumed, resumed_optimizer
 
 
 def main() -> None:

@@ -84,7 +84,7 @@ def reference(checkpoint):
 @pytest.fixture(scope="module")
 def two_ranks(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("two_ranks")
-    results = launch(2, checkpoint, out, "save", "ep2_fsdp2", "forced", "tp2", "pp2", "fp8")
+    results = launch(2, checkpoint, out, "save", "ep2_fsdp2", "forced", "tp2", "pp2", "fp8", "resume")
     results["folder"] = out
     return results
 
@@ -105,6 +105,11 @@ def assert_matches_one_process(ranks: list[dict], reference: dict) -> None:
 
 def test_ep2_fsdp2_trains_like_one_process(two_ranks, reference):
     assert_matches_one_process(two_ranks["ep2_fsdp2"], reference)
+
+
+def test_training_resumed_from_a_distributed_checkpoint_is_uninterrupted_training(two_ranks, reference):
+    # after step 1: save_pretrained from the sharded ranks + the sharded AdamW state, then load both and go on
+    assert_matches_one_process(two_ranks["resume"], reference)
 
 
 def test_tp2_trains_like_one_process(two_ranks, reference):
