@@ -126,6 +126,16 @@ def test_not_run_names_existing_tests():
         assert any(fnmatch.fnmatchcase(n, pattern) for n in names), pattern
 
 
+def test_the_mixins_auto_loads_build_our_class(tmp_path):
+    """The FSDP mixin builds and reloads its models through ``AutoModelForCausalLM``: that must give our class
+    (``import modeling_deepseek_v3`` registers it for the model type), not transformers' own."""
+    config = DistributedMixinTester(None, modeling_deepseek_v3.DeepseekV3Config).get_config()
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    assert type(model) is modeling_deepseek_v3.DeepseekV3ForCausalLM
+    model.save_pretrained(tmp_path)
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(tmp_path)) is modeling_deepseek_v3.DeepseekV3ForCausalLM
+
+
 # -- the stand-in harness itself: a rank's failure must fail the caller, with that rank's traceback -----------------
 
 _harness = _transformers_tests.import_module("distributed_testing_utils")
