@@ -340,7 +340,8 @@ def mtp_static_decoding(model, input_ids, logits_processor, stopping_criteria, g
                           attention_mask=mask, past_key_values=cache, use_cache=True, output_hidden_states=True,
                           return_dict=True)
             stats.verify_steps += 1
-            raw = out.logits.float()  # [1, 2, vocab]
+            # a copy: a compiled forward's outputs (CUDA graphs) are overwritten by its next call
+            raw = out.logits.to(copy=True, dtype=torch.float32)  # [1, 2, vocab]
             first = logits_processor(input_ids, raw[:, 0])
             second = logits_processor(torch.cat([input_ids, draft[:, None]], dim=-1), raw[:, 1])  # used if accepted
             if do_sample:

@@ -10,7 +10,7 @@ import torch
 from conftest import build_model
 from host_reads import HostReads
 from test_speculative import SEQUENCE, mtp_config, reference_drafts, train_mtp_model
-from transformers import CompileConfig
+from transformers import CompileConfig, StaticCache
 from transformers.generation.streamers import BaseStreamer
 
 from modeling_deepseek_v3.speculative import _speculative_sample
@@ -188,6 +188,18 @@ def test_compiled_forward_identical_to_plain():
     compiled = generate(model, prompt, max_new_tokens=8, use_mtp=True, compile_config=compile_config, **STATIC)
     assert torch.equal(plain, compiled) and hasattr(model, "_compiled_call")
     check_stats(model, prompt, compiled)
+
+
+def test_a_static_cache_passed_in(trained):
+    # a cache longer than max_length needs no plain last step: every token comes from a verification round
+    prompt = SEQUENCE[:, 4:10]
+    plain = generate(trained, prompt, max_new_tokens=9, **STATIC)
+    cache = StaticCache(config=trained.config, max_cache_len=32)
+    speculative = generate(trained, prompt, max_new_tokens=9, use_mtp=True, past_key_values=cache)
+    assert torch.equal(plain, speculative)
+    assert trained.mtp_draft_stats.drafted == trained.mtp_draft_stats.verify_steps - 1  # all but the prefill verify
+    with pytest.raises(ValueError, match="holds 6 positions"):
+        generate(trained, prompt, max_new_tokens=9, use_mtp=True, past_key_values=StaticCache(config=trained.config, max_cache_len=6))
 
 
 def test_batch_above_one_is_a_clear_error(trained):
