@@ -2,7 +2,8 @@
 
 The model is loaded with ``from_pretrained(..., distributed_config=DistributedConfig(...))``: the routed experts are
 split over ``--ep-size`` ranks (tokens reach them by all-to-all), every other weight is FSDP2-sharded over
-``--fsdp-size`` ranks (replicated ``--dp-replicate-size`` times), the dense MLPs optionally split ``--tp-size`` ways.
+``--fsdp-size`` ranks (replicated ``--dp-replicate-size`` times), the attention heads and dense MLPs optionally
+split ``--tp-size`` ways.
 The paper's training rides along: ``ExpertBiasUpdateCallback`` sums the per-expert loads over every rank once per
 optimizer step, so the routing biases move as one process's would on the whole batch; the sequence-wise balance
 loss and the MTP loss are part of the model's loss.
@@ -37,7 +38,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ep-size", type=int, default=1, help="ranks the routed experts are split over")
     parser.add_argument("--fsdp-size", type=int, default=1, help="ranks the other weights are FSDP2-sharded over")
     parser.add_argument("--dp-replicate-size", type=int, default=1, help="FSDP replicas (HSDP), e.g. the number of nodes")
-    parser.add_argument("--tp-size", type=int, default=1, help="ranks the dense MLPs are split over (they share a batch)")
+    parser.add_argument("--tp-size", type=int, default=1, help="ranks MLA heads, dense MLPs and shared experts are split over (they share a batch)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--global-batch-size", type=int, default=8, help="sequences per micro-batch over all ranks")
     parser.add_argument("--grad-accum", type=int, default=1)

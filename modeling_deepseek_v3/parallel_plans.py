@@ -9,9 +9,10 @@ carries as ``base_model_{ep,tp,fsdp,pp}_plan``:
   ``[r·E/ep, (r+1)·E/ep)``), and the experts module is reached through the token exchange that
   ``DistributedConfig.ep_implementation`` names (``ep_dispatch_experts``). The routers stay replicated: every rank
   routes its own tokens with the full gate and the full ``e_score_correction_bias``.
-- tensor parallel: the dense MLPs and the shared experts column-/row-wise, the routed experts by their intermediate
-  dimension when EP is off. MLA stays replicated: its low-rank projections are small and its per-head views span
-  the whole head count (transformers' own class does the same).
+- tensor parallel: MLA by attention heads (each rank holds ``num_attention_heads / tp`` heads of ``q_b_proj``,
+  ``kv_b_proj`` and ``o_proj``; the low-rank down-projections and the latent cache are whole on every rank), the
+  dense MLPs and the shared experts column-/row-wise, the routed experts by their intermediate dimension when EP
+  is off. transformers' own DeepseekV3 keeps MLA replicated.
 - FSDP: one unit per decoder layer (MTP modules included), the embedding apart, the final norm kept whole; the
   engine adds a unit of its own for each module kept in fp32 (the router, for ``e_score_correction_bias``).
 - pipeline: embedding, decoder layers, norm; the decoder loop passes the hidden states through the layers a stage
@@ -31,6 +32,15 @@ EP_PLAN = {
 }
 
 TP_PLAN = {
+    # MLA by heads: the query and key/value up-projections column-wise (each rank computes its heads), the output
+    # projection row-wise; the latent down-projections stay whole (the latent KV cache is shared by all heads),
+    # kv_a_proj_with_mqa all-reducing the gradient of its rotary part, which reaches the heads without passing
+    # through a column-wise layer. q_proj (no q-LoRA) and q_b_proj (q-LoRA) name the two variants.
+    "layers.*.self_attn.q_proj": "colwise",
+    "layers.*.self_attn.q_b_proj": "colwise",
+    "layers.*.self_attn.kv_a_proj_with_mqa": "mla_kv_a_proj",
+    "layers.*.self_attn.kv_b_proj": "colwise",
+    "layers.*.self_attn.o_proj": "rowwise",
     "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
     "layers.*.mlp.experts.down_proj": "rowwise",
     "layers.*.mlp.experts": "moe_tp_experts",

@@ -35,6 +35,7 @@ LR = 1e-3
 SCENARIOS = {
     "ep2_fsdp2": dict(ep_size=2, fsdp_size=2),
     "tp2": dict(tp_size=2),
+    "tp2_absorbed": dict(tp_size=2),
     "pp2": dict(pp_size=2),
     "forced": dict(ep_size=2, fsdp_size=2),
     "ep4": dict(ep_size=4, fsdp_size=4),
@@ -45,7 +46,7 @@ SCENARIOS = {
 }
 # from_pretrained keywords of a scenario beyond the layout: "fp8" trains through the fp8_block quantizer
 # (FP8 GEMMs over high-precision master weights, the routed experts through the grouped FP8 implementation)
-LOAD_KEYWORDS = {"fp8": dict(quantizer="fp8_block", fp8_mode="train")}
+LOAD_KEYWORDS = {"fp8": dict(quantizer="fp8_block", fp8_mode="train"), "tp2_absorbed": dict(mla_mode="absorbed")}
 
 
 def global_batch() -> torch.Tensor:

@@ -84,7 +84,7 @@ def reference(checkpoint):
 @pytest.fixture(scope="module")
 def two_ranks(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("two_ranks")
-    results = launch(2, checkpoint, out, "save", "ep2_fsdp2", "forced", "tp2", "pp2", "fp8", "resume")
+    results = launch(2, checkpoint, out, "save", "ep2_fsdp2", "forced", "tp2", "tp2_absorbed", "pp2", "fp8", "resume")
     results["folder"] = out
     return results
 
@@ -113,7 +113,13 @@ def test_training_resumed_from_a_distributed_checkpoint_is_uninterrupted_trainin
 
 
 def test_tp2_trains_like_one_process(two_ranks, reference):
+    # MLA split by heads (expanded attention in training), the dense MLPs and shared experts column-/row-wise
     assert_matches_one_process(two_ranks["tp2"], reference)
+
+
+def test_tp2_absorbed_mla_trains_like_one_process(two_ranks, checkpoint):
+    # absorbed attention reads the whole latent on every rank: its gradient is summed over the TP ranks
+    assert_matches_one_process(two_ranks["tp2_absorbed"], single_process(checkpoint, mla_mode="absorbed"))
 
 
 def test_fp8_block_trains_with_sharded_experts(two_ranks, checkpoint):
@@ -207,9 +213,11 @@ def test_four_ranks_ep4_and_ep2_dp2_train_like_one_process(checkpoint, reference
 def test_every_plan_rule_names_our_parameters(overrides):
     model = build_model(tiny_config(**overrides))
     names = parallel_plans.wildcard_names(model.model)
-    for plan in (model.config.base_model_ep_plan, model.config.base_model_tp_plan, model.config.base_model_fsdp_plan,
-                 model.config.base_model_pp_plan):
+    for plan in (model.config.base_model_ep_plan, model.config.base_model_fsdp_plan, model.config.base_model_pp_plan):
         assert parallel_plans.unmatched_rules(plan, names) == []
+    # the TP plan names both query projections: q_proj without q-LoRA, q_b_proj with it
+    unused_query = "layers.*.self_attn.q_b_proj" if model.config.q_lora_rank is None else "layers.*.self_attn.q_proj"
+    assert parallel_plans.unmatched_rules(model.config.base_model_tp_plan, names) == [unused_query]
     assert model.config.base_model_ep_plan is parallel_plans.EP_PLAN
 
 

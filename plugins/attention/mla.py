@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from modeling_deepseek_v3.layers import (
@@ -115,7 +116,8 @@ class MultiHeadLatentAttention(AttentionPlugin):
             q = self.q_proj(hidden_states)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
-        q = q.view(batch_size, seq_len, self.num_heads, self.qk_head_dim).transpose(1, 2)  # [B, H, T, nope+rope]
+        # -1 heads: under tensor parallelism q_b_proj / kv_b_proj give this rank's heads only
+        q = q.view(batch_size, seq_len, -1, self.qk_head_dim).transpose(1, 2)  # [B, H, T, nope+rope]
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
 
         c_kv, k_rope = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
@@ -142,7 +144,10 @@ class MultiHeadLatentAttention(AttentionPlugin):
         rebuilt only when the weight changes (new storage, in-place update, other dtype)."""
         layer = self.kv_b_proj
         if not callable(getattr(layer, "dequantize_weight", None)):
-            return self._split(layer.weight if dtype is None else layer.weight.to(dtype))
+            weight = layer.weight
+            if isinstance(weight, DTensor):  # tensor parallel: this rank's heads (rows), gradients reach the shard
+                weight = weight.to_local()
+            return self._split(weight if dtype is None else weight.to(dtype))
         dtype = dtype or torch.bfloat16
         cached = self._absorbed_cache
         if torch.compiler.is_compiling():
@@ -156,14 +161,14 @@ class MultiHeadLatentAttention(AttentionPlugin):
         return cached[1], cached[2]
 
     def _split(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        w = weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w = weight.view(-1, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
 
     def _attend_expanded(self, q_nope, q_rope, c_kv, k_rope, attention_mask, **kwargs):
         batch_size, _, seq_len, _ = q_nope.shape
-        kv = self.kv_b_proj(c_kv).view(batch_size, -1, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+        kv = self.kv_b_proj(c_kv).view(batch_size, -1, q_nope.shape[1], self.qk_nope_head_dim + self.v_head_dim)
         k_nope, value = kv.transpose(1, 2).split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        key = torch.cat((k_nope, k_rope.expand(-1, self.num_heads, -1, -1)), dim=-1)  # [B, H, S, nope+rope]
+        key = torch.cat((k_nope, k_rope.expand(-1, q_nope.shape[1], -1, -1)), dim=-1)  # [B, H, S, nope+rope]
         query = torch.cat((q_nope, q_rope), dim=-1)
         out, weights = attention_interface(self.config)(
             self, query, key, value, attention_mask,
@@ -174,6 +179,11 @@ class MultiHeadLatentAttention(AttentionPlugin):
     def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, attention_mask, **kwargs):
         batch_size, num_heads, seq_len, _ = q_nope.shape
         w_uk, w_uv = self._up_projections(q_nope.dtype)
+        if isinstance(self.kv_b_proj.weight, DTensor):
+            # Tensor parallel: this rank's heads read the whole latent, so its gradient is a partial sum over the
+            # ranks. Expanded attention sums it in kv_b_proj's column-wise backward; here the latent bypasses that.
+            mesh = self.kv_b_proj.weight.device_mesh
+            c_kv = _SumGradOverRanks.apply(c_kv, mesh.get_group() if mesh.ndim == 1 else mesh.get_group("tp"))
         # q_nope·k_nope = q_nope·(W_uk c) = (W_ukᵀ q_nope)·c: score against the latent directly.
         q_latent = torch.einsum("bhtd,hdr->bthr", q_nope, w_uk)
         query = torch.cat((q_latent, q_rope.transpose(1, 2)), dim=-1)  # [B, T, H, r+rope]
@@ -199,6 +209,21 @@ class MultiHeadLatentAttention(AttentionPlugin):
         out_latent = out_latent.view(batch_size, seq_len, num_heads, self.kv_lora_rank)
         out = torch.einsum("bthr,hvr->bthv", out_latent, w_uv)
         return out.reshape(batch_size, seq_len, -1), weights
+
+
+class _SumGradOverRanks(torch.autograd.Function):
+    """Identity forward; the backward all-reduces the gradient over ``group``."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def _fold_mask(attention_mask, query_len: int, num_heads: int, key_len: int, device) -> torch.Tensor | None:
