@@ -102,9 +102,13 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
     model_type = "deepseek_v3"
     # how transformers' distributed engine shards our parameters (see parallel_plans)
     base_model_ep_plan = parallel_plans.EP_PLAN
-    base_model_tp_plan = parallel_plans.TP_PLAN
     base_model_fsdp_plan = parallel_plans.FSDP_PLAN
     base_model_pp_plan = parallel_plans.PP_PLAN
+
+    @property
+    def base_model_tp_plan(self) -> dict:
+        # the query projection MLA splits by heads depends on the variant (q_proj, or q_b_proj with q-LoRA)
+        return parallel_plans.tp_plan(self.q_lora_rank)
 
     def __init__(
         self,

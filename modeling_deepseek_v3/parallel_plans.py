@@ -35,9 +35,7 @@ TP_PLAN = {
     # MLA by heads: the query and key/value up-projections column-wise (each rank computes its heads), the output
     # projection row-wise; the latent down-projections stay whole (the latent KV cache is shared by all heads),
     # kv_a_proj_with_mqa all-reducing the gradient of its rotary part, which reaches the heads without passing
-    # through a column-wise layer. q_proj (no q-LoRA) and q_b_proj (q-LoRA) name the two variants.
-    "layers.*.self_attn.q_proj": "colwise",
-    "layers.*.self_attn.q_b_proj": "colwise",
+    # through a column-wise layer. The query projection (q_proj or q_b_proj) is added by `tp_plan`.
     "layers.*.self_attn.kv_a_proj_with_mqa": "mla_kv_a_proj",
     "layers.*.self_attn.kv_b_proj": "colwise",
     "layers.*.self_attn.o_proj": "rowwise",
@@ -51,6 +49,15 @@ TP_PLAN = {
     "layers.*.mlp.up_proj": "colwise",
     "layers.*.mlp.down_proj": "rowwise",
 }
+
+
+
+def tp_plan(q_lora_rank: int | None) -> dict:
+    """``TP_PLAN`` with the query projection of the config's variant: ``q_proj`` without q-LoRA, ``q_b_proj``
+    with it (column-wise either way: the projection whose output is the per-head queries)."""
+    query = "layers.*.self_attn.q_proj" if q_lora_rank is None else "layers.*.self_attn.q_b_proj"
+    return {query: "colwise", **TP_PLAN}
+
 
 FSDP_PLAN = {
     "embed_tokens": "free_full_weight",
@@ -78,4 +85,4 @@ def unmatched_rules(plan: dict, names: set[str]) -> list[str]:
     return sorted(rule for rule in plan if rule not in names)
 
 
-__all__ = ["EP_PLAN", "TP_PLAN", "FSDP_PLAN", "PP_PLAN", "wildcard_names", "unmatched_rules"]
+__all__ = ["EP_PLAN", "TP_PLAN", "tp_plan", "FSDP_PLAN", "PP_PLAN", "wildcard_names", "unmatched_rules"]

@@ -285,21 +285,25 @@ def mtp_static_decoding(model, input_ids, logits_processor, stopping_criteria, g
         stats.drafts.append((sequence.shape[1], draft))
         return draft, processed.softmax(dim=-1) if do_sample else None
 
+    def take_one(out, input_ids):
+        """The next token from a plain (non-verifying) forward's last logits: ``(input_ids + token, stop)``."""
+        stats.verify_steps += 1
+        raw = out.logits[:, -1].float()
+        processed = logits_processor(input_ids, raw)
+        token = _pick(processed, do_sample)
+        longer = torch.cat([input_ids, token[:, None]], dim=-1)
+        stop = stopping_criteria(longer, with_scores(processed))
+        stop, token_value = torch.stack([stop[0].long(), token[0]]).tolist()  # this step's one host read
+        record(processed, raw)
+        if streamer is not None:
+            streamer.put(torch.tensor([[token_value]]))
+        return longer, stop
+
     # Prefill: the main model on the prompt, then the MTP module on every prompt position.
     inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
     inputs["output_hidden_states"] = True  # hidden_states[-1] is the output of model.norm
     out = model(**inputs, return_dict=True)
-    stats.verify_steps += 1
-    raw = out.logits[:, -1].float()
-    processed = logits_processor(input_ids, raw)
-    token = _pick(processed, do_sample)
-    longer = torch.cat([input_ids, token[:, None]], dim=-1)
-    stop = stopping_criteria(longer, with_scores(processed))
-    stop, token_value = torch.stack([stop[0].long(), token[0]]).tolist()  # the prefill's one host read
-    record(processed, raw)
-    input_ids = longer
-    if streamer is not None:
-        streamer.put(torch.tensor([[token_value]]))
+    input_ids, stop = take_one(out, input_ids)
     draft = draft_probs = None
     if not stop and input_ids.shape[1] < capacity:  # (else the one step left has no slot for a draft)
         mask = _static_causal_mask(config, module_cache, mtp_layer, prompt_positions, padding, dtype)
@@ -318,17 +322,7 @@ def mtp_static_decoding(model, input_ids, logits_processor, stopping_criteria, g
                 mask = _static_causal_mask(config, cache, None, positions, padding, dtype)
                 out = model(input_ids=input_ids[:, -1:], position_ids=positions, attention_mask=mask,
                               past_key_values=cache, use_cache=True, return_dict=True)
-                stats.verify_steps += 1
-                raw = out.logits[:, -1].float()
-                processed = logits_processor(input_ids, raw)
-                token = _pick(processed, do_sample)
-                longer = torch.cat([input_ids, token[:, None]], dim=-1)
-                stop = stopping_criteria(longer, with_scores(processed))
-                stop, token_value = torch.stack([stop[0].long(), token[0]]).tolist()  # this step's one host read
-                record(processed, raw)
-                input_ids = longer
-                if streamer is not None:
-                    streamer.put(torch.tensor([[token_value]]))
+                input_ids, stop = take_one(out, input_ids)
                 if not stop:
                     raise RuntimeError(f"The static cache ({capacity} positions) is full before generation stopped.")
                 break

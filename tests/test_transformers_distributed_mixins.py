@@ -27,7 +27,6 @@ run, 7 skip).
 from __future__ import annotations
 
 import fnmatch
-import functools
 import math
 import os
 import time
@@ -56,6 +55,7 @@ except _transformers_tests.TransformersTestsUnavailable as exc:
     )
 
 from test_transformers_conformance import DeepseekV3ConformanceTester  # noqa: E402
+from test_transformers_conformance import _skip as _not_run  # noqa: E402
 
 import modeling_deepseek_v3  # noqa: E402
 
@@ -99,17 +99,6 @@ class DeepseekV3DistributedMixinsTest(
         if os.environ.get(OVERSUBSCRIBE_ENV) == "1":
             return  # CPU ranks may share cores: slower, same results
         super()._skip_if_insufficient_devices(world_size)
-
-
-def _not_run(reason):
-    def decorate(function):
-        @functools.wraps(function)
-        def wrapper(self, *args, **kwargs):
-            self.skipTest(reason)
-
-        return wrapper
-
-    return decorate
 
 
 for _name in sorted(dir(DeepseekV3DistributedMixinsTest)):
