@@ -33,7 +33,7 @@ import time
 
 import torch
 
-ISSUE_CONFIG = dict(
+FULL_CONFIG = dict(
     vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=8,
     num_attention_heads=16, num_key_value_heads=16, q_lora_rank=384, kv_lora_rank=256, qk_rope_head_dim=32,
     qk_nope_head_dim=64, v_head_dim=64, n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=1, n_group=8,
@@ -139,7 +139,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available() and not args.tiny:
-        sys.exit("benchmarks/decode.py needs a CUDA GPU for the issue's config (run with --tiny for a CPU smoke run).")
+        sys.exit("benchmarks/decode.py needs a CUDA GPU for the full config (run with --tiny for a CPU smoke run).")
 
     import transformers
 
@@ -149,7 +149,7 @@ def main(argv=None):
     transformers.logging.set_verbosity_error()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float32 if args.tiny and device.type == "cpu" else torch.bfloat16
-    fields = dict(TINY_CONFIG if args.tiny else ISSUE_CONFIG)
+    fields = dict(TINY_CONFIG if args.tiny else FULL_CONFIG)
     if args.experts_backend:
         fields["experts_backend"] = args.experts_backend
     prompt_len = args.prompt or (16 if args.tiny else 512)

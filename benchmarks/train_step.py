@@ -29,7 +29,7 @@ import modeling_deepseek_v3
 from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
 
 # The full-size benchmark config (813M parameters).
-ISSUE_CONFIG = dict(
+FULL_CONFIG = dict(
     vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=8,
     num_attention_heads=16, num_key_value_heads=16, q_lora_rank=384, kv_lora_rank=256, qk_rope_head_dim=32,
     qk_nope_head_dim=64, v_head_dim=64, n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=1, n_group=8,
@@ -37,7 +37,7 @@ ISSUE_CONFIG = dict(
     rope_scaling=None, rope_theta=10000.0,
 )
 TINY_CONFIG = dict(
-    ISSUE_CONFIG, vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+    FULL_CONFIG, vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
     num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8,
     qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
     intermediate_size_dense=None, max_position_embeddings=128,
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
                   "Run it on a GPU machine (see benchmarks/README.md), or pass --tiny for a CPU smoke test.",
                   file=sys.stderr)
             return 2
-        device, dtype, fields = torch.device("cuda"), torch.bfloat16, ISSUE_CONFIG
+        device, dtype, fields = torch.device("cuda"), torch.bfloat16, FULL_CONFIG
         batch, seq, steps, warmup = args.batch or 4, args.seq or 2048, args.steps or 10, max(args.warmup or 3, 1)
     if "transformers" not in args.variants:
         args.variants = ["transformers", *args.variants]
