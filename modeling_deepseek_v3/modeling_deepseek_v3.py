@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticLayer, StaticSlidingWindowLayer
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GenericForTokenClassification
@@ -186,26 +186,60 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
     def mtp_layers(self) -> nn.ModuleList:
         return self.layers[self.config.num_hidden_layers :]
 
-    def _check_inputs(self, input_ids, inputs_embeds, position_ids, decoding: bool) -> None:
-        """Clear errors for bad inputs. The value checks read the device once, so they are skipped where that would
-        cost a host sync per generated token: a one-token step over a cache (``decoding``; its token came from the
-        model's own vocabulary) and compiled graphs."""
-        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
-        if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
-            raise ValueError(f"Expected a non-empty batch of shape [batch, seq_len], got `input_ids` of shape {tuple(shape)}.")
-        if input_ids is not None and (input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool):
-            raise ValueError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
+    def _check_input_tensors(self, input_ids, inputs_embeds) -> None:
+        """Static checks of the input (types, shapes, dtypes: no device read), before anything reads its shape."""
+        name, inputs = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+        if not isinstance(inputs, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(inputs).__name__}.")
+        shape = inputs.shape if input_ids is not None else inputs.shape[:-1]
+        if inputs.dim() != (2 if input_ids is not None else 3) or shape[0] == 0 or shape[1] == 0:
+            expected = "[batch, seq_len]" if input_ids is not None else "[batch, seq_len, hidden_size]"
+            raise ValueError(f"Expected a non-empty batch of shape {expected}, got `{name}` of shape {tuple(inputs.shape)}.")
+        if input_ids is not None and input_ids.dtype not in (torch.int64, torch.int32):
+            # the embedding takes int64 or int32 indices only (uint8 and int16 are rejected deep inside it)
+            kind = "integer token ids" if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool else "int64 or int32 token ids"
+            raise ValueError(f"`input_ids` must hold {kind}, got dtype {input_ids.dtype}.")
+        if inputs_embeds is not None:
+            _check_inputs_embeds(inputs_embeds, self.config.hidden_size, self.embed_tokens.weight.dtype)
+
+    def _check_inputs(self, input_ids, position_ids, attention_mask, past_key_values, decoding: bool) -> None:
+        """Clear errors for bad input values. They read the device once, so they are skipped where that would cost a
+        host sync per generated token: a one-token step over a cache (``decoding``; its token came from the model's
+        own vocabulary) and compiled graphs."""
         if decoding or torch.compiler.is_compiling():
             return
         # One host read for all checks.
-        extremes = [position_ids.max()] + ([input_ids.min(), input_ids.max()] if input_ids is not None else [])
-        last_position, *id_range = torch.stack([e.to(position_ids.device) for e in extremes]).tolist()
-        if id_range and (id_range[0] < 0 or id_range[1] >= self.config.vocab_size):
+        extremes = {"first_position": position_ids.min(), "last_position": position_ids.max()}
+        if input_ids is not None:
+            extremes.update(min_id=input_ids.min(), max_id=input_ids.max())
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.dtype != torch.bool:
+            # transformers reads a 2-D mask as bool: an additive mask (0 / -inf) would silently keep only the padding
+            extremes["non_binary_mask_values"] = ((attention_mask != 0) & (attention_mask != 1)).sum()
+        capacity = _static_capacity(past_key_values)
+        if capacity is not None:  # a static layer's length is a device tensor
+            extremes["cached"] = torch.as_tensor(past_key_values.get_seq_length())
+        values = torch.stack([e.to(position_ids.device, torch.int64) for e in extremes.values()]).tolist()
+        found = dict(zip(extremes, values))
+        if input_ids is not None and (found["min_id"] < 0 or found["max_id"] >= self.config.vocab_size):
             raise ValueError(
-                f"`input_ids` must lie in [0, vocab_size={self.config.vocab_size}), got values in [{id_range[0]}, {id_range[1]}]."
+                f"`input_ids` must lie in [0, vocab_size={self.config.vocab_size}), got values in [{found['min_id']}, {found['max_id']}]."
+            )
+        if found["first_position"] < 0:
+            raise ValueError(f"`position_ids` count from 0, got a value of {found['first_position']}.")
+        if found.get("non_binary_mask_values", 0):
+            raise ValueError(
+                f"A 2-D `attention_mask` holds 1 at the tokens to attend to and 0 at padding; got {found['non_binary_mask_values']} "
+                "other value(s). (An additive mask of 0 and -inf must be passed as a 4-D mask [batch, 1, seq_len, keys].)"
+            )
+        seq_len = position_ids.shape[1]
+        if capacity is not None and found["cached"] + seq_len > capacity:
+            raise ValueError(
+                f"The static cache holds {found['cached']} of its {capacity} positions: the input's {seq_len} tokens do "
+                "not fit. Build a longer cache (`max_cache_len`), or reset this one (`cache.reset()`) for a new prompt."
             )
         # Rotary embeddings are defined at any position (transformers' class computes them too), but past the trained
         # length (`max_position_embeddings`, the extended one under YaRN) the model extrapolates: say so once.
+        last_position = found["last_position"]
         if last_position >= self.config.max_position_embeddings:
             logger.warning_once(
                 f"Position {last_position} is beyond `max_position_embeddings`={self.config.max_position_embeddings}: "
@@ -226,17 +260,19 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
     ) -> DeepseekV3ModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        self._check_input_tensors(input_ids, inputs_embeds)
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        batch_size, seq_len = inputs.shape[:2]
+        _check_cache(past_key_values, batch_size, seq_len)
+        _check_attention_mask(attention_mask, (batch_size, seq_len))
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         if position_ids is None:
-            seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            device = (input_ids if input_ids is not None else inputs_embeds).device
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = (torch.arange(seq_len, device=device) + past_seen).unsqueeze(0)
-        seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            position_ids = (torch.arange(seq_len, device=inputs.device) + past_seen).unsqueeze(0)
+        _check_position_ids(position_ids, batch_size, seq_len)
         decoding = past_key_values is not None and (seq_len == 1 or self._verifying_drafts)
-        self._check_inputs(input_ids, inputs_embeds, position_ids, decoding=decoding)
-        _check_attention_mask(attention_mask, (input_ids if input_ids is not None else inputs_embeds).shape[:2])
+        self._check_inputs(input_ids, position_ids, attention_mask, past_key_values, decoding=decoding)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
 
@@ -272,16 +308,104 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         )
 
 
+def _check_inputs_embeds(inputs_embeds: torch.Tensor, hidden_size: int, model_dtype: torch.dtype) -> None:
+    """``inputs_embeds`` [batch, seq_len, hidden_size] of a float dtype the model computes in: one it promotes to its
+    own (a bf16 input to an fp32 model) runs, a wider one (fp32 into bf16, float64) would fail in the first matmul."""
+    if not inputs_embeds.dtype.is_floating_point:
+        raise ValueError(f"`inputs_embeds` must be floating-point embeddings, got dtype {inputs_embeds.dtype} (token ids go in `input_ids`).")
+    if inputs_embeds.shape[-1] != hidden_size:
+        raise ValueError(
+            f"`inputs_embeds` must have shape [batch, seq_len, hidden_size={hidden_size}], got {list(inputs_embeds.shape)}."
+        )
+    autocast = torch.is_autocast_enabled(inputs_embeds.device.type)
+    if not autocast and torch.promote_types(inputs_embeds.dtype, model_dtype) != model_dtype:
+        raise ValueError(
+            f"`inputs_embeds` has dtype {inputs_embeds.dtype} but the model computes in {model_dtype}: cast them "
+            f"(`inputs_embeds.to({model_dtype})`) or run under torch.autocast."
+        )
+
+
+def _check_position_ids(position_ids, batch_size: int, seq_len: int) -> None:
+    """``position_ids`` [batch or 1, seq_len] of integers (their values are checked with the other input values)."""
+    if not isinstance(position_ids, torch.Tensor):
+        raise TypeError(f"`position_ids` must be a torch.Tensor, got {type(position_ids).__name__}.")
+    if position_ids.dtype.is_floating_point or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
+        raise ValueError(f"`position_ids` must hold integer positions, got dtype {position_ids.dtype}.")
+    if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch_size) or position_ids.shape[1] != seq_len:
+        raise ValueError(
+            f"`position_ids` must have shape [batch={batch_size} (or 1), seq_len={seq_len}] for input of shape "
+            f"{[batch_size, seq_len]}, got {list(position_ids.shape)}."
+        )
+
+
+def _check_cache(past_key_values, batch_size: int, seq_len: int) -> None:
+    """``past_key_values`` is a transformers ``Cache`` of this batch, and a static one has room for the input. Shapes
+    only (the static layer's allocated size, the cached tensors' batch): no device read."""
+    if past_key_values is None:
+        return
+    if not isinstance(past_key_values, Cache):
+        raise TypeError(
+            f"`past_key_values` must be a transformers Cache (e.g. DynamicCache(config=model.config) or StaticCache), got "
+            f"{type(past_key_values).__name__}."
+        )
+    layers = getattr(past_key_values, "layers", None)
+    layer = layers[0] if layers else None
+    if layer is None:
+        return
+    keys = getattr(layer, "keys", None) if getattr(layer, "is_initialized", False) else None
+    if isinstance(keys, torch.Tensor) and keys.dim() > 0 and keys.shape[0] != batch_size:
+        raise ValueError(
+            f"`past_key_values` holds a batch of {keys.shape[0]} sequences, the input has {batch_size}: a cache "
+            "belongs to the batch it was filled with."
+        )
+    capacity = _static_capacity(past_key_values)
+    if capacity is not None and seq_len > capacity:
+        raise ValueError(
+            f"The input's {seq_len} tokens do not fit the static cache's {capacity} positions "
+            "(`max_cache_len`): build it at least as long as the prompt plus the tokens to generate."
+        )
+
+
+def _static_capacity(past_key_values) -> int | None:
+    """The positions a static (not sliding-window) cache holds, from its first layer; None for other caches."""
+    layers = getattr(past_key_values, "layers", None)
+    layer = layers[0] if layers else None
+    if isinstance(layer, StaticLayer) and not isinstance(layer, StaticSlidingWindowLayer):
+        return layer.max_cache_len
+    return None
+
+
 def _check_attention_mask(attention_mask: torch.Tensor | None, shape) -> None:
     """A 2-D padding mask is [batch, cached + new tokens]: one row per sequence, at least as long as the input (a
-    longer one also covers the cached prefix). Prepared 4-D masks are transformers' business."""
-    if attention_mask is None or attention_mask.dim() != 2:
+    longer one also covers the cached prefix); its values (1 or 0) are checked with the other input values. A
+    prepared 4-D mask is [batch (or 1), 1 or heads, seq_len, keys ≥ seq_len], bool (True = attend) or additive float."""
+    if attention_mask is None:
         return
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"`attention_mask` must be a torch.Tensor, got {type(attention_mask).__name__}.")
     batch, seq_len = shape
-    if attention_mask.shape[0] != batch or attention_mask.shape[1] < seq_len:
+    if attention_mask.dim() == 2:
+        if attention_mask.shape[0] != batch or attention_mask.shape[1] < seq_len:
+            raise ValueError(
+                f"`attention_mask` must have shape [batch={batch}, past + seq_len ≥ {seq_len}] for input of shape "
+                f"{[batch, seq_len]}, got {list(attention_mask.shape)}."
+            )
+        return
+    if attention_mask.dim() != 4:
         raise ValueError(
-            f"`attention_mask` must have shape [batch={batch}, past + seq_len ≥ {seq_len}] for input of shape "
-            f"{[batch, seq_len]}, got {list(attention_mask.shape)}."
+            f"`attention_mask` must be 2-D (padding, [batch, past + seq_len]) or 4-D (prepared, [batch, 1, seq_len, "
+            f"keys]), got shape {list(attention_mask.shape)}."
+        )
+    if attention_mask.dtype != torch.bool and not attention_mask.dtype.is_floating_point:
+        # an integer 4-D mask would be added to the scores as is: 1 where it should attend, 0 where it should not
+        raise ValueError(
+            f"A 4-D `attention_mask` must be bool (True = attend) or float (0 = attend, large negative = masked), got "
+            f"dtype {attention_mask.dtype}."
+        )
+    if attention_mask.shape[0] not in (1, batch) or attention_mask.shape[2] != seq_len or attention_mask.shape[3] < seq_len:
+        raise ValueError(
+            f"A 4-D `attention_mask` must have shape [batch={batch} (or 1), 1 or heads, seq_len={seq_len}, keys ≥ "
+            f"{seq_len}] for input of shape {[batch, seq_len]}, got {list(attention_mask.shape)}."
         )
 
 
@@ -369,8 +493,11 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         whole batch. ``mtp_loss`` and ``aux_loss`` are reported unweighted.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        _check_logits_to_keep(logits_to_keep)
+        _check_num_items_in_batch(num_items_in_batch)
         targets = _NextTokenTargets.build(labels, shift_labels, input_ids, inputs_embeds)
         depth = self.config.num_nextn_predict_layers
+        _check_return_mtp_loss(return_mtp_loss, targets is not None, depth)
         run_mtp = targets is not None and depth > 0 and (self.training if return_mtp_loss is None else return_mtp_loss)
         if run_mtp and targets.aligned.shape[1] < depth + 2:
             raise ValueError(
@@ -468,6 +595,40 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         return torch.stack(ce_losses).mean(), sum_losses(aux_losses)
 
 
+def _check_logits_to_keep(logits_to_keep) -> None:
+    """An int ``k`` ≥ 0 (the last k positions; 0 = all) or a tensor of positions, as in transformers."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        return
+    if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise ValueError(
+            f"`logits_to_keep` must be an int ≥ 0 (the number of last positions to compute logits for, 0 = all) or a "
+            f"tensor of positions, got {logits_to_keep!r}."
+        )
+
+
+def _check_num_items_in_batch(num_items_in_batch) -> None:
+    """What the Trainer passes: the target count of the whole accumulated batch, an int or a device tensor (whose
+    value is not read here: that would cost a host sync per micro-batch)."""
+    if num_items_in_batch is None or isinstance(num_items_in_batch, torch.Tensor):
+        return
+    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)) or num_items_in_batch < 0:
+        raise ValueError(
+            f"`num_items_in_batch` must be the number of targets in the whole batch (an int ≥ 0 or a tensor), got "
+            f"{num_items_in_batch!r}."
+        )
+
+
+def _check_return_mtp_loss(return_mtp_loss, has_targets: bool, depth: int) -> None:
+    if return_mtp_loss is None or return_mtp_loss is False:
+        return
+    if return_mtp_loss is not True:
+        raise ValueError(f"`return_mtp_loss` must be True, False or None, got {return_mtp_loss!r}.")
+    if depth == 0:
+        raise ValueError("`return_mtp_loss=True` needs MTP modules: this model has `num_nextn_predict_layers=0`.")
+    if not has_targets:
+        raise ValueError("`return_mtp_loss=True` needs `labels` (or `shift_labels`): the MTP loss is computed against them.")
+
+
 @dataclass
 class DeepseekV3ModelOutputWithPast(MoeModelOutputWithPast):
     r"""
@@ -523,13 +684,16 @@ class _NextTokenTargets:
         inputs = input_ids if input_ids is not None else inputs_embeds
         shape = inputs.shape[:2] if inputs is not None else None  # no input: the model's own check names that
         for name, value in (("labels", labels), ("shift_labels", shift_labels)):
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}.")
             if value is not None and shape is not None and tuple(value.shape) != tuple(shape):
                 raise ValueError(f"`{name}` must have the input's shape {list(shape)} ([batch, seq_len]), got {list(value.shape)}.")
-            if value is not None and (value.dtype.is_floating_point or value.dtype == torch.bool):
+            if value is not None and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
                 raise ValueError(f"`{name}` must hold integer token ids (or -100), got dtype {value.dtype}.")
+        # int64 whatever integer dtype they came in: the cross-entropy takes int64 targets, and -100 needs a signed type
         if shift_labels is not None:
-            return cls(shift_labels, window=1)
-        return cls(nn.functional.pad(labels[:, 1:], (0, 1), value=-100), window=2)
+            return cls(shift_labels.long(), window=1)
+        return cls(nn.functional.pad(labels[:, 1:].long(), (0, 1), value=-100), window=2)
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """Every target is -100 or a token id in ``[0, vocab_size)``. One host read per training forward (a GPU's
