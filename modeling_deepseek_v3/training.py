@@ -18,6 +18,7 @@ Trainer's logs (and so into ``trainer.state.log_history``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -70,11 +71,11 @@ def update_expert_bias(model: nn.Module, update_speed: float | None = None, proc
     divided by the ranks that hold the same batch, so that every token counts once. Every rank applies the same
     update and the biases stay identical across ranks. Every rank must call it.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"update_expert_bias needs the model (an nn.Module), got {type(model).__name__}.")
     model = _unwrap(model)
-    gamma = model.config.router_bias_update_speed if update_speed is None else update_speed
-    if not gamma >= 0:
-        raise ValueError(f"`router_bias_update_speed` (γ) must be non-negative, got {gamma}.")
     found = routers(model)
+    gamma = _update_speed(model, update_speed, found)
     stats = ExpertBalanceStats()
     if not found:
         return stats
@@ -95,6 +96,26 @@ def update_expert_bias(model: nn.Module, update_speed: float | None = None, proc
         router.update_bias(load, gamma)
         router.reset_counts()
     return stats
+
+
+def _update_speed(model: nn.Module, update_speed, found: dict) -> float:
+    """γ: ``update_speed``, else the config's ``router_bias_update_speed``; a finite real number ≥ 0."""
+    if update_speed is None:
+        update_speed = getattr(getattr(model, "config", None), "router_bias_update_speed", None)
+        if update_speed is None:
+            # not a DeepSeek-V3 model: the callback was added to a Trainer of another architecture, most likely
+            what = (
+                "no router that counts expert loads, so there is no aux-loss-free bias to update: use them with a "
+                "DeepSeek-V3 model" if not found else "such routers but no `config.router_bias_update_speed`: pass `update_speed`"
+            )
+            raise ValueError(f"update_expert_bias / ExpertBiasUpdateCallback: {type(model).__name__} has {what}.")
+    if isinstance(update_speed, torch.Tensor) and update_speed.numel() == 1:
+        update_speed = update_speed.item()  # once per optimizer step, outside the compiled step
+    if isinstance(update_speed, bool) or not isinstance(update_speed, (int, float)):
+        raise ValueError(f"`router_bias_update_speed` (γ) must be a real number, got {update_speed!r}.")
+    if not (math.isfinite(update_speed) and update_speed >= 0):
+        raise ValueError(f"`router_bias_update_speed` (γ) must be finite and non-negative, got {update_speed}.")
+    return float(update_speed)
 
 
 class ExpertBiasUpdateCallback(TrainerCallback):
