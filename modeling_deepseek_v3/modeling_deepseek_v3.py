@@ -332,9 +332,10 @@ def _check_position_ids(position_ids, batch_size: int, seq_len: int) -> None:
     if position_ids.dtype.is_floating_point or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
         raise ValueError(f"`position_ids` must hold integer positions, got dtype {position_ids.dtype}.")
     if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch_size) or position_ids.shape[1] != seq_len:
+        batch = f"batch={batch_size}" + (" (or 1)" if batch_size > 1 else "")
         raise ValueError(
-            f"`position_ids` must have shape [batch={batch_size} (or 1), seq_len={seq_len}] for input of shape "
-            f"{[batch_size, seq_len]}, got {list(position_ids.shape)}."
+            f"`position_ids` must have shape [{batch}, seq_len={seq_len}] for input of shape {[batch_size, seq_len]}, got "
+            f"{list(position_ids.shape)}."
         )
 
 
@@ -403,8 +404,9 @@ def _check_attention_mask(attention_mask: torch.Tensor | None, shape) -> None:
             f"dtype {attention_mask.dtype}."
         )
     if attention_mask.shape[0] not in (1, batch) or attention_mask.shape[2] != seq_len or attention_mask.shape[3] < seq_len:
+        batch_entry = f"batch={batch}" + (" (or 1)" if batch > 1 else "")
         raise ValueError(
-            f"A 4-D `attention_mask` must have shape [batch={batch} (or 1), 1 or heads, seq_len={seq_len}, keys ≥ "
+            f"A 4-D `attention_mask` must have shape [{batch_entry}, 1 or heads, seq_len={seq_len}, keys ≥ "
             f"{seq_len}] for input of shape {[batch, seq_len]}, got {list(attention_mask.shape)}."
         )
 
@@ -424,12 +426,23 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         if config.quantizer is not None:
             config.plugin("quantizer")(config).apply(self)
 
+    def generate(self, inputs=None, *args, **kwargs):
+        # transformers' generate reads the prompt's shape (and derives positions from the mask) before our forward
+        # sees them, so a prompt that is not [batch, seq_len] would fail inside it with an IndexError
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(prompt, torch.Tensor) and not prompt.dtype.is_floating_point:
+            if prompt.dim() != 2:
+                raise ValueError(f"`generate` takes token ids of shape [batch, seq_len], got a prompt of shape {tuple(prompt.shape)}.")
+            _check_attention_mask(kwargs.get("attention_mask"), prompt.shape)
+        return super().generate(inputs, *args, **kwargs)
+
     def _get_candidate_generator(self, generation_config, *args, **kwargs):
         # `generate(..., use_mtp=True)`: our MTP modules draft inside transformers' assisted-decoding loop (see
         # speculative.py for why not transformers' own MTP generator).
         if getattr(generation_config, "use_mtp", False):
-            from .speculative import MTPDraftCandidateGenerator
+            from .speculative import MTPDraftCandidateGenerator, check_single_draft_source
 
+            check_single_draft_source(generation_config, kwargs.get("assistant_model"))
             return MTPDraftCandidateGenerator(
                 self, generation_config, kwargs.get("logits_processor"), kwargs.get("model_kwargs")
             )
@@ -441,9 +454,10 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         # `generate(..., use_mtp=True)` over a static cache: transformers' assisted loop refuses static caches, so
         # speculative.py runs a loop of its own (its docstring says why); everything else is transformers' loop.
         if getattr(generation_config, "use_mtp", False):
-            from .speculative import is_static_cache, mtp_static_decoding
+            from .speculative import check_single_draft_source, is_static_cache, mtp_static_decoding
 
             if is_static_cache(model_kwargs.get("past_key_values")):
+                check_single_draft_source(generation_config, assistant_model)
                 return mtp_static_decoding(
                     self, input_ids, logits_processor, stopping_criteria, generation_config,
                     synced_gpus=synced_gpus, streamer=streamer, **model_kwargs,

@@ -78,6 +78,21 @@ class MTPDraftStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
+def check_single_draft_source(generation_config, assistant_model=None) -> None:
+    """``use_mtp=True`` drafts with the model's own MTP module; another draft source asked for at the same time would
+    otherwise be ignored without a word."""
+    others = [name for name, value in (
+        ("assistant_model", assistant_model),
+        ("prompt_lookup_num_tokens", getattr(generation_config, "prompt_lookup_num_tokens", None)),
+        ("assistant_early_exit", getattr(generation_config, "assistant_early_exit", None)),
+    ) if value is not None]
+    if others:
+        raise ValueError(
+            f"`use_mtp=True` drafts with the model's own MTP module; drop {', '.join(f'`{n}`' for n in others)} (another "
+            "draft source), or `use_mtp`."
+        )
+
+
 class MTPDraftCandidateGenerator(CandidateGenerator):
     """Candidate source for transformers' assisted decoding that drafts one token with MTP module 1."""
 
@@ -88,6 +103,8 @@ class MTPDraftCandidateGenerator(CandidateGenerator):
     def __init__(self, model, generation_config, logits_processor=None, model_kwargs=None):
         if model.config.num_nextn_predict_layers < 1:
             raise ValueError("`use_mtp=True` needs MTP modules: this model has `num_nextn_predict_layers=0`.")
+        if model_kwargs is not None and model_kwargs.get("inputs_embeds") is not None:
+            raise ValueError("MTP speculative decoding needs `input_ids`, not `inputs_embeds`: each draft embeds the prompt's tokens.")
         self.model = model
         self.module = model.model.mtp_layers[0]
         self.cache = DynamicCache()  # grows lazily up to the module's layer index num_hidden_layers
@@ -383,4 +400,4 @@ def mtp_static_decoding(model, input_ids, logits_processor, stopping_criteria, g
     return input_ids
 
 
-__all__ = ["MTPDraftCandidateGenerator", "MTPDraftStats", "is_static_cache", "mtp_static_decoding"]
+__all__ = ["MTPDraftCandidateGenerator", "MTPDraftStats", "check_single_draft_source", "is_static_cache", "mtp_static_decoding"]

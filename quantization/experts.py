@@ -30,9 +30,26 @@ from .linear import KeepsStorageDtype, fp8_grouped_linear_frozen, fp8_grouped_li
 FP8_EXPERTS_IMPLEMENTATION = "deepseek_fp8"
 
 
+def check_routed_inputs(hidden_states, top_k_index, top_k_weights, hidden_dim: int) -> None:
+    """``hidden_states`` [N, H], ``top_k_index`` [N, K] integer and ``top_k_weights`` [N, K]: shapes and dtypes only
+    (free, inside compiled graphs too). Mismatched rows would otherwise be combined into a result of the wrong
+    tokens, or fail deep in an index op. Expert ids outside [0, E) are left alone: expert parallelism uses them."""
+    if hidden_states.dim() != 2 or hidden_states.shape[1] != hidden_dim:
+        raise ValueError(f"Routed experts take `hidden_states` [tokens, {hidden_dim}], got {tuple(hidden_states.shape)}.")
+    if top_k_index.dtype.is_floating_point or top_k_index.dtype == torch.bool:
+        raise ValueError(f"`top_k_index` must hold integer expert ids, got dtype {top_k_index.dtype}.")
+    rows = hidden_states.shape[0]
+    if top_k_index.dim() != 2 or top_k_index.shape[0] != rows or tuple(top_k_weights.shape) != tuple(top_k_index.shape):
+        raise ValueError(
+            f"`top_k_index` and `top_k_weights` must both be [tokens={rows}, top_k], got {tuple(top_k_index.shape)} and "
+            f"{tuple(top_k_weights.shape)}."
+        )
+
+
 @register_plugin("experts", FP8_EXPERTS_IMPLEMENTATION)
 def deepseek_fp8_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     """Training-grade FP8 experts (see the module doc). ``self`` is the stacked experts module."""
+    check_routed_inputs(hidden_states, top_k_index, top_k_weights, self.hidden_dim)
     power_of_two = self.config.fp8_power_of_two_scales
     slots = SortedSlots(top_k_index, self.num_experts)
     x = slots.gather(hidden_states)
@@ -117,6 +134,7 @@ class FP8Experts(KeepsStorageDtype, ExpertsPlugin):
         return dense
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        check_routed_inputs(hidden_states, top_k_index, top_k_weights, self.hidden_dim)
         slots = SortedSlots(top_k_index, self.num_experts)
         x = slots.gather(hidden_states)
         counts, p2 = slots.tokens_per_expert, self.power_of_two_scales
@@ -132,4 +150,4 @@ class FP8Experts(KeepsStorageDtype, ExpertsPlugin):
         return f"num_experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, fp8=e4m3 128x128"
 
 
-__all__ = ["FP8Experts", "FP8_EXPERTS_IMPLEMENTATION", "deepseek_fp8_experts_forward"]
+__all__ = ["FP8Experts", "FP8_EXPERTS_IMPLEMENTATION", "check_routed_inputs", "deepseek_fp8_experts_forward"]

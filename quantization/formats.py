@@ -249,7 +249,10 @@ def fp8_grouped_gemm_reference(
     out = torch.zeros(a.shape[0], n, dtype=out_dtype, device=a.device)
     offsets = m_offsets.tolist()
     if offsets[0] != 0 or offsets[-1] != a.shape[0] or any(x > y for x, y in zip(offsets, offsets[1:])):
-        raise ValueError(f"`m_offsets` must rise from 0 to the number of rows {a.shape[0]}, got {offsets}.")
+        raise ValueError(
+            f"`m_offsets` must rise from 0 to the number of rows {a.shape[0]}, got {offsets}: it is the running sum of the "
+            "tokens per expert, so every count must be ≥ 0 and all of them must add up to the rows given."
+        )
     for e in range(num_experts):
         rows = slice(offsets[e], offsets[e + 1])
         if offsets[e + 1] > offsets[e]:
@@ -291,7 +294,10 @@ def group_tile_offsets(m_offsets: torch.Tensor) -> torch.Tensor:
 def _host_offsets(m_offsets: torch.Tensor, num_rows: int) -> list[int]:
     offsets = m_offsets.tolist()  # the references loop on the host; the kernels never read the offsets there
     if offsets[0] != 0 or offsets[-1] != num_rows or any(x > y for x, y in zip(offsets, offsets[1:])):
-        raise ValueError(f"`m_offsets` must rise from 0 to the number of rows {num_rows}, got {offsets}.")
+        raise ValueError(
+            f"`m_offsets` must rise from 0 to the number of rows {num_rows}, got {offsets}: it is the running sum of the "
+            "tokens per expert, so every count must be ≥ 0 and all of them must add up to the rows given."
+        )
     return offsets
 
 

@@ -227,8 +227,7 @@ class FP8TrainingLinear(nn.Linear):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"FP8TrainingLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}.")
+        check_linear_input(x, self.in_features, "FP8TrainingLinear")
         if x.numel() == 0:  # no tokens (an idle expert): keep the graph, so the weights get zero gradients
             return nn.functional.linear(x, self.weight, self.bias)
         # under autocast, produce what nn.Linear would (the autocast dtype); the GEMM itself is FP8 either way
@@ -263,6 +262,14 @@ class KeepsStorageDtype(nn.Module):
             return applied
 
         return super()._apply(keep_dtype, recurse)
+
+
+def check_linear_input(x, in_features: int, layer: str) -> None:
+    """``x`` [..., in_features], a tensor of at least one dimension (its dtype is checked where it is quantized)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{layer} expects a torch.Tensor input [..., {in_features}], got {type(x).__name__}.")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"{layer} expects inputs [..., {in_features}], got {tuple(x.shape)}.")
 
 
 def _frozen_fp8_fprop(x2d, weight, weight_scale_inv, power_of_two: bool, out_dtype: torch.dtype) -> torch.Tensor:
@@ -325,6 +332,10 @@ class FP8Linear(KeepsStorageDtype):
     @classmethod
     def from_linear(cls, linear: nn.Linear, power_of_two_scales: bool = False) -> "FP8Linear":
         """Quantize a high-precision ``nn.Linear`` (or ``FP8TrainingLinear``) per 128×128 block."""
+        if isinstance(linear, FP8Linear):
+            raise TypeError("FP8Linear.from_linear: this layer is already an FP8Linear (its weight is quantized).")
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"FP8Linear.from_linear quantizes an nn.Linear, got {type(linear).__name__}.")
         weight = linear.weight.detach()
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.device,
                   power_of_two_scales, linear.bias.dtype if linear.bias is not None else torch.bfloat16)
@@ -351,9 +362,26 @@ class FP8Linear(KeepsStorageDtype):
                 linear.bias.copy_(self.bias)
         return linear
 
+    def _check_storage(self) -> None:
+        """The checkpoint format this layer computes with (shapes and dtypes only: free, also inside compiled graphs).
+        Writing another dtype through ``.data``, or a scale grid of another shape, would otherwise fail in the GEMM
+        under the names of its operands."""
+        grid = (ceil_div(self.out_features, BLOCK), ceil_div(self.in_features, BLOCK))
+        if self.weight.dtype != formats.FP8_DTYPE or tuple(self.weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"FP8Linear.weight must be {formats.FP8_DTYPE} [{self.out_features}, {self.in_features}], got "
+                f"{self.weight.dtype} {list(self.weight.shape)}: rebuild the layer (FP8Linear.from_linear) instead of "
+                "changing its tensors."
+            )
+        if self.weight_scale_inv.dtype != torch.float32 or tuple(self.weight_scale_inv.shape) != grid:
+            raise ValueError(
+                f"FP8Linear.weight_scale_inv must be float32 {list(grid)} (one scale per 128×128 block), got "
+                f"{self.weight_scale_inv.dtype} {list(self.weight_scale_inv.shape)}."
+            )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"FP8Linear expects inputs [..., {self.in_features}], got {tuple(x.shape)}.")
+        check_linear_input(x, self.in_features, "FP8Linear")
+        self._check_storage()
         out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
         if x.numel() == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features, dtype=out_dtype)
@@ -386,6 +414,16 @@ def fp8_grouped_linear_frozen(x_sorted: torch.Tensor, tokens_per_expert: torch.T
     ``x_sorted`` requires grad, gradients reach it through a grouped FP8 Dgrad (``FrozenFP8GroupedLinearFunction``).
     Returns ``[T, N]`` in ``x_sorted``'s dtype.
     """
+    if weight.dim() != 3 or weight.shape[2] != x_sorted.shape[-1] or weight.dtype != formats.FP8_DTYPE:
+        raise ValueError(
+            f"`weight` must be {formats.FP8_DTYPE} [experts, N, {x_sorted.shape[-1]}], got {weight.dtype} {tuple(weight.shape)}."
+        )
+    grid = (weight.shape[0], ceil_div(weight.shape[1], BLOCK), ceil_div(weight.shape[2], BLOCK))
+    if tuple(weight_scale_inv.shape) != grid or weight_scale_inv.dtype != torch.float32:
+        raise ValueError(
+            f"`weight_scale_inv` must be float32 {list(grid)} (one 128×128 grid per expert), got "
+            f"{weight_scale_inv.dtype} {list(weight_scale_inv.shape)}."
+        )
     m_offsets = _m_offsets(tokens_per_expert, weight.shape[0], x_sorted.device)
     if x_sorted.shape[0] == 0:
         return x_sorted.new_zeros(0, weight.shape[1])
