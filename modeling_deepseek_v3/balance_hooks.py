@@ -33,6 +33,8 @@ class BalanceLossTap:
     """Hooks on the DeepSeek-V3 backbones of ``model`` (see the module doc); ``remove()`` takes them off."""
 
     def __init__(self, model: nn.Module):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"BalanceLossTap hooks a model (an nn.Module), got {type(model).__name__}.")
         backbones = [m for m in model.modules() if isinstance(m, DeepseekV3Model)]
         if not backbones:
             raise ValueError(f"{type(model).__name__} holds no DeepseekV3Model: there is no DeepSeek-V3 balance loss to tap.")

@@ -37,7 +37,7 @@ from torch import nn
 from .layers import DeepseekV3Experts
 from .quantization.experts import FP8Experts
 from .quantization.linear import FP8Linear
-from .quantization.lora import FP8LoraLinear, register_fp8_lora_layers
+from .quantization.lora import FP8LoraLinear, check_dense_dtype, register_fp8_lora_layers
 from .quantization.quantizer import FP8BlockQuantizer
 from .registry import ExpertsPlugin
 
@@ -52,6 +52,10 @@ _PER_EXPERT_NAME = re.compile(r"(^|\.)experts\.\d+(\.|$)|(^|\.)experts\.(gate|up
 def prepare_lora_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
     """Check ``config``'s targets against ``model`` (a ``ValueError`` naming each one that matches nothing, or that
     LoRA cannot adapt), register the FP8 LoRA layers, and return ``config``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prepare_lora_config needs the model (an nn.Module), got {type(model).__name__}.")
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"prepare_lora_config needs a peft.LoraConfig, got {type(config).__name__}.")
     if isinstance(model, PeftModel):
         model = model.get_base_model()
     if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
@@ -76,7 +80,11 @@ def _check_target_modules(model: nn.Module, targets) -> None:
     modules = dict(model.named_modules())
     if isinstance(targets, str):
         if not any(re.fullmatch(targets, name) for name in modules):
-            raise ValueError(f"LoRA target_modules pattern {targets!r} matches no module of {type(model).__name__}.")
+            raise ValueError(
+                f"LoRA target_modules pattern {targets!r} matches no module of {type(model).__name__}. A string is a "
+                "regular expression matched against whole module names (e.g. r'.*\\.q_a_proj'); pass a list for "
+                "module names (e.g. ['q_a_proj'])."
+            )
         return
     for target in sorted(targets):
         matched = [m for name, m in modules.items() if name == target or name.endswith("." + target)]
@@ -139,6 +147,7 @@ def set_fp8_merge(model: nn.Module, fp8: str = "requantize", dtype: torch.dtype 
     into ``nn.Linear`` of ``dtype``. Returns those layers."""
     if fp8 not in FP8_MERGES:
         raise ValueError(f"`fp8` must be one of {list(FP8_MERGES)}, got {fp8!r}.")
+    check_dense_dtype(dtype)
     layers = [m for m in model.modules() if isinstance(m, FP8LoraLinear)]
     for layer in layers:
         layer.set_merge_target("fp8" if fp8 == "requantize" else "dense", dtype)
@@ -154,6 +163,11 @@ def merge_and_unload(peft_model: PeftModel, fp8: str = "requantize", dtype: torc
     drops the quantization config, so the model saves as a plain ``dtype`` checkpoint that any DeepSeek-V3 loader
     (transformers' own class included) reads. Without FP8 layers both are PEFT's ``merge_and_unload``.
     """
+    if not isinstance(peft_model, PeftModel):
+        raise TypeError(
+            f"merge_and_unload folds the adapters of a PeftModel (from get_peft_model or PeftModel.from_pretrained) into "
+            f"its base, got {type(peft_model).__name__}."
+        )
     layers = {id(layer): name for name, layer in peft_model.named_modules() if isinstance(layer, FP8LoraLinear)}
     merged_layers = set_fp8_merge(peft_model, fp8, dtype)
     model = peft_model.merge_and_unload()
@@ -170,6 +184,7 @@ def merge_and_unload(peft_model: PeftModel, fp8: str = "requantize", dtype: torc
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Every FP8 layer of ``model`` back to high precision in ``dtype``, the quantization config dropped, and the model
     cast to ``dtype`` (the routers' fp32 bias stays fp32)."""
+    check_dense_dtype(dtype)
     if getattr(model, "hf_quantizer", None) is not None:
         model.dequantize(dtype)  # transformers' path: our quantizer's dequantize, then the config is removed
     else:

@@ -151,6 +151,12 @@ class DeepseekV3DPOTrainer(_DeepseekV3Balancing, DPOTrainer):
     """``trl.DPOTrainer`` with DeepSeek-V3's balancing and reference checks (see the module doc)."""
 
     def __init__(self, model, ref_model=None, args=None, *rest, peft_config=None, **kwargs):
+        if ref_model is not None and not isinstance(ref_model, nn.Module):
+            # TRL takes a model here, not a folder: a path would fail deep inside its setup
+            raise TypeError(
+                f"`ref_model` must be a model, got {type(ref_model).__name__} {ref_model!r}: load it with "
+                "AutoModelForCausalLM.from_pretrained(...) (after `import modeling_deepseek_v3`), or leave it out."
+            )
         ref_model = _reference_from_folder(model, ref_model, peft_config,
                                            needed=not getattr(args, "precompute_ref_log_probs", False))
         if ref_model is not None:
