@@ -102,3 +102,15 @@ def run_file_under_triton_interpreter(test_file: str) -> None:
     print("interpreter run:", *(result.stdout.strip().splitlines()[-1:] if result.stdout else []))
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
     assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]
+
+
+# Each phase's report ("setup", "call", "teardown") of a test, kept on its item so that a fixture's teardown can see
+# how the test itself went (pytest's documented recipe; tests/test_transformers_conformance.py reads it).
+PHASE_REPORTS = pytest.StashKey[dict]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    item.stash.setdefault(PHASE_REPORTS, {})[report.when] = report
+    return report
