@@ -53,9 +53,18 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 from transformers.quantizers.base import HfQuantizer
+from transformers.utils.hub import convert_file_size_to_int
 from . import model_card
 from .fp8_config import QUANT_METHOD, DeepseekV3FP8Config, as_quantization_config
-from .checkpoint_io import INDEX_NAME, CheckpointError, atomic_save, check_scale_values, read_index, read_safetensors_header
+from .checkpoint_io import (
+    INDEX_NAME,
+    CheckpointError,
+    atomic_save,
+    check_scale_values,
+    load_index,
+    read_safetensors_header,
+    tensor_locations,
+)
 from .quantization.experts import FP8Experts
 from .quantization.formats import BLOCK, FP8_DTYPE, ceil_div
 from .quantization.linear import FP8Linear
@@ -237,12 +246,23 @@ def stack_expert_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
         groups.setdefault((match["prefix"], match["leaf"]), {}).setdefault(match["proj"], {})[int(match["expert"])] = tensor
     for (prefix, leaf), projections in groups.items():
         suffix = "" if leaf == "weight" else "_scale_inv"
+        count = 1 + max(e for experts in projections.values() for e in experts)
 
         def stacked(proj):
             experts = projections.get(proj, {})
-            if sorted(experts) != list(range(len(experts))) or not experts:
-                raise CheckpointError(f"The state dict has {prefix}.{{e}}.{proj}_proj.{leaf} for experts {sorted(experts)}: not every expert.")
-            return torch.stack([experts[e] for e in range(len(experts))])
+            missing = sorted(set(range(count)) - set(experts))
+            if missing:
+                raise CheckpointError(
+                    f"The state dict has no {prefix}.{{e}}.{proj}_proj.{leaf} for expert(s) {missing[:8]} of {count}: every "
+                    "expert needs its gate_proj, up_proj and down_proj."
+                )
+            for e in range(1, count):
+                if experts[e].shape != experts[0].shape:
+                    raise CheckpointError(
+                        f"The state dict's {prefix}.{e}.{proj}_proj.{leaf} has shape {list(experts[e].shape)}, but expert 0's "
+                        f"has {list(experts[0].shape)}: the experts cannot be stacked."
+                    )
+            return torch.stack([experts[e] for e in range(count)])
 
         out[f"{prefix}.gate_up_proj{suffix}"] = torch.cat([stacked("gate"), stacked("up")], dim=1)
         out[f"{prefix}.down_proj{suffix}"] = stacked("down")
@@ -255,12 +275,9 @@ def stack_expert_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 def checkpoint_headers(files) -> dict[str, tuple[str, dict]]:
-    """``{tensor name: (file, header entry)}`` over several checkpoint files."""
-    out = {}
-    for path in files:
-        for name, info in read_safetensors_header(path).items():
-            out[name] = (os.fspath(path), info)
-    return out
+    """``{tensor name: (file, header entry)}`` over several checkpoint files (a tensor stored twice is an error)."""
+    headers = {os.fspath(path): read_safetensors_header(path) for path in files}
+    return {name: (path, headers[path][name]) for name, path in tensor_locations(headers).items()}
 
 
 class CheckpointShapeError(CheckpointError, RuntimeError):
@@ -271,12 +288,30 @@ class CheckpointShapeError(CheckpointError, RuntimeError):
 _INTEGER_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"}  # safetensors' names
 
 
+def per_expert_layout(model: nn.Module, headers: dict) -> list[tuple[str, nn.Module]]:
+    """The stacked experts modules ``(name, module)`` whose tensors ``headers`` holds per expert (official layout)."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, ExpertsPlugin) and any(k.startswith(f"{name}.0.") for k in headers)]
+
+
+_EXPERT_INDEX = re.compile(r"^(\d+)\.(?:gate|up|down)_proj\.")
+
+
 def check_every_expert(model: nn.Module, headers: dict) -> None:
     """A checkpoint in the per-expert layout must hold every projection of every routed expert of each stacked
-    experts module (the loader stacks them; one missing would only surface as a shape mismatch of the stack)."""
-    for name, module in model.named_modules():
-        if not isinstance(module, ExpertsPlugin) or not any(k.startswith(f"{name}.0.") for k in headers):
-            continue  # not stored per expert here (a stacked save, or another model's checkpoint)
+    experts module, and no expert beyond them (the loader stacks them; a missing or extra one would only surface as a
+    shape mismatch of the stack)."""
+    for name, module in per_expert_layout(model, headers):
+        both = [f"{name}.{stacked}" for stacked in ("gate_up_proj", "down_proj") if f"{name}.{stacked}" in headers]
+        if both:
+            # which of the two copies the loader keeps is arbitrary
+            raise CheckpointError(f"The checkpoint holds {name!r} both per expert ({name}.0.gate_proj.weight, ...) and stacked ({both[0]}): keep one layout.")
+        stored = {int(m[1]) for k in headers if k.startswith(f"{name}.") and (m := _EXPERT_INDEX.match(k[len(name) + 1:]))}
+        if max(stored) >= module.num_experts:
+            raise CheckpointError(
+                f"The checkpoint holds {max(stored) + 1} routed experts for {name!r} (e.g. {name}.{max(stored)}), but the "
+                f"config's `n_routed_experts` is {module.num_experts}."
+            )
         for expert in range(module.num_experts):
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 key = f"{name}.{expert}.{proj}.weight"
@@ -287,63 +322,73 @@ def check_every_expert(model: nn.Module, headers: dict) -> None:
                     )
 
 
+def expected_tensors(model: nn.Module, headers: dict) -> dict[str, tuple[tuple, torch.dtype]]:
+    """``{checkpoint name: (shape, dtype the model holds it in)}``: the model's parameters and buffers, plus, for
+    experts stored per expert, each expert's ``{gate,up,down}_proj.weight`` (one slice of the stacked tensor), so
+    those are checked like any other tensor."""
+    expected = {name: (tuple(t.shape), t.dtype) for name, t in (*model.named_parameters(), *model.named_buffers())}
+    for name, module in per_expert_layout(model, headers):
+        gate_up, down = module.gate_up_proj, module.down_proj
+        for expert in range(module.num_experts):
+            for proj in ("gate_proj", "up_proj"):
+                expected[f"{name}.{expert}.{proj}.weight"] = ((gate_up.shape[1] // 2, gate_up.shape[2]), gate_up.dtype)
+            expected[f"{name}.{expert}.down_proj.weight"] = (tuple(down.shape[1:]), down.dtype)
+    return expected
+
+
+def check_tensor(name: str, expected: tuple, dtype: torch.dtype, headers: dict) -> None:
+    """One stored tensor against the model's ``expected`` shape and ``dtype`` (shape first: see CheckpointShapeError)."""
+    path, info = headers[name]
+    shape = tuple(info["shape"])
+    is_fp8 = info["dtype"] == "F8_E4M3"
+    if shape != expected:
+        raise CheckpointShapeError(f"Tensor {name!r} in {path} has shape {list(shape)}, but the model (config) expects {list(expected)}.")
+    owner = name.rpartition(".")[0]
+    if info["dtype"] in _INTEGER_DTYPES and dtype.is_floating_point:
+        raise CheckpointError(
+            f"Tensor {name!r} in {path} is {info['dtype']}, but the model holds it in {dtype}: a weight is never an "
+            "integer tensor (casting it would load garbage)."
+        )
+    if is_fp8 and name.endswith(".weight") and len(shape) == 2:
+        scale_name = owner + ".weight_scale_inv"
+        grid = [ceil_div(shape[0], BLOCK), ceil_div(shape[1], BLOCK)]
+        if scale_name not in headers:
+            raise CheckpointError(
+                f"FP8 tensor {name!r} in {path} has no {scale_name!r} (its per-128x128-block scales) in any checkpoint file."
+            )
+        scale_path, scale_info = headers[scale_name]
+        if list(scale_info["shape"]) != grid:
+            raise CheckpointError(
+                f"Scale grid {scale_name!r} in {scale_path} has shape {scale_info['shape']}, but weight {list(shape)} needs "
+                f"{grid} (ceil(rows/128), ceil(cols/128))."
+            )
+        if scale_info["dtype"] != "F32":
+            raise CheckpointError(f"Scale grid {scale_name!r} in {scale_path} must be F32, got {scale_info['dtype']}.")
+        if dtype != FP8_DTYPE:
+            # an FP8 tensor headed for a high-precision Linear: this module was not converted to FP8Linear
+            raise CheckpointError(
+                f"Tensor {name!r} in {path} is FP8 but the model holds {owner!r} in {dtype}: the checkpoint's "
+                "config.json needs the official `quantization_config` (quant_method 'fp8')."
+            )
+    if dtype == FP8_DTYPE and not is_fp8:
+        raise CheckpointError(
+            f"Tensor {name!r} in {path} is {info['dtype']}, but the checkpoint is declared FP8 (quantization_config) and "
+            f"{owner!r} is an FP8 layer: convert the folder with `python -m modeling_deepseek_v3.quantization.converter`."
+        )
+
+
 def validate_checkpoint_files(model: nn.Module, files, ignore_mismatched_sizes: bool = False) -> None:
     """Check, from the headers alone, that ``files`` can load into ``model`` (built, possibly on meta). With
     ``ignore_mismatched_sizes`` a shape mismatch is left to transformers, which re-initialises the tensor and says so.
     (The index was checked before transformers read it: ``check_index_of``.)"""
-    files = [os.fspath(f) for f in files]
-    headers = checkpoint_headers(files)
+    headers = checkpoint_headers([os.fspath(f) for f in files])
     check_every_expert(model, headers)
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
-    for name, param in params.items():
-        if name not in headers:
+    expected = expected_tensors(model, headers)
+    for name, (shape, dtype) in expected.items():
+        if name not in headers or (ignore_mismatched_sizes and tuple(headers[name][1]["shape"]) != shape):
             continue
-        path, info = headers[name]
-        shape = tuple(info["shape"])
-        expected = tuple(param.shape)
-        is_fp8 = info["dtype"] == "F8_E4M3"
-        if shape != expected and ignore_mismatched_sizes:
-            continue
-        if shape != expected:
-            raise CheckpointShapeError(
-                f"Tensor {name!r} in {path} has shape {list(shape)}, but the model (config) expects {list(expected)}."
-            )
-        owner = name.rpartition(".")[0]
-        if info["dtype"] in _INTEGER_DTYPES and param.dtype.is_floating_point:
-            raise CheckpointError(
-                f"Tensor {name!r} in {path} is {info['dtype']}, but the model holds it in {param.dtype}: a weight is never an "
-                "integer tensor (casting it would load garbage)."
-            )
-        if is_fp8 and name.endswith(".weight") and len(shape) == 2:
-            scale_name = owner + ".weight_scale_inv"
-            grid = [ceil_div(shape[0], BLOCK), ceil_div(shape[1], BLOCK)]
-            if scale_name not in headers:
-                raise CheckpointError(
-                    f"FP8 tensor {name!r} in {path} has no {scale_name!r} (its per-128x128-block scales) in any checkpoint file."
-                )
-            scale_path, scale_info = headers[scale_name]
-            if list(scale_info["shape"]) != grid:
-                raise CheckpointError(
-                    f"Scale grid {scale_name!r} in {scale_path} has shape {scale_info['shape']}, but weight {list(shape)} needs "
-                    f"{grid} (ceil(rows/128), ceil(cols/128))."
-                )
-            if scale_info["dtype"] != "F32":
-                raise CheckpointError(f"Scale grid {scale_name!r} in {scale_path} must be F32, got {scale_info['dtype']}.")
-            if param.dtype != FP8_DTYPE:
-                # an FP8 tensor headed for a high-precision Linear: this module was not converted to FP8Linear
-                raise CheckpointError(
-                    f"Tensor {name!r} in {path} is FP8 but the model holds {owner!r} in {param.dtype}: the checkpoint's "
-                    "config.json needs the official `quantization_config` (quant_method 'fp8')."
-                )
-        if param.dtype == FP8_DTYPE and not is_fp8:
-            raise CheckpointError(
-                f"Tensor {name!r} in {path} is {info['dtype']}, but the checkpoint is declared FP8 (quantization_config) and "
-                f"{owner!r} is an FP8 layer: convert the folder with `python -m modeling_deepseek_v3.quantization.converter`."
-            )
-    for name, param in params.items():
-        if param.dtype == FP8_DTYPE and name.endswith(".weight") and name in headers:
-            continue
+        check_tensor(name, shape, dtype, headers)
+    for name, (_, dtype) in expected.items():
         if name.endswith(".weight_scale_inv") and name not in headers and name[: -len("_scale_inv")] in headers:
             weight_path = headers[name[: -len("_scale_inv")]][0]
             raise CheckpointError(f"FP8 weight {name[: -len('_scale_inv')]!r} in {weight_path} has no {name!r} in any checkpoint file.")
@@ -354,6 +399,24 @@ def validate_checkpoint_files(model: nn.Module, files, ignore_mismatched_sizes: 
 # ---------------------------------------------------------------------------------------------------
 
 
+def check_save_arguments(state_dict, max_shard_size) -> None:
+    """Arguments of ``save_pretrained`` that transformers would take without a word or fail on deep inside: a
+    ``state_dict`` holding something other than tensors, a ``max_shard_size`` that is not a positive size (a negative
+    one silently writes one shard per tensor)."""
+    if state_dict is not None:
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"`state_dict` must be a dict of tensor name -> tensor, got {type(state_dict).__name__}.")
+        for key, value in state_dict.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"`state_dict[{key!r}]` must be a torch.Tensor, got {type(value).__name__}.")
+    try:
+        size = None if isinstance(max_shard_size, bool) else convert_file_size_to_int(max_shard_size)
+    except (ValueError, TypeError, AttributeError):
+        size = None
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError(f"`max_shard_size` must be a positive number of bytes or a size such as '5GB', got {max_shard_size!r}.")
+
+
 def save_pretrained(model, base_save, save_directory, *args, state_dict=None, push_to_hub=False, is_main_process=True, **kwargs):
     """``PreTrainedModel.save_pretrained`` in the official layout, atomically, with a model card.
 
@@ -361,6 +424,7 @@ def save_pretrained(model, base_save, save_directory, *args, state_dict=None, pu
     ``save_directory`` and uploads what changed there, so that path is left to it (the card is written by
     ``prepare_push``, called from ``_upload_modified_files``).
     """
+    check_save_arguments(state_dict, kwargs.get("max_shard_size", 1))
     # A model sharded by transformers' distributed engine gathers its full weights inside ``base_save`` (every rank
     # takes part, one writes); the copies are added to what it gathered (``gather_sharded_state_dict_for_save``).
     sharded = getattr(model, "is_distributed_loading_by_transformers", False)
@@ -392,10 +456,14 @@ _DECODER_TENSOR = re.compile(r"^(?:model\.)?(?:layers\.(?P<layer>\d+)\.|norm\.we
 
 def check_index_of(folder) -> None:
     """Before transformers reads a local folder: its ``model.safetensors.index.json``, if any, is valid JSON naming
-    shards that exist (else a ``CheckpointError`` naming the file)."""
+    shards that exist, with the ``metadata`` object transformers' loader reads (else a ``CheckpointError`` naming
+    the file)."""
     index = Path(os.fspath(folder)) / INDEX_NAME
-    if index.is_file():
-        read_index(index)
+    if index.is_file() and not isinstance(load_index(index).get("metadata"), dict):
+        raise CheckpointError(
+            f"The index {index} has no `metadata` object, which transformers' loader reads; add "
+            '`"metadata": {"total_size": <bytes of all tensors>}` (or `"metadata": {}`).'
+        )
 
 
 def check_no_missing_weights(model: nn.Module, missing_keys, source) -> None:

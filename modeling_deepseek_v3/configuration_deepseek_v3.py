@@ -7,11 +7,19 @@ transformers reads it, and a folder we save stays readable by transformers' clas
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import re
 from types import SimpleNamespace
 
+import torch
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import DeepseekV3Config as _TransformersDeepseekV3Config
+from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.utils import CONFIG_NAME
+from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import compat, parallel_plans
 from .fp8_config import as_quantization_config
@@ -36,6 +44,7 @@ _POSITIVE_INT_FIELDS = (
     "moe_intermediate_size",
     "num_hidden_layers",
     "num_attention_heads",
+    "num_key_value_heads",
     "kv_lora_rank",
     "qk_rope_head_dim",
     "qk_nope_head_dim",
@@ -47,7 +56,8 @@ _POSITIVE_INT_FIELDS = (
     "max_position_embeddings",
 )
 _NON_NEGATIVE_INT_FIELDS = ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers")
-_NON_NEGATIVE_FLOAT_FIELDS = ("router_bias_update_speed", "aux_loss_alpha", "mtp_loss_weight", "routed_scaling_factor")
+_FLOAT_FIELDS = ("routed_scaling_factor", "rms_norm_eps", "initializer_range")  # typed float by transformers
+_NON_NEGATIVE_FLOAT_FIELDS = ("router_bias_update_speed", "aux_loss_alpha", "mtp_loss_weight")
 
 
 class DeepseekV3Config(_TransformersDeepseekV3Config):
@@ -140,17 +150,19 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         self.fp8_mode = fp8_mode
         self.fp8_power_of_two_scales = fp8_power_of_two_scales
         self.fused_kernels = fused_kernels
+        # transformers' strict types reject a JSON integer where they declare a float (`"rms_norm_eps": 0` is 0.0)
+        for field in _FLOAT_FIELDS:
+            if type(kwargs.get(field)) is int:
+                kwargs[field] = float(kwargs[field])
         # Check before transformers' own validators run, so that the error names the field the user wrote.
         validate_fields(self._incoming_values(kwargs))
+        for field in ("rope_parameters", "rope_scaling"):
+            check_rope_parameters(_as_rope_parameters(kwargs.get(field), kwargs.get("rope_theta")))
         if self.experts_backend is not None and kwargs.get("experts_implementation") is None:
             kwargs["experts_implementation"] = self.experts_backend
-        super().__init__(**kwargs)
-        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
-        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
-            raise ValueError(
-                f"Config field `rope_scaling` (or `rope_parameters`) names rope type {rope_type!r}, which transformers does "
-                f"not know; the rope types are {['default', *sorted(ROPE_INIT_FUNCTIONS)]}."
-            )
+        with _field_type_errors():
+            super().__init__(**kwargs)
+        check_rope_parameters(self.rope_parameters)
         if self.scoring_func is None:  # the router's own affinity function (sigmoid for noaux_tc, softmax for greedy)
             self.scoring_func = getattr(self.plugin("topk_method"), "default_scoring_func", "sigmoid")
         # The official FP8 block dispatches to our quantizer (checkpoint.py); it still serializes as "fp8".
@@ -167,6 +179,32 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
             legacy["type"] = rope["rope_type"]
             output["rope_scaling"] = legacy
         return output
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        # transformers reads a local folder without config.json as an empty dict, i.e. the full-size defaults, and the
+        # load then fails on the first tensor's shape; a config.json holding a list or a string fails on `**` unnamed
+        folder = pretrained_model_name_or_path
+        if isinstance(folder, (str, os.PathLike)) and _looks_like_a_path(folder) and not os.path.exists(folder):
+            raise FileNotFoundError(f"The checkpoint folder {os.fspath(folder)} does not exist.")
+        if isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder) and not kwargs.get("gguf_file"):
+            path = os.path.join(folder, kwargs.get("subfolder") or "", kwargs.get("_configuration_file", CONFIG_NAME))
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} does not exist: a DeepSeek-V3 checkpoint folder needs its config.json.")
+        config_dict, rest = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"The config.json of {pretrained_model_name_or_path} must hold a JSON object, got {type(config_dict).__name__}.")
+        return config_dict, rest
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # from_pretrained(path, field=value) sets the overrides after __init__ has validated the file's values
+        with _field_type_errors():
+            result = super().from_dict(config_dict, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        validate_fields(config)
+        check_rope_parameters(config.rope_parameters)
+        return result
 
     def _incoming_values(self, kwargs: dict) -> SimpleNamespace:
         values = {self.attribute_map.get(name, name): default for name, default in compat.official_field_defaults().items()}
@@ -203,6 +241,147 @@ def plugin_for(config, field: str) -> type:
     return get_plugin(PLUGIN_FIELDS[field], getattr(config, field), field=field)
 
 
+class ConfigFieldTypeError(TypeError, StrictDataclassFieldValidationError):
+    """A config value of a type transformers' strict config fields refuse; a ``TypeError`` naming the field (and
+    still the ``huggingface_hub`` error type transformers raises)."""
+
+    def __init__(self, message: str):
+        Exception.__init__(self, message)
+
+
+class RopeParametersError(ValueError, KeyError):
+    """A rope block that misses an entry its rope type needs; a ``ValueError`` (and still the ``KeyError`` transformers
+    raises) naming the field."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@contextlib.contextmanager
+def _field_type_errors():
+    try:
+        yield
+    except StrictDataclassFieldValidationError as error:
+        match = re.search(r"field '([^']+)'", str(error))
+        field = match[1] if match else "?"
+        raise ConfigFieldTypeError(f"Config field `{field}` has a value of the wrong type: {error.__cause__ or error}") from None
+    except KeyError as error:
+        if isinstance(error, RopeParametersError) or "rope_parameters" not in str(error):
+            raise
+        raise RopeParametersError(f"Config field `rope_scaling` (or `rope_parameters`): {error.args[0] if error.args else error}") from None
+
+
+def _looks_like_a_path(name) -> bool:
+    """Whether ``name`` can only be a local path: a Hub repository id is never absolute nor relative to a folder
+    (transformers would report a missing folder as a malformed repository id)."""
+    name = os.fspath(name)
+    return os.path.isabs(name) or name.startswith(("./", "../", "~", ".\\", "..\\"))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# rope_parameters entries that are numbers, and those of them that must be positive
+_ROPE_NUMBERS = ("rope_theta", "factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor",
+                 "low_freq_factor", "high_freq_factor")
+_ROPE_POSITIVE = ("rope_theta", "factor", "attention_factor", "low_freq_factor", "high_freq_factor")
+
+
+def check_rope_parameters(rope) -> None:
+    """Raise ``ValueError`` naming the entry of ``rope_scaling`` / ``rope_parameters`` (as transformers has merged
+    them, with ``rope_theta``) that no rotary table can be built from: transformers checks the names, not the values,
+    and a zero, negative or NaN theta or factor gives NaN positions or a math error deep in the model's build."""
+    if not isinstance(rope, dict):
+        return
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(
+            f"Config field `rope_scaling` (or `rope_parameters`) names rope type {rope_type!r}, which transformers does "
+            f"not know; the rope types are {['default', *sorted(ROPE_INIT_FUNCTIONS)]}."
+        )
+    for key in _ROPE_NUMBERS:
+        value = rope.get(key)
+        if value is None:
+            continue
+        if not _is_number(value) or (key in _ROPE_POSITIVE and value <= 0):
+            kind = "a positive finite number" if key in _ROPE_POSITIVE else "a finite number"
+            field = "Config field `rope_theta`" if key == "rope_theta" else f"Config field `rope_scaling` (or `rope_parameters`) entry `{key}`"
+            raise ValueError(f"{field} must be {kind}, got {value!r}.")
+    original = rope.get("original_max_position_embeddings")
+    if original is not None and (not isinstance(original, int) or isinstance(original, bool) or original <= 0):
+        raise ValueError(
+            "Config field `rope_scaling` (or `rope_parameters`) entry `original_max_position_embeddings` must be a "
+            f"positive integer, got {original!r}."
+        )
+    if rope_type == "default" and rope.get("factor") is not None:
+        # a legacy block without "type" is read as plain RoPE: its scaling would be dropped without a word
+        raise ValueError(
+            f"Config field `rope_scaling` sets `factor` {rope['factor']!r} but no rope type (`type` or `rope_type`, e.g. "
+            "'yarn'), so plain RoPE would ignore it."
+        )
+
+
+def _as_rope_parameters(block, rope_theta):
+    """A ``rope_scaling`` / ``rope_parameters`` block as given, in the form transformers turns it into (legacy
+    ``type`` read as ``rope_type``, a separate ``rope_theta`` merged in), for checking before transformers reads it
+    (it divides by some of its values)."""
+    if not isinstance(block, dict):
+        return None
+    rope = {"rope_theta": rope_theta, **block}
+    rope["rope_type"] = block.get("rope_type", block.get("type", "default"))
+    return rope
+
+
+def _check_token_ids(config) -> None:
+    for field in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(config, field, None)
+        for token in value if isinstance(value, (list, tuple)) else [value]:
+            if token is None:
+                continue
+            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < config.vocab_size:
+                raise ValueError(f"Config field `{field}` must be null or a token id in [0, vocab_size={config.vocab_size}), got {value!r}.")
+
+
+def _check_dtype(config) -> None:
+    for field in ("dtype", "torch_dtype"):
+        value = getattr(config, "__dict__", {}).get(field) if field == "torch_dtype" else getattr(config, field, None)
+        if value is None or value == "auto":
+            continue
+        dtype = getattr(torch, value, None) if isinstance(value, str) else value
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"Config field `{field}` must name a floating-point torch dtype (e.g. 'bfloat16'), got {value!r}.")
+
+
+def _check_official_numbers(config) -> None:
+    """The official fields transformers' strict config types but does not range-check."""
+    scale = config.routed_scaling_factor
+    if not _is_number(scale) or scale <= 0:
+        # 0 would silence every routed expert; a negative one would flip their sign
+        raise ValueError(f"Config field `routed_scaling_factor` must be a positive finite number, got {scale!r}.")
+    if not _is_number(config.rms_norm_eps) or config.rms_norm_eps <= 0:
+        raise ValueError(f"Config field `rms_norm_eps` must be a positive finite number, got {config.rms_norm_eps!r}.")
+    if not _is_number(config.initializer_range) or config.initializer_range < 0:
+        raise ValueError(f"Config field `initializer_range` must be a finite non-negative number, got {config.initializer_range!r}.")
+    dropout = config.attention_dropout
+    if dropout is not None and (not _is_number(dropout) or not 0 <= dropout <= 1):
+        raise ValueError(f"Config field `attention_dropout` must be a probability in [0, 1], got {dropout!r}.")
+    if not isinstance(config.hidden_act, str) or config.hidden_act not in ACT2FN:
+        raise ValueError(f"Config field `hidden_act` must name an activation of transformers' ACT2FN (e.g. 'silu'), got {config.hidden_act!r}.")
+    # the released config carries moe_layer_freq = 1; the model places an MoE in every layer from first_k_dense_replace on
+    freq = getattr(config, "moe_layer_freq", 1)
+    if freq != 1 or isinstance(freq, bool):
+        raise ValueError(
+            f"Config field `moe_layer_freq` must be 1 (an MoE in every layer from `first_k_dense_replace` on), got {freq!r}."
+        )
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None and not isinstance(quantization, (dict, QuantizationConfigMixin)):
+        raise ValueError(
+            "Config field `quantization_config` must be an object (e.g. the official FP8 block {\"quant_method\": \"fp8\", "
+            f"...}}), got {quantization!r}."
+        )
+
+
 def validate_fields(config) -> None:
     """Raise ``ValueError`` naming the field for any value a model cannot be built from."""
     if config.fused_kernels not in FUSED_KERNEL_MODES:
@@ -223,8 +402,15 @@ def validate_fields(config) -> None:
         raise ValueError(f"Config field `fp8_mode` must be one of {list(FP8_MODES)}, got {config.fp8_mode!r}.")
     if config.scoring_func is not None and config.scoring_func not in SCORING_FUNCS:
         raise ValueError(f"Config field `scoring_func` must be one of {list(SCORING_FUNCS)} (or null), got {config.scoring_func!r}.")
-    if config.q_lora_rank is not None and (not isinstance(config.q_lora_rank, int) or config.q_lora_rank <= 0):
+    q_lora_rank = config.q_lora_rank
+    if q_lora_rank is not None and (not isinstance(q_lora_rank, int) or isinstance(q_lora_rank, bool) or q_lora_rank <= 0):
         raise ValueError(f"Config field `q_lora_rank` must be null or a positive integer, got {config.q_lora_rank!r}.")
+    if config.first_k_dense_replace > config.num_hidden_layers:
+        # the MTP modules, at layer num_hidden_layers + k, would silently become dense as well
+        raise ValueError(
+            f"Config field `first_k_dense_replace` ({config.first_k_dense_replace}) exceeds `num_hidden_layers` "
+            f"({config.num_hidden_layers}); set it to {config.num_hidden_layers} for a model without MoE layers."
+        )
     if config.qk_rope_head_dim % 2:
         raise ValueError(f"Config field `qk_rope_head_dim` must be even (rotary pairs), got {config.qk_rope_head_dim}.")
     if config.num_attention_heads % config.num_key_value_heads:
@@ -244,6 +430,9 @@ def validate_fields(config) -> None:
             f"Config field `num_experts_per_tok` ({config.num_experts_per_tok}) exceeds the {selectable} experts that "
             f"`topk_group`={config.topk_group} kept groups of {config.n_routed_experts // config.n_group} hold."
         )
+    _check_official_numbers(config)
+    _check_token_ids(config)
+    _check_dtype(config)
     if not isinstance(config.fp8_power_of_two_scales, bool):
         raise ValueError(f"Config field `fp8_power_of_two_scales` must be true or false, got {config.fp8_power_of_two_scales!r}.")
     for field in PLUGIN_FIELDS:
@@ -255,4 +444,4 @@ def validate_fields(config) -> None:
         plugin_for(config, field).check_config(config)
 
 
-__all__ = ["DeepseekV3Config"]
+__all__ = ["ConfigFieldTypeError", "DeepseekV3Config", "RopeParametersError"]

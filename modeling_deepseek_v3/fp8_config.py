@@ -16,6 +16,25 @@ _BLOCK = tuple(OFFICIAL_FP8_BLOCK["weight_block_size"])
 QUANT_METHOD = "deepseek_v3_fp8"  # our key in transformers' quantizer registry; never written to config.json
 
 
+def check_official_block(weight_block_size, fmt, activation_scheme, dequantize, modules_to_not_convert) -> None:
+    """A ``ValueError`` naming the ``quantization_config`` field whose value DeepSeek-V3's FP8 loader cannot use."""
+    if not (isinstance(weight_block_size, (list, tuple)) and all(type(b) is int for b in weight_block_size)
+            and tuple(weight_block_size) == _BLOCK):
+        shown = list(weight_block_size) if isinstance(weight_block_size, (list, tuple)) else weight_block_size
+        raise ValueError(f"quantization_config.weight_block_size must be [128, 128] (DeepSeek-V3 FP8), got {shown!r}.")
+    if not isinstance(fmt, str) or fmt.lower() != "e4m3":
+        raise ValueError(f"quantization_config.fmt must be 'e4m3' (DeepSeek-V3 FP8), got {fmt!r}.")
+    if activation_scheme != "dynamic":
+        raise ValueError(f"quantization_config.activation_scheme must be 'dynamic', got {activation_scheme!r}.")
+    if dequantize is not None and not isinstance(dequantize, bool):
+        raise ValueError(f"quantization_config.dequantize must be true, false or null (auto), got {dequantize!r}.")
+    if modules_to_not_convert is not None and (
+        not isinstance(modules_to_not_convert, (list, tuple)) or not all(isinstance(m, str) for m in modules_to_not_convert)
+    ):
+        # a bare string would be read as its characters, each a module name matching nothing
+        raise ValueError(f"quantization_config.modules_to_not_convert must be a list of module names, got {modules_to_not_convert!r}.")
+
+
 class DeepseekV3FP8Config(FineGrainedFP8Config):
     """The official FP8 block of DeepSeek-V3's ``config.json``, dispatched to ``checkpoint.DeepseekV3FP8HfQuantizer``.
 
@@ -26,6 +45,8 @@ class DeepseekV3FP8Config(FineGrainedFP8Config):
     def __init__(self, activation_scheme=OFFICIAL_FP8_BLOCK["activation_scheme"], weight_block_size=_BLOCK, dequantize=None,
                  modules_to_not_convert=None, fmt=OFFICIAL_FP8_BLOCK["fmt"], **kwargs):
         kwargs.pop("quant_method", None)
+        # before transformers' own checks, which fail on a wrong type with an error that names no field
+        check_official_block(weight_block_size, fmt, activation_scheme, dequantize, modules_to_not_convert)
         super().__init__(activation_scheme=activation_scheme, weight_block_size=tuple(weight_block_size),
                          dequantize=bool(dequantize), modules_to_not_convert=modules_to_not_convert)
         self.dequantize = dequantize  # keep None ("auto"): the parent stores a bool
@@ -37,12 +58,8 @@ class DeepseekV3FP8Config(FineGrainedFP8Config):
         self.check_official()
 
     def check_official(self) -> None:
-        if tuple(self.weight_block_size) != _BLOCK:
-            raise ValueError(f"quantization_config.weight_block_size must be [128, 128] (DeepSeek-V3 FP8), got {list(self.weight_block_size)}.")
-        if str(self.fmt).lower() != "e4m3":
-            raise ValueError(f"quantization_config.fmt must be 'e4m3' (DeepSeek-V3 FP8), got {self.fmt!r}.")
-        if self.activation_scheme != "dynamic":
-            raise ValueError(f"quantization_config.activation_scheme must be 'dynamic', got {self.activation_scheme!r}.")
+        check_official_block(self.weight_block_size, self.fmt, self.activation_scheme, self.dequantize,
+                             self.modules_to_not_convert)
 
     @classmethod
     def from_official(cls, block: dict) -> "DeepseekV3FP8Config":

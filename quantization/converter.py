@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -46,15 +47,25 @@ from ..checkpoint_io import (
     SINGLE_NAME,
     CheckpointError,
     atomic_save,
+    check_save_target,
     check_scale_values,
     read_index,
     read_safetensors_header,
+    tensor_locations,
 )
 from . import formats
 from .quantizer import dequantize_state_dict, quantize_state_dict
 
+logger = logging.getLogger(__name__)
+
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32}
+
+
+def _as_path(value, name: str):
+    if not isinstance(value, (str, os.PathLike)) or os.fspath(value) == "":
+        raise TypeError(f"`{name}` must be a folder path, got {value!r}.")
+    return value
 
 
 def list_shards(folder: str | os.PathLike) -> tuple[list[str], dict[str, str] | None]:
@@ -76,7 +87,11 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
                  power_of_two_scales: bool = False):
         if to not in ("fp8", "bf16", "fp32", "fp16", "float32", "bfloat16", "float16"):
             raise ValueError(f"`to` must be 'fp8' or a high-precision dtype name ('bf16', 'fp32'), got {to!r}.")
-        self.source = Path(source)
+        if dtype not in _DTYPES and dtype not in _DTYPES.values():
+            raise ValueError(f"`dtype` must be one of {sorted(_DTYPES)} or torch.bfloat16/float16/float32, got {dtype!r}.")
+        if not isinstance(power_of_two_scales, bool):
+            raise TypeError(f"`power_of_two_scales` must be True or False, got {power_of_two_scales!r}.")
+        self.source = Path(_as_path(source, "source"))
         self.to = "fp8" if to == "fp8" else "dequantize"
         self.dtype = _DTYPES[to] if to in _DTYPES else (_DTYPES[dtype] if isinstance(dtype, str) else dtype)
         self.power_of_two_scales = power_of_two_scales
@@ -93,7 +108,7 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
             converter = cls(tmp, to=to, **kwargs)
             converter._tmp_source = tmp
             return converter
-        path = Path(model_or_path)
+        path = Path(_as_path(model_or_path, "model_or_path"))
         if not path.is_dir():
             from huggingface_hub import snapshot_download
             from huggingface_hub.errors import HFValidationError
@@ -111,35 +126,55 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
     def convert_tensor(self, key: str, tensor: torch.Tensor, scale: torch.Tensor | None, file: str) -> dict[str, torch.Tensor]:
         """The output tensors for one input tensor (``scale``: its ``weight_scale_inv`` when dequantizing)."""
         module, _, leaf = key.rpartition(".")
+        if tensor.dtype == formats.FP8_DTYPE:
+            # already FP8: checked in both directions, so a corrupt pair is never copied into the output unseen
+            self.check_fp8_weight(key, tensor, scale, file, copied=self.to == "fp8")
         if self.to == "fp8":
             # The per-tensor rules (which weights, pass-through of what is already FP8) are the quantizer's.
             try:
                 return quantize_state_dict({key: tensor}, self.power_of_two_scales)
-            except ValueError as error:
+            except (ValueError, TypeError) as error:
                 raise CheckpointError(f"Cannot quantize {key!r} from {file}: {error}") from None
         if leaf == "weight_scale_inv":
             return {}
         if tensor.dtype != formats.FP8_DTYPE:
             return {key: tensor}
+        return dequantize_state_dict({key: tensor, f"{module}.weight_scale_inv": scale.float()}, self.dtype)
+
+    @staticmethod
+    def check_fp8_weight(key: str, tensor: torch.Tensor, scale: torch.Tensor | None, file: str, copied: bool) -> None:
+        """An FP8 ``weight`` must be a matrix with its ``weight_scale_inv`` grid of finite positive block scales, fp32
+        when it is ``copied`` to an FP8 output (the loader accepts no other), any float when it is dequantized."""
+        scale_key = key.rpartition(".")[0] + ".weight_scale_inv"
+        if tensor.dim() != 2 or not key.endswith(".weight"):
+            raise CheckpointError(f"FP8 tensor {key!r} in {file} has shape {list(tensor.shape)}: only 2-D `.weight` matrices are stored in FP8.")
         if scale is None:
-            raise CheckpointError(f"FP8 tensor {key!r} in {file} has no {module + '.weight_scale_inv'!r} in any checkpoint file.")
+            raise CheckpointError(f"FP8 tensor {key!r} in {file} has no {scale_key!r} in any checkpoint file.")
         grid = (formats.ceil_div(tensor.shape[0], formats.BLOCK), formats.ceil_div(tensor.shape[1], formats.BLOCK))
         if tuple(scale.shape) != grid:
             raise CheckpointError(
-                f"Scale grid {module + '.weight_scale_inv'!r} has shape {list(scale.shape)}, but {key!r} in {file} "
+                f"Scale grid {scale_key!r} has shape {list(scale.shape)}, but {key!r} in {file} "
                 f"({list(tensor.shape)}) needs {list(grid)}."
             )
-        check_scale_values({module + ".weight_scale_inv": scale}, file)
-        return dequantize_state_dict({key: tensor, f"{module}.weight_scale_inv": scale.float()}, self.dtype)
+        if scale.dtype != torch.float32 and (copied or not scale.dtype.is_floating_point or scale.dtype == formats.FP8_DTYPE):
+            raise CheckpointError(f"Scale grid {scale_key!r} of {key!r} in {file} must be F32, got {scale.dtype}.")
+        check_scale_values({scale_key: scale}, file)
 
     def quantize(self, save_dir, file_prefix=None, progress: bool = True, overwrite: bool = False) -> Path:
         """Convert every shard of the source into ``save_dir``; returns ``save_dir``."""
-        save_dir = Path(save_dir)
+        save_dir = check_save_target(_as_path(save_dir, "save_dir"))
+        if file_prefix is not None and (not isinstance(file_prefix, str) or Path(file_prefix).name != file_prefix):
+            raise ValueError(f"`file_prefix` must be a plain file-name prefix (no folder), got {file_prefix!r}.")
+        if save_dir.resolve() == self.source.resolve():
+            # the source's shards would be replaced while they are the only copy of the weights
+            raise FileExistsError(f"The destination {save_dir} is the source folder; convert into another folder.")
         if save_dir.exists() and any(save_dir.iterdir()) and not overwrite:
             raise FileExistsError(f"{save_dir} is not empty; pass overwrite=True (--overwrite) to replace it.")
         shards, weight_map = list_shards(self.source)
         headers = {shard: read_safetensors_header(self.source / shard) for shard in shards}  # fail before writing
-        location = {key: shard for shard, header in headers.items() for key in header}
+        paths = {str(self.source / shard): header for shard, header in headers.items()}
+        location = {key: Path(path).name for key, path in tensor_locations(paths).items()}
+        config = self._read_config()
 
         def write(tmp: str) -> None:
             tmp = Path(tmp)
@@ -153,7 +188,7 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
                     for key in f.keys():
                         tensor = self._get(f, key, path)
                         scale = None
-                        if self.to != "fp8" and tensor.dtype == formats.FP8_DTYPE and key.endswith(".weight"):
+                        if tensor.dtype == formats.FP8_DTYPE and key.endswith(".weight"):
                             scale_key = key[: -len("weight")] + "weight_scale_inv"
                             if scale_key in location:
                                 scale = self._read(location[scale_key], scale_key, f if location[scale_key] == shard else None)
@@ -171,7 +206,7 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
                 with open(tmp / INDEX_NAME, "w", encoding="utf-8") as f:
                     json.dump({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(new_map.items()))}, f, indent=2)
                     f.write("\n")
-            self._write_side_files(tmp)
+            self._write_side_files(tmp, config)
 
         try:
             atomic_save(save_dir, write)  # the same temp-then-rename as save_pretrained
@@ -197,7 +232,22 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
         with safe_open(path, framework="pt") as f:
             return self._get(f, key, path)
 
-    def _write_side_files(self, folder: Path) -> None:
+    def _read_config(self) -> dict | None:
+        """The source's config.json (None if it has none), read before anything is written."""
+        path = self.source / "config.json"
+        if not path.is_file():
+            logger.warning("%s has no config.json: the output has none either, so nothing declares its format.", self.source)
+            return None
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"{path} is not valid JSON: {error}.") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path} must hold a JSON object, got {type(config).__name__}.")
+        return config
+
+    def _write_side_files(self, folder: Path, config: dict | None) -> None:
         """config.json with the quantization block added/removed; every other non-weight file copied."""
         for item in self.source.iterdir():
             if item.suffix == ".safetensors" or item.name == INDEX_NAME or item.name.startswith(".") or not item.is_file():
@@ -205,8 +255,6 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
             if item.name == "README.md" and GENERATED_CARD_MARKER in item.read_text(encoding="utf-8", errors="replace"):
                 continue  # our generated card describes the old weights; save_pretrained regenerates it
             if item.name == "config.json":
-                with open(item, encoding="utf-8") as f:
-                    config = json.load(f)
                 if self.to == "fp8":
                     config["quantization_config"] = dict(OFFICIAL_FP8_BLOCK)
                 else:
@@ -237,7 +285,7 @@ def main(argv=None) -> int:
     try:
         converter = DeepseekV3FP8Converter.from_pretrained(args.source, to=args.to, power_of_two_scales=args.power_of_two_scales)
         out = converter.quantize(args.destination, progress=not args.no_progress, overwrite=args.overwrite)
-    except (CheckpointError, FileExistsError) as error:
+    except (ValueError, TypeError, OSError) as error:  # CheckpointError is a ValueError; OSError: the folders
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

@@ -112,7 +112,10 @@ def quantize_state_dict(state_dict: dict[str, torch.Tensor], power_of_two_scales
     out = {}
     for key, tensor in state_dict.items():
         module_name, _, leaf = key.rpartition(".")
-        if leaf == "weight" and is_fp8_eligible(module_name) and tensor.dtype != formats.FP8_DTYPE and tensor.dim() == 2:
+        if leaf == "weight" and is_fp8_eligible(module_name) and tensor.dtype != formats.FP8_DTYPE:
+            if tensor.dim() != 2:
+                # every eligible projection is a Linear's matrix; passing this one through would leave it unquantized
+                raise ValueError(f"`{key}` has shape {list(tensor.shape)}, but the weight of a Linear is a 2-D matrix.")
             out[key], out[f"{module_name}.weight_scale_inv"] = formats.quantize_weight_128x128(
                 tensor, power_of_two_scales, name=key
             )
