@@ -1,0 +1,386 @@
+"""Bad configs, checkpoint folders, FP8 blocks, saves and converter inputs: each is an error naming the field, file or
+tensor where it enters, never a deep traceback or a silently wrong model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from conftest import build_model, tiny_config
+from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3FP8Config, DeepseekV3ForCausalLM
+from modeling_deepseek_v3.checkpoint import CheckpointError, stack_expert_tensors
+from modeling_deepseek_v3.quantization.converter import DeepseekV3FP8Converter, main
+
+INDEX = "model.safetensors.index.json"
+KV = "model.layers.1.self_attn.kv_a_proj_with_mqa"
+KV_B = "model.layers.1.self_attn.kv_b_proj.weight"
+EXPERTS = "model.layers.1.mlp.experts"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reliability")
+    model = build_model(tiny_config())
+    model.save_pretrained(root / "single")
+    model.save_pretrained(root / "sharded", max_shard_size="100KB")
+    DeepseekV3FP8Converter.from_pretrained(root / "sharded").quantize(root / "fp8", progress=False)
+    return root
+
+
+def copy(folders, name, tmp_path):
+    return shutil.copytree(folders / name, tmp_path / name)
+
+
+def shard_of(folder, key):
+    return json.loads((folder / INDEX).read_text())["weight_map"][key]
+
+
+def edit_tensors(path, edit):
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def edit_json(path, edit):
+    content = json.loads(path.read_text())
+    edit(content)
+    path.write_text(json.dumps(content))
+
+
+def load(folder, **kwargs):
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+
+
+def load_fp8(folder):
+    return load(folder, quantization_config=DeepseekV3FP8Config(dequantize=False))
+
+
+# ---------------------------------------------------------------------------------------------------
+# config fields
+# ---------------------------------------------------------------------------------------------------
+
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+
+
+@pytest.mark.parametrize(
+    "fields, error, message",
+    [
+        (dict(num_key_value_heads=0), ValueError, r"`num_key_value_heads` must be a positive integer, got 0"),
+        (dict(num_key_value_heads=-2), ValueError, r"`num_key_value_heads` must be a positive integer"),
+        (dict(rope_theta=0.0), ValueError, r"`rope_theta` must be a positive finite number, got 0.0"),
+        (dict(rope_theta=float("nan")), ValueError, r"`rope_theta` must be a positive finite number, got nan"),
+        (dict(rope_scaling=None, rope_theta="10000"), ValueError, r"`rope_theta` must be a positive finite number, got '10000'"),
+        (dict(rope_scaling=None, rope_parameters={"rope_type": "default", "rope_theta": -3.0}), ValueError, r"`rope_theta`.*-3.0"),
+        (dict(rope_scaling={**YARN, "factor": -4.0}), ValueError, r"`rope_scaling`.*entry `factor` must be a positive"),
+        (dict(rope_scaling={**YARN, "factor": "4"}), ValueError, r"`rope_scaling`.*entry `factor`.*'4'"),
+        (dict(rope_scaling={**YARN, "original_max_position_embeddings": 0}), ValueError, r"`original_max_position_embeddings` must be a positive integer"),
+        (dict(rope_scaling={**YARN, "beta_fast": float("nan")}), ValueError, r"entry `beta_fast` must be a finite number"),
+        (dict(rope_scaling={"type": "linear", "factor": 0.0}), ValueError, r"entry `factor`.*0.0"),
+        (dict(rope_scaling={"factor": 4.0}), ValueError, r"`rope_scaling` sets `factor` 4.0 but no rope type"),
+        (dict(rope_scaling={"type": "linear"}), ValueError, r"`rope_scaling`.*Missing required keys.*factor"),
+        (dict(rms_norm_eps=0), ValueError, r"`rms_norm_eps` must be a positive finite number"),
+        (dict(rms_norm_eps=-1e-6), ValueError, r"`rms_norm_eps` must be a positive finite number"),
+        (dict(rms_norm_eps=float("nan")), ValueError, r"`rms_norm_eps`.*nan"),
+        (dict(initializer_range=-0.02), ValueError, r"`initializer_range` must be a finite non-negative number"),
+        (dict(attention_dropout=1.5), ValueError, r"`attention_dropout` must be a probability in \[0, 1\], got 1.5"),
+        (dict(attention_dropout=-0.1), ValueError, r"`attention_dropout` must be a probability"),
+        (dict(hidden_act="gelu_fancy"), ValueError, r"`hidden_act` must name an activation.*'gelu_fancy'"),
+        (dict(pad_token_id=200), ValueError, r"`pad_token_id` must be null or a token id in \[0, vocab_size=97\), got 200"),
+        (dict(pad_token_id=-5), ValueError, r"`pad_token_id`.*-5"),
+        (dict(bos_token_id=1000), ValueError, r"`bos_token_id`.*1000"),
+        (dict(eos_token_id=[1, 500]), ValueError, r"`eos_token_id`.*\[1, 500\]"),
+        (dict(moe_layer_freq=2), ValueError, r"`moe_layer_freq` must be 1.*got 2"),
+        (dict(moe_layer_freq=0), ValueError, r"`moe_layer_freq` must be 1"),
+        (dict(routed_scaling_factor=0.0), ValueError, r"`routed_scaling_factor` must be a positive finite number"),
+        (dict(first_k_dense_replace=4), ValueError, r"`first_k_dense_replace` \(4\) exceeds `num_hidden_layers` \(3\)"),
+        (dict(quantization_config="fp8"), ValueError, r"`quantization_config` must be an object.*'fp8'"),
+        (dict(quantization_config=[1, 2]), ValueError, r"`quantization_config` must be an object"),
+        (dict(dtype="float17"), ValueError, r"`dtype` must name a floating-point torch dtype.*'float17'"),
+        (dict(dtype="int8"), ValueError, r"`dtype`.*'int8'"),
+        (dict(q_lora_rank=True), ValueError, r"`q_lora_rank` must be null or a positive integer, got True"),
+        (dict(norm_topk_prob="yes"), TypeError, r"Config field `norm_topk_prob` has a value of the wrong type"),
+        (dict(use_cache="yes"), TypeError, r"Config field `use_cache`"),
+        (dict(rope_scaling="yarn"), TypeError, r"Config field `rope_parameters`"),
+    ],
+)
+def test_bad_config_values_name_the_field(fields, error, message):
+    with pytest.raises(error, match=message):
+        tiny_config(**fields)
+
+
+def test_json_integers_where_transformers_types_a_float_are_accepted():
+    config = tiny_config(routed_scaling_factor=2, rms_norm_eps=1, initializer_range=0)
+    assert (config.routed_scaling_factor, config.rms_norm_eps, config.initializer_range) == (2.0, 1.0, 0.0)
+    assert tiny_config(first_k_dense_replace=3).first_k_dense_replace == 3  # all layers dense is a model
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (dict(num_experts_per_tok=100), r"`num_experts_per_tok` \(100\)"),
+        (dict(first_k_dense_replace=9), r"`first_k_dense_replace` \(9\)"),
+        (dict(pad_token_id=500), r"`pad_token_id`"),
+        (dict(num_nextn_predict_layers=-1), r"`num_nextn_predict_layers`"),
+        (dict(use_cache="yes"), r"`use_cache`"),
+    ],
+)
+def test_from_pretrained_overrides_are_validated(folders, override, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        load(folders / "single", **override)
+
+
+def test_config_json_missing_or_not_an_object(folders, tmp_path):
+    folder = copy(folders, "single", tmp_path)
+    (folder / "config.json").unlink()  # transformers would build the full-size default config from nothing
+    with pytest.raises(FileNotFoundError, match=r"config\.json does not exist"):
+        DeepseekV3ForCausalLM.from_pretrained(folder)
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"must hold a JSON object, got list"):
+        DeepseekV3Config.from_pretrained(folder)
+    with pytest.raises(FileNotFoundError, match=r"no-such-folder does not exist"):
+        DeepseekV3Config.from_pretrained(tmp_path / "no-such-folder")
+    (folder / "config.json").write_text(json.dumps({**tiny_config().to_dict(), "quantization_config": "fp8"}))
+    with pytest.raises(ValueError, match=r"`quantization_config` must be an object"):
+        load(folder)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the FP8 quantization_config block
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(weight_block_size=None), r"weight_block_size must be \[128, 128\].*None"),
+        (dict(weight_block_size=128), r"weight_block_size must be \[128, 128\].*128"),
+        (dict(weight_block_size=[128]), r"weight_block_size must be \[128, 128\].*\[128\]"),
+        (dict(weight_block_size=["128", "128"]), r"weight_block_size.*\['128', '128'\]"),
+        (dict(activation_scheme=None), r"activation_scheme must be 'dynamic', got None"),
+        (dict(fmt=5), r"fmt must be 'e4m3'"),
+        (dict(dequantize="yes"), r"dequantize must be true, false or null.*'yes'"),
+        (dict(modules_to_not_convert="lm_head"), r"modules_to_not_convert must be a list of module names, got 'lm_head'"),
+        (dict(modules_to_not_convert=5), r"modules_to_not_convert must be a list"),
+    ],
+)
+def test_bad_fp8_block_names_the_field(fields, message):
+    with pytest.raises(ValueError, match=rf"quantization_config\.{message}"):
+        DeepseekV3FP8Config(**fields)
+    with pytest.raises(ValueError, match=rf"quantization_config\.{message}"):
+        tiny_config(quantization_config={"quant_method": "fp8", **fields})
+
+
+# ---------------------------------------------------------------------------------------------------
+# safetensors files and the index
+# ---------------------------------------------------------------------------------------------------
+
+NORM = {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]}
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        ([1, 2], r"model\.safetensors is corrupt: its safetensors header is not a JSON object"),
+        ({"model.norm.weight": 5}, r"header entry of tensor 'model\.norm\.weight' is not an object"),
+        ({"model.norm.weight": {**NORM, "dtype": "F99"}}, r"'model\.norm\.weight' in .*model\.safetensors has dtype 'F99'"),
+        ({"model.norm.weight": {k: v for k, v in NORM.items() if k != "dtype"}}, r"'model\.norm\.weight'.*has dtype None"),
+        ({"model.norm.weight": {k: v for k, v in NORM.items() if k != "shape"}}, r"'model\.norm\.weight'.*has shape None"),
+        ({"model.norm.weight": {**NORM, "shape": [-64]}}, r"has shape \[-64\], not a list of non-negative integers"),
+        ({"model.norm.weight": {**NORM, "data_offsets": 7}}, r"has data_offsets 7"),
+        ({"model.norm.weight": {**NORM, "data_offsets": [256, 0]}}, r"has data_offsets \[256, 0\]"),
+        ({"model.norm.weight": {**NORM, "data_offsets": [0, 100]}}, r"F32 of shape \[64\] \(256 bytes\), but its data_offsets span 100"),
+        ({"__metadata__": {"format": 5}, "model.norm.weight": NORM}, r"its `__metadata__` is not a mapping of strings"),
+    ],
+)
+def test_corrupt_safetensors_header_names_file_and_tensor(folders, tmp_path, header, message):
+    folder = copy(folders, "single", tmp_path)
+    encoded = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded + bytes(256))
+    with pytest.raises(CheckpointError, match=message):
+        load(folder)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda index: index.__setitem__("weight_map", {}), r"has an empty `weight_map`"),
+        (lambda index: index["weight_map"].__setitem__("model.norm.weight", "../single/model.safetensors"),
+         r"names the shard '\.\./single/model\.safetensors', which is outside the checkpoint folder"),
+        (lambda index: index.pop("metadata"), r"has no `metadata` object"),
+    ],
+)
+def test_bad_index_names_the_file(folders, tmp_path, edit, message):
+    folder = copy(folders, "sharded", tmp_path)
+    edit_json(folder / INDEX, edit)
+    with pytest.raises(CheckpointError, match=rf"{INDEX} {message}"):
+        load(folder)
+
+
+def test_tensor_stored_in_two_shards_is_named(folders, tmp_path):
+    folder = copy(folders, "sharded", tmp_path)
+    home = shard_of(folder, "model.norm.weight")
+    other = next(s for s in sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values())) if s != home)
+    edit_tensors(folder / other, lambda t: t.__setitem__("model.norm.weight", torch.full((64,), 7.0)))
+    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight' is stored twice, in .*model-0000\d-of.* and in "):
+        load(folder)
+    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight' is stored twice"):
+        DeepseekV3FP8Converter.from_pretrained(folder).quantize(tmp_path / "never", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# routed experts stored per expert
+# ---------------------------------------------------------------------------------------------------
+
+
+def _more_experts(tensors):
+    for proj in ("gate", "up", "down"):
+        tensors[f"{EXPERTS}.8.{proj}_proj.weight"] = tensors[f"{EXPERTS}.0.{proj}_proj.weight"].clone()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_more_experts, rf"holds 9 routed experts for '{EXPERTS}'.*`n_routed_experts` is 8"),
+        (lambda t: t.__setitem__(f"{EXPERTS}.3.up_proj.weight", t[f"{EXPERTS}.3.up_proj.weight"][:-1].clone()),
+         rf"'{EXPERTS}\.3\.up_proj\.weight' in .* has shape \[31, 64\], but the model \(config\) expects \[32, 64\]"),
+        (lambda t: t.__setitem__(f"{EXPERTS}.5.down_proj.weight", t[f"{EXPERTS}.5.down_proj.weight"].to(torch.int32)),
+         rf"'{EXPERTS}\.5\.down_proj\.weight' in .* is I32"),
+        (lambda t: t.__setitem__(f"{EXPERTS}.gate_up_proj", torch.zeros(8, 64, 64)), rf"holds '{EXPERTS}' both per expert .* and stacked"),
+    ],
+)
+def test_bad_per_expert_tensors_are_named(folders, tmp_path, edit, message):
+    folder = copy(folders, "single", tmp_path)
+    edit_tensors(folder / "model.safetensors", edit)
+    with pytest.raises(CheckpointError, match=message):
+        load(folder)
+
+
+def test_fp8_expert_without_its_scale_is_named(folders, tmp_path):
+    folder = copy(folders, "fp8", tmp_path)
+    key = f"{EXPERTS}.2.up_proj.weight_scale_inv"
+    edit_tensors(folder / shard_of(folder, key), lambda t: t.pop(key))
+    edit_json(folder / INDEX, lambda index: index["weight_map"].pop(key))
+    with pytest.raises(CheckpointError, match=rf"FP8 tensor '{EXPERTS}\.2\.up_proj\.weight' in .* has no '{key}'"):
+        load_fp8(folder)
+
+
+def test_per_expert_state_dict_gaps_and_uneven_experts_are_named():
+    state = {f"{EXPERTS}.{e}.{p}_proj.weight": torch.zeros(4, 8) for e in (0, 1, 3) for p in ("gate", "up", "down")}
+    with pytest.raises(CheckpointError, match=rf"no {EXPERTS}\.\{{e\}}\.gate_proj\.weight for expert\(s\) \[2\] of 4"):
+        stack_expert_tensors(state)
+    state.update({f"{EXPERTS}.2.{p}_proj.weight": torch.zeros(4, 8) for p in ("gate", "up", "down")})
+    state[f"{EXPERTS}.1.up_proj.weight"] = torch.zeros(3, 8)
+    with pytest.raises(CheckpointError, match=rf"{EXPERTS}\.1\.up_proj\.weight has shape \[3, 8\], but expert 0's has \[4, 8\]"):
+        stack_expert_tensors(state)
+
+
+# ---------------------------------------------------------------------------------------------------
+# saving
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(max_shard_size=-5), ValueError, r"`max_shard_size` must be a positive number of bytes.*-5"),
+        (dict(max_shard_size="0MB"), ValueError, r"`max_shard_size`.*'0MB'"),
+        (dict(max_shard_size="1.5GB"), ValueError, r"`max_shard_size`.*'1\.5GB'"),
+        (dict(state_dict={"model.norm.weight": 5}), TypeError, r"`state_dict\['model\.norm\.weight'\]` must be a torch\.Tensor"),
+        (dict(state_dict=[1]), TypeError, r"`state_dict` must be a dict"),
+    ],
+)
+def test_bad_save_arguments_are_named_and_leave_the_target_alone(tmp_path, kwargs, error, message):
+    model = build_model(tiny_config(num_hidden_layers=2))
+    with pytest.raises(error, match=message):
+        model.save_pretrained(tmp_path / "out", **kwargs)
+    assert not list(tmp_path.iterdir())
+
+
+def test_save_target_that_is_a_file_or_empty_is_named(tmp_path, monkeypatch):
+    model = build_model(tiny_config(num_hidden_layers=2))
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(NotADirectoryError, match=r"a-file: it is a file, not a folder"):
+        model.save_pretrained(tmp_path / "a-file")
+    with pytest.raises(NotADirectoryError, match=r"a-file/sub: .*a-file is a file, not a folder"):
+        model.save_pretrained(tmp_path / "a-file" / "sub")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"empty path"):  # would otherwise write into the working directory
+        model.save_pretrained("")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"] and (tmp_path / "a-file").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the converter
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_converter_refuses_its_source_as_destination(folders, tmp_path):
+    folder = copy(folders, "sharded", tmp_path)
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(FileExistsError, match=r"is the source folder"):
+        DeepseekV3FP8Converter.from_pretrained(folder).quantize(folder, progress=False, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [("{not json", r"config\.json is not valid JSON"), ("[1]", r"config\.json must hold a JSON object, got list")],
+)
+def test_converter_names_a_bad_config_json_before_writing(folders, tmp_path, config, message):
+    folder = copy(folders, "sharded", tmp_path)
+    (folder / "config.json").write_text(config)
+    with pytest.raises(CheckpointError, match=message):
+        DeepseekV3FP8Converter.from_pretrained(folder).quantize(tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize(
+    "source, key, edit, to, message",
+    [
+        ("sharded", KV_B, lambda w: w[None].contiguous(), "fp8", rf"Cannot quantize '{KV_B}'.*shape \[1, 88, 16\].*2-D"),
+        ("sharded", KV_B, lambda w: w.flatten().contiguous(), "fp8", rf"Cannot quantize '{KV_B}'.*2-D"),
+        ("fp8", f"{KV}.weight_scale_inv", lambda s: s * 0, "fp8", rf"'{KV}\.weight_scale_inv' in .* not finite and positive"),
+        ("fp8", f"{KV}.weight_scale_inv", lambda s: torch.ones(3, 3), "fp8", rf"'{KV}\.weight_scale_inv' has shape \[3, 3\].*needs \[1, 1\]"),
+        ("fp8", f"{KV}.weight_scale_inv", lambda s: s.bfloat16(), "fp8", rf"'{KV}\.weight_scale_inv' of .* must be F32"),
+        ("fp8", f"{KV}.weight_scale_inv", lambda s: s.int(), "bf16", rf"'{KV}\.weight_scale_inv' of .* must be F32"),
+        ("fp8", f"{KV}.weight", lambda w: w.flatten().contiguous(), "bf16", rf"FP8 tensor '{KV}\.weight' in .* has shape \[1536\]"),
+    ],
+)
+def test_converter_names_bad_tensors(folders, tmp_path, source, key, edit, to, message):
+    folder = copy(folders, source, tmp_path)
+    edit_tensors(folder / shard_of(folder, key), lambda t: t.__setitem__(key, edit(t[key])))
+    with pytest.raises(CheckpointError, match=message):
+        DeepseekV3FP8Converter.from_pretrained(folder, to=to).quantize(tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda src, out: DeepseekV3FP8Converter(src, to="fp8", dtype="float17"), ValueError, r"`dtype` must be one of.*'float17'"),
+        (lambda src, out: DeepseekV3FP8Converter(src, power_of_two_scales="yes"), TypeError, r"`power_of_two_scales` must be True or False"),
+        (lambda src, out: DeepseekV3FP8Converter.from_pretrained(None), TypeError, r"`model_or_path` must be a folder path, got None"),
+        (lambda src, out: DeepseekV3FP8Converter(src).quantize(None), TypeError, r"`save_dir` must be a folder path, got None"),
+        (lambda src, out: DeepseekV3FP8Converter(src).quantize(out, file_prefix="a/b"), ValueError, r"`file_prefix` must be a plain"),
+    ],
+)
+def test_converter_names_bad_arguments(folders, tmp_path, call, error, message):
+    with pytest.raises(error, match=message):
+        call(folders / "single", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_reports_a_destination_that_is_a_file_without_a_traceback(folders, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("mine")
+    assert main([str(folders / "single"), str(tmp_path / "a-file"), "--no-progress"]) == 1
+    assert "error: Cannot save into" in capsys.readouterr().err and (tmp_path / "a-file").read_text() == "mine"
+    assert main([str(folders / "single"), "", "--no-progress"]) == 1
+    assert "`save_dir` must be a folder path" in capsys.readouterr().err
