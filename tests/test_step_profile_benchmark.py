@@ -41,12 +41,41 @@ def table(markdown: str) -> tuple[list[str], dict[str, list[str]]]:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("step_profile") / "profile.json"
-    result = subprocess.run([sys.executable, SCRIPT, "--tiny", "--out", str(out)], cwd=ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return result.stdout, out
+def launched(tmp_path_factory):
+    """The tiny step profile and the suite's dry run, started together: each is one mostly single-threaded process,
+    so on a 2-core machine the pair takes about as long as the longer one. Their output goes to files (a full pipe
+    would stall a process until the test reading it comes along)."""
+    folder = tmp_path_factory.mktemp("step_profile")
+    commands = {
+        "profile": ([sys.executable, SCRIPT, "--tiny", "--out", str(folder / "profile.json")], ENV, folder / "profile.json"),
+        "suite": (["bash", SUITE, str(folder / "suite"), "--dry-run"], dict(ENV, PYTHON=sys.executable), folder / "suite"),
+    }
+    runs = {}
+    for name, (command, env, out) in commands.items():
+        streams = [open(folder / f"{name}.{stream}", "w+") for stream in ("stdout", "stderr")]
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=streams[0], stderr=streams[1], text=True)
+        runs[name] = (process, streams, out)
+    yield runs
+    for process, streams, _ in runs.values():
+        process.kill()
+        process.wait()
+        for stream in streams:
+            stream.close()
+
+
+def finished(run, timeout=900):
+    """(exit status, stdout, stderr, output path) of a launched run, once it has ended."""
+    process, streams, out = run
+    process.wait(timeout=timeout)
+    stdout, stderr = (stream.seek(0) or stream.read() for stream in streams)
+    return process.returncode, stdout, stderr, out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(launched):
+    returncode, stdout, stderr, out = finished(launched["profile"])
+    assert returncode == 0, stdout[-4000:] + stderr[-4000:]
+    return stdout, out
 
 
 def test_tiny_table_has_both_models_and_numbers(tiny_run):
@@ -116,12 +145,10 @@ def test_counter_sees_host_synchronising_ops():
     assert x.tolist() == [0, 2, 2, 1]
 
 
-def test_gpu_suite_dry_run_writes_every_table(tmp_path):
-    out = tmp_path / "suite"
-    result = subprocess.run(["bash", SUITE, str(out), "--dry-run"], cwd=ROOT, env=dict(ENV, PYTHON=sys.executable),
-                            capture_output=True, text=True, timeout=900)
+def test_gpu_suite_dry_run_writes_every_table(launched):
+    returncode, stdout, stderr, out = finished(launched["suite"])
     log = (out / "log.txt").read_text() if (out / "log.txt").exists() else ""
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + log[-4000:]
+    assert returncode == 0, stdout[-3000:] + stderr[-3000:] + log[-4000:]
     for name in ("log.txt", "pytest_gpu.txt", "train_step.md", "train_step.json", "decode.md", "decode.json",
                  "step_profile.md", "step_profile.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
