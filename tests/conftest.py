@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -90,18 +91,46 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.float() - expected.float()).norm() / expected.float().norm())
 
 
+# Test files whose tests also run in a child pytest under the Triton interpreter (their `interpreter`-marked test
+# asks for it), as collected in this session; the children start together when the first one is asked for, since
+# each is one single-threaded process (the interpreter executes every tile in Python).
+_INTERPRETED_FILES: list[str] = []
+_INTERPRETER_RUNS: dict[str, tuple[subprocess.Popen, object]] = {}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    for item in items:
+        if item.get_closest_marker("interpreter") and str(item.path) not in _INTERPRETED_FILES:
+            _INTERPRETED_FILES.append(str(item.path))
+
+
+def _start_under_triton_interpreter(test_file: str) -> None:
+    output = tempfile.TemporaryFile("w+")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
+        env=dict(os.environ, TRITON_INTERPRET="1"), stdout=output, stderr=subprocess.STDOUT, text=True,
+        cwd=os.path.dirname(test_file),
+    )
+    _INTERPRETER_RUNS[test_file] = (process, output)
+
+
 def run_file_under_triton_interpreter(test_file: str) -> None:
     """Run ``test_file``'s tests in a child pytest with ``TRITON_INTERPRET=1`` (it must be set before triton is
     imported, which this process already did) and fail unless all of them ran and passed."""
     pytest.importorskip("triton")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
-        env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900,
-        cwd=os.path.dirname(test_file),
-    )
-    print("interpreter run:", *(result.stdout.strip().splitlines()[-1:] if result.stdout else []))
-    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
-    assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]
+    for path in dict.fromkeys([*_INTERPRETED_FILES, test_file]):
+        if path not in _INTERPRETER_RUNS:
+            _start_under_triton_interpreter(path)
+    process, output = _INTERPRETER_RUNS[test_file]
+    try:
+        process.wait(timeout=900)
+    finally:
+        process.kill()
+    output.seek(0)
+    log = output.read()
+    print("interpreter run:", *log.strip().splitlines()[-1:])
+    assert process.returncode == 0, log[-12000:]
+    assert " passed" in log and " skipped" not in log, log[-2000:]
 
 
 # Each phase's report ("setup", "call", "teardown") of a test, kept on its item so that a fixture's teardown can see

@@ -200,6 +200,8 @@ if not INTERPRETING:
 
     # ------------------------------------------------------------------------------------------- interpreter
 
+    @pytest.mark.interpreter
+
     def test_grouped_wgrad_kernels_under_the_interpreter():
         run_file_under_triton_interpreter(__file__)
 

@@ -22,6 +22,8 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 if not INTERPRETING:
 
+    @pytest.mark.interpreter
+
     def test_triton_kernels_under_the_interpreter():
         run_file_under_triton_interpreter(__file__)
 

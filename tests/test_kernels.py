@@ -25,6 +25,8 @@ def _randn(*shape, seed=0, dtype=torch.float32, scale=1.0):
 if not INTERPRETING:
     from modeling_deepseek_v3 import kernels
 
+    @pytest.mark.interpreter
+
     def test_triton_kernels_under_the_interpreter():
         run_file_under_triton_interpreter(__file__)
 
