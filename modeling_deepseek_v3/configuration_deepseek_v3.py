@@ -424,8 +424,13 @@ def validate_fields(config) -> None:
         )
     if config.topk_group > config.n_group:
         raise ValueError(f"Config field `topk_group` ({config.topk_group}) must not exceed `n_group` ({config.n_group}).")
-    selectable = config.topk_group * (config.n_routed_experts // config.n_group)
-    if config.num_experts_per_tok > selectable:
+    if config.topk_method == "greedy":  # routes over all experts, groups aside (as distributed.py assumes)
+        if config.num_experts_per_tok > config.n_routed_experts:
+            raise ValueError(
+                f"Config field `num_experts_per_tok` ({config.num_experts_per_tok}) exceeds `n_routed_experts` "
+                f"({config.n_routed_experts})."
+            )
+    elif config.num_experts_per_tok > (selectable := config.topk_group * (config.n_routed_experts // config.n_group)):
         raise ValueError(
             f"Config field `num_experts_per_tok` ({config.num_experts_per_tok}) exceeds the {selectable} experts that "
             f"`topk_group`={config.topk_group} kept groups of {config.n_routed_experts // config.n_group} hold."

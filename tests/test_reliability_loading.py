@@ -101,6 +101,7 @@ YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
         (dict(moe_layer_freq=0), ValueError, r"`moe_layer_freq` must be 1"),
         (dict(routed_scaling_factor=0.0), ValueError, r"`routed_scaling_factor` must be a positive finite number"),
         (dict(first_k_dense_replace=4), ValueError, r"`first_k_dense_replace` \(4\) exceeds `num_hidden_layers` \(3\)"),
+        (dict(topk_method="greedy", num_experts_per_tok=9), ValueError, r"`num_experts_per_tok` \(9\) exceeds `n_routed_experts` \(8\)"),
         (dict(quantization_config="fp8"), ValueError, r"`quantization_config` must be an object.*'fp8'"),
         (dict(quantization_config=[1, 2]), ValueError, r"`quantization_config` must be an object"),
         (dict(dtype="float17"), ValueError, r"`dtype` must name a floating-point torch dtype.*'float17'"),
@@ -120,6 +121,8 @@ def test_json_integers_where_transformers_types_a_float_are_accepted():
     config = tiny_config(routed_scaling_factor=2, rms_norm_eps=1, initializer_range=0)
     assert (config.routed_scaling_factor, config.rms_norm_eps, config.initializer_range) == (2.0, 1.0, 0.0)
     assert tiny_config(first_k_dense_replace=3).first_k_dense_replace == 3  # all layers dense is a model
+    # the greedy router picks among all experts: groups do not bound its top-k
+    assert tiny_config(topk_method="greedy", num_experts_per_tok=5).num_experts_per_tok == 5
 
 
 @pytest.mark.parametrize(
