@@ -300,24 +300,26 @@ _EXPERT_INDEX = re.compile(r"^(\d+)\.(?:gate|up|down)_proj\.")
 def check_every_expert(model: nn.Module, headers: dict) -> None:
     """A checkpoint in the per-expert layout must hold every projection of every routed expert of each stacked
     experts module, and no expert beyond them (the loader stacks them; a missing or extra one would only surface as a
-    shape mismatch of the stack)."""
+    shape mismatch of the stack). The count is the config's `n_routed_experts`: under expert parallelism a rank's
+    module holds only its share, but the checkpoint holds them all."""
+    num_experts = model.config.n_routed_experts
     for name, module in per_expert_layout(model, headers):
         both = [f"{name}.{stacked}" for stacked in ("gate_up_proj", "down_proj") if f"{name}.{stacked}" in headers]
         if both:
             # which of the two copies the loader keeps is arbitrary
             raise CheckpointError(f"The checkpoint holds {name!r} both per expert ({name}.0.gate_proj.weight, ...) and stacked ({both[0]}): keep one layout.")
         stored = {int(m[1]) for k in headers if k.startswith(f"{name}.") and (m := _EXPERT_INDEX.match(k[len(name) + 1:]))}
-        if max(stored) >= module.num_experts:
+        if max(stored) >= num_experts:
             raise CheckpointError(
                 f"The checkpoint holds {max(stored) + 1} routed experts for {name!r} (e.g. {name}.{max(stored)}), but the "
-                f"config's `n_routed_experts` is {module.num_experts}."
+                f"config's `n_routed_experts` is {num_experts}."
             )
-        for expert in range(module.num_experts):
+        for expert in range(num_experts):
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 key = f"{name}.{expert}.{proj}.weight"
                 if key not in headers:
                     raise CheckpointError(
-                        f"The checkpoint has no {key!r}: every one of the {module.num_experts} routed experts of {name!r} "
+                        f"The checkpoint has no {key!r}: every one of the {num_experts} routed experts of {name!r} "
                         "needs its gate_proj, up_proj and down_proj (official layout: docs/checkpoint-format.md)."
                     )
 
@@ -329,7 +331,7 @@ def expected_tensors(model: nn.Module, headers: dict) -> dict[str, tuple[tuple, 
     expected = {name: (tuple(t.shape), t.dtype) for name, t in (*model.named_parameters(), *model.named_buffers())}
     for name, module in per_expert_layout(model, headers):
         gate_up, down = module.gate_up_proj, module.down_proj
-        for expert in range(module.num_experts):
+        for expert in range(model.config.n_routed_experts):  # every expert is stored, whichever a rank keeps
             for proj in ("gate_proj", "up_proj"):
                 expected[f"{name}.{expert}.{proj}.weight"] = ((gate_up.shape[1] // 2, gate_up.shape[2]), gate_up.dtype)
             expected[f"{name}.{expert}.down_proj.weight"] = (tuple(down.shape[1:]), down.dtype)

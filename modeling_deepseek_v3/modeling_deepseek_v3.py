@@ -200,7 +200,9 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             kind = "integer token ids" if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool else "int64 or int32 token ids"
             raise ValueError(f"`input_ids` must hold {kind}, got dtype {input_ids.dtype}.")
         if inputs_embeds is not None:
-            _check_inputs_embeds(inputs_embeds, self.config.hidden_size, self.embed_tokens.weight.dtype)
+            # a pipeline stage after the first holds no embedding (its inputs are the previous stage's hidden states)
+            embedding = getattr(self.embed_tokens, "weight", None)
+            _check_inputs_embeds(inputs_embeds, self.config.hidden_size, None if embedding is None else embedding.dtype)
 
     def _check_inputs(self, input_ids, position_ids, attention_mask, past_key_values, decoding: bool) -> None:
         """Clear errors for bad input values. They read the device once, so they are skipped where that would cost a
@@ -308,7 +310,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         )
 
 
-def _check_inputs_embeds(inputs_embeds: torch.Tensor, hidden_size: int, model_dtype: torch.dtype) -> None:
+def _check_inputs_embeds(inputs_embeds: torch.Tensor, hidden_size: int, model_dtype: torch.dtype | None) -> None:
     """``inputs_embeds`` [batch, seq_len, hidden_size] of a float dtype the model computes in: one it promotes to its
     own (a bf16 input to an fp32 model) runs, a wider one (fp32 into bf16, float64) would fail in the first matmul."""
     if not inputs_embeds.dtype.is_floating_point:
@@ -318,7 +320,7 @@ def _check_inputs_embeds(inputs_embeds: torch.Tensor, hidden_size: int, model_dt
             f"`inputs_embeds` must have shape [batch, seq_len, hidden_size={hidden_size}], got {list(inputs_embeds.shape)}."
         )
     autocast = torch.is_autocast_enabled(inputs_embeds.device.type)
-    if not autocast and torch.promote_types(inputs_embeds.dtype, model_dtype) != model_dtype:
+    if model_dtype is not None and not autocast and torch.promote_types(inputs_embeds.dtype, model_dtype) != model_dtype:
         raise ValueError(
             f"`inputs_embeds` has dtype {inputs_embeds.dtype} but the model computes in {model_dtype}: cast them "
             f"(`inputs_embeds.to({model_dtype})`) or run under torch.autocast."
