@@ -456,6 +456,19 @@ def save_pretrained(model, base_save, save_directory, *args, state_dict=None, pu
 _DECODER_TENSOR = re.compile(r"^(?:model\.)?(?:layers\.(?P<layer>\d+)\.|norm\.weight$)")
 
 
+def check_local_source(source) -> None:
+    """A source that can only be a local path (absolute, relative with ``.`` or ``~``, more than one ``/``, or a file)
+    must be an existing folder: transformers would take it for a Hub repo id and answer "Repo id must be in the
+    form 'repo_name' or 'namespace/repo_name'" (a Hub id is ``name`` or ``namespace/name``)."""
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        return
+    if os.path.isfile(path):
+        raise NotADirectoryError(f"{path} is a file; from_pretrained takes the folder holding config.json and the weights.")
+    if os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path:
+        raise FileNotFoundError(f"No checkpoint folder at {path} (from_pretrained takes a local folder or a Hub repo id).")
+
+
 def check_index_of(folder) -> None:
     """Before transformers reads a local folder: its ``model.safetensors.index.json``, if any, is valid JSON naming
     shards that exist, with the ``metadata`` object transformers' loader reads (else a ``CheckpointError`` naming

@@ -92,10 +92,12 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
             # a layout that cannot work fails here, in one message, before transformers starts the process group
             config = distributed.resolve_model_config(cls.config_class, pretrained_model_name_or_path, kwargs)
             distributed.check_distributed_config(cls, config, kwargs["distributed_config"], distributed.world_size())
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            checkpoint.check_local_source(pretrained_model_name_or_path)
+            if os.path.isdir(pretrained_model_name_or_path):
+                checkpoint.check_index_of(pretrained_model_name_or_path)  # transformers would fail on a bare JSON error
         # A decoder-layer tensor the checkpoint lacks is an error naming it, unless `allow_missing_weights=True`
         # (transformers would initialise it at random and only mention it in the load report).
-        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isdir(pretrained_model_name_or_path):
-            checkpoint.check_index_of(pretrained_model_name_or_path)  # transformers would fail on it with a bare JSON error
         allow_missing = kwargs.pop("allow_missing_weights", False)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)

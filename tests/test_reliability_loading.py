@@ -387,3 +387,16 @@ def test_cli_reports_a_destination_that_is_a_file_without_a_traceback(folders, t
     assert "error: Cannot save into" in capsys.readouterr().err and (tmp_path / "a-file").read_text() == "mine"
     assert main([str(folders / "single"), "", "--no-progress"]) == 1
     assert "`save_dir` must be a folder path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["/no/such/checkpoint", "./missing-folder", "~/missing-folder", "a/b/c"])
+def test_from_pretrained_names_a_local_path_that_does_not_exist(source):
+    with pytest.raises(FileNotFoundError, match="No checkpoint folder at"):
+        DeepseekV3ForCausalLM.from_pretrained(source)
+
+
+def test_from_pretrained_names_a_file_given_for_the_folder(tmp_path):
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"")
+    with pytest.raises(NotADirectoryError, match="is a file; from_pretrained takes the folder"):
+        DeepseekV3ForCausalLM.from_pretrained(file)
