@@ -13,6 +13,8 @@ private API                                                what we use it for
                                                            reads tensors, the MTP report after (``checkpoint``)
 ``PreTrainedModel._upload_modified_files``                 our model card replaces transformers' placeholder
                                                            ``README.md`` before ``push_to_hub`` uploads
+``PreTrainedModel._grouped_mm_can_dispatch``               ``grouped_mm`` refused (named) for expert widths torch's
+                                                           grouped GEMM cannot align; the default then falls back
 ``GenerationMixin._get_candidate_generator``               ``generate(..., use_mtp=True)``: our MTP drafter inside
                                                            transformers' assisted-decoding loop
 ``GenerationMixin._assisted_decoding``                     ``generate(..., use_mtp=True)`` over a static cache runs
@@ -49,6 +51,7 @@ class IncompatibleVersionError(RuntimeError):
 _HOOKS = {
     "PreTrainedModel._load_pretrained_model": (PreTrainedModel, "_load_pretrained_model", ("model", "state_dict", "checkpoint_files", "load_config")),
     "PreTrainedModel._upload_modified_files": (PreTrainedModel, "_upload_modified_files", ("working_dir", "repo_id")),
+    "PreTrainedModel._grouped_mm_can_dispatch": (PreTrainedModel, "_grouped_mm_can_dispatch", ()),
     "GenerationMixin._get_candidate_generator": (GenerationMixin, "_get_candidate_generator", ("generation_config",)),
     "GenerationMixin._assisted_decoding": (
         GenerationMixin, "_assisted_decoding",

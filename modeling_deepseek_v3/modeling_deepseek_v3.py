@@ -71,6 +71,19 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         # transformers looks for the decorator in the model's own module; our experts module lives in layers.py
         return True
 
+    def _grouped_mm_can_dispatch(self) -> bool:
+        # torch's grouped GEMM needs 16-byte-aligned rows: in bf16, expert widths that are multiples of 8. transformers
+        # falls back to `eager` when this raises and no implementation was asked for, and passes the error on when
+        # `grouped_mm` was (without the check, the first forward fails with "strides should be multiple of 16 bytes").
+        super()._grouped_mm_can_dispatch()
+        sizes = {"hidden_size": self.config.hidden_size, "moe_intermediate_size": self.config.moe_intermediate_size}
+        if any(size % 8 for size in sizes.values()):
+            raise ValueError(
+                f"experts_implementation='grouped_mm' needs hidden_size and moe_intermediate_size to be multiples of 8 "
+                f"(torch's grouped GEMM reads 16-byte-aligned rows), got {sizes}; use 'batched_mm' or 'eager'."
+            )
+        return True
+
     def __init__(self, config: DeepseekV3Config, *inputs, **kwargs):
         super().__init__(config, *inputs, **kwargs)
         # Checkpoints carry copies of the shared embedding/head inside each MTP layer, and MTP layers beyond the

@@ -66,6 +66,22 @@ def test_experts_backend_is_the_default_implementation_and_is_validated():
         tiny_config(experts_backend=["grouped_mm"])
 
 
+def test_grouped_mm_is_refused_for_widths_it_cannot_align_and_the_default_falls_back():
+    odd = dict(hidden_size=60, moe_intermediate_size=30)  # rows of 120 and 60 bytes in bf16
+    with pytest.raises(ValueError, match=r"'grouped_mm' needs hidden_size and moe_intermediate_size to be multiples of 8.*60"):
+        build_model(tiny_config(experts_backend="grouped_mm", **odd))
+    model = build_model(tiny_config(**odd))  # nothing asked for: transformers' fallback
+    assert model.config._experts_implementation == "eager"
+    ids = torch.randint(1, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = model(ids).logits
+        model.set_experts_implementation("batched_mm")
+        assert relative_error(model(ids).logits, eager) < 1e-6
+    with pytest.raises(ValueError, match="multiples of 8"):
+        model.set_experts_implementation("grouped_mm")
+    assert build_model(tiny_config()).config._experts_implementation == "grouped_mm"
+
+
 def test_parallel_plans_name_existing_parameters():
     model = build_model(tiny_config())
     names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_modules()}
