@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, StaticLayer, StaticSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GenericForTokenClassification
@@ -25,7 +25,7 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from . import checkpoint, compat, distributed, model_card
+from . import checkpoint, compat, distributed, input_checks, model_card
 from .configuration_deepseek_v3 import DeepseekV3Config
 from . import kernels
 from .layers import DeepseekV3DecoderLayer, DeepseekV3Experts, DeepseekV3RMSNorm, DeepseekV3RotaryEmbedding
@@ -217,7 +217,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         if inputs_embeds is not None:
             # a pipeline stage after the first holds no embedding (its inputs are the previous stage's hidden states)
             embedding = getattr(self.embed_tokens, "weight", None)
-            _check_inputs_embeds(inputs_embeds, self.config.hidden_size, None if embedding is None else embedding.dtype)
+            input_checks.check_inputs_embeds(inputs_embeds, self.config.hidden_size, None if embedding is None else embedding.dtype)
 
     def _check_inputs(self, input_ids, position_ids, attention_mask, past_key_values, decoding: bool) -> None:
         """Clear errors for bad input values. They read the device once, so they are skipped where that would cost a
@@ -232,7 +232,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.dtype != torch.bool:
             # transformers reads a 2-D mask as bool: an additive mask (0 / -inf) would silently keep only the padding
             extremes["non_binary_mask_values"] = ((attention_mask != 0) & (attention_mask != 1)).sum()
-        capacity = _static_capacity(past_key_values)
+        capacity = input_checks.static_capacity(past_key_values)
         if capacity is not None:  # a static layer's length is a device tensor
             extremes["cached"] = torch.as_tensor(past_key_values.get_seq_length())
         values = torch.stack([e.to(position_ids.device, torch.int64) for e in extremes.values()]).tolist()
@@ -280,14 +280,14 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         self._check_input_tensors(input_ids, inputs_embeds)
         inputs = input_ids if input_ids is not None else inputs_embeds
         batch_size, seq_len = inputs.shape[:2]
-        _check_cache(past_key_values, batch_size, seq_len)
-        _check_attention_mask(attention_mask, (batch_size, seq_len))
+        input_checks.check_cache(past_key_values, batch_size, seq_len)
+        input_checks.check_attention_mask(attention_mask, (batch_size, seq_len))
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         if position_ids is None:
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = (torch.arange(seq_len, device=inputs.device) + past_seen).unsqueeze(0)
-        _check_position_ids(position_ids, batch_size, seq_len)
+        input_checks.check_position_ids(position_ids, batch_size, seq_len)
         decoding = past_key_values is not None and (seq_len == 1 or self._verifying_drafts)
         self._check_inputs(input_ids, position_ids, attention_mask, past_key_values, decoding=decoding)
         if inputs_embeds is None:
@@ -325,109 +325,6 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         )
 
 
-def _check_inputs_embeds(inputs_embeds: torch.Tensor, hidden_size: int, model_dtype: torch.dtype | None) -> None:
-    """``inputs_embeds`` [batch, seq_len, hidden_size] of a float dtype the model computes in: one it promotes to its
-    own (a bf16 input to an fp32 model) runs, a wider one (fp32 into bf16, float64) would fail in the first matmul."""
-    if not inputs_embeds.dtype.is_floating_point:
-        raise ValueError(f"`inputs_embeds` must be floating-point embeddings, got dtype {inputs_embeds.dtype} (token ids go in `input_ids`).")
-    if inputs_embeds.shape[-1] != hidden_size:
-        raise ValueError(
-            f"`inputs_embeds` must have shape [batch, seq_len, hidden_size={hidden_size}], got {list(inputs_embeds.shape)}."
-        )
-    autocast = torch.is_autocast_enabled(inputs_embeds.device.type)
-    if model_dtype is not None and not autocast and torch.promote_types(inputs_embeds.dtype, model_dtype) != model_dtype:
-        raise ValueError(
-            f"`inputs_embeds` has dtype {inputs_embeds.dtype} but the model computes in {model_dtype}: cast them "
-            f"(`inputs_embeds.to({model_dtype})`) or run under torch.autocast."
-        )
-
-
-def _check_position_ids(position_ids, batch_size: int, seq_len: int) -> None:
-    """``position_ids`` [batch or 1, seq_len] of integers (their values are checked with the other input values)."""
-    if not isinstance(position_ids, torch.Tensor):
-        raise TypeError(f"`position_ids` must be a torch.Tensor, got {type(position_ids).__name__}.")
-    if position_ids.dtype.is_floating_point or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
-        raise ValueError(f"`position_ids` must hold integer positions, got dtype {position_ids.dtype}.")
-    if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch_size) or position_ids.shape[1] != seq_len:
-        batch = f"batch={batch_size}" + (" (or 1)" if batch_size > 1 else "")
-        raise ValueError(
-            f"`position_ids` must have shape [{batch}, seq_len={seq_len}] for input of shape {[batch_size, seq_len]}, got "
-            f"{list(position_ids.shape)}."
-        )
-
-
-def _check_cache(past_key_values, batch_size: int, seq_len: int) -> None:
-    """``past_key_values`` is a transformers ``Cache`` of this batch, and a static one has room for the input. Shapes
-    only (the static layer's allocated size, the cached tensors' batch): no device read."""
-    if past_key_values is None:
-        return
-    if not isinstance(past_key_values, Cache):
-        raise TypeError(
-            f"`past_key_values` must be a transformers Cache (e.g. DynamicCache(config=model.config) or StaticCache), got "
-            f"{type(past_key_values).__name__}."
-        )
-    layers = getattr(past_key_values, "layers", None)
-    layer = layers[0] if layers else None
-    if layer is None:
-        return
-    keys = getattr(layer, "keys", None) if getattr(layer, "is_initialized", False) else None
-    if isinstance(keys, torch.Tensor) and keys.dim() > 0 and keys.shape[0] != batch_size:
-        raise ValueError(
-            f"`past_key_values` holds a batch of {keys.shape[0]} sequences, the input has {batch_size}: a cache "
-            "belongs to the batch it was filled with."
-        )
-    capacity = _static_capacity(past_key_values)
-    if capacity is not None and seq_len > capacity:
-        raise ValueError(
-            f"The input's {seq_len} tokens do not fit the static cache's {capacity} positions "
-            "(`max_cache_len`): build it at least as long as the prompt plus the tokens to generate."
-        )
-
-
-def _static_capacity(past_key_values) -> int | None:
-    """The positions a static (not sliding-window) cache holds, from its first layer; None for other caches."""
-    layers = getattr(past_key_values, "layers", None)
-    layer = layers[0] if layers else None
-    if isinstance(layer, StaticLayer) and not isinstance(layer, StaticSlidingWindowLayer):
-        return layer.max_cache_len
-    return None
-
-
-def _check_attention_mask(attention_mask: torch.Tensor | None, shape) -> None:
-    """A 2-D padding mask is [batch, cached + new tokens]: one row per sequence, at least as long as the input (a
-    longer one also covers the cached prefix); its values (1 or 0) are checked with the other input values. A
-    prepared 4-D mask is [batch (or 1), 1 or heads, seq_len, keys ≥ seq_len], bool (True = attend) or additive float."""
-    if attention_mask is None:
-        return
-    if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"`attention_mask` must be a torch.Tensor, got {type(attention_mask).__name__}.")
-    batch, seq_len = shape
-    if attention_mask.dim() == 2:
-        if attention_mask.shape[0] != batch or attention_mask.shape[1] < seq_len:
-            raise ValueError(
-                f"`attention_mask` must have shape [batch={batch}, past + seq_len ≥ {seq_len}] for input of shape "
-                f"{[batch, seq_len]}, got {list(attention_mask.shape)}."
-            )
-        return
-    if attention_mask.dim() != 4:
-        raise ValueError(
-            f"`attention_mask` must be 2-D (padding, [batch, past + seq_len]) or 4-D (prepared, [batch, 1, seq_len, "
-            f"keys]), got shape {list(attention_mask.shape)}."
-        )
-    if attention_mask.dtype != torch.bool and not attention_mask.dtype.is_floating_point:
-        # an integer 4-D mask would be added to the scores as is: 1 where it should attend, 0 where it should not
-        raise ValueError(
-            f"A 4-D `attention_mask` must be bool (True = attend) or float (0 = attend, large negative = masked), got "
-            f"dtype {attention_mask.dtype}."
-        )
-    if attention_mask.shape[0] not in (1, batch) or attention_mask.shape[2] != seq_len or attention_mask.shape[3] < seq_len:
-        batch_entry = f"batch={batch}" + (" (or 1)" if batch > 1 else "")
-        raise ValueError(
-            f"A 4-D `attention_mask` must have shape [{batch_entry}, 1 or heads, seq_len={seq_len}, keys ≥ "
-            f"{seq_len}] for input of shape {[batch, seq_len]}, got {list(attention_mask.shape)}."
-        )
-
-
 class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -450,7 +347,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         if isinstance(prompt, torch.Tensor) and not prompt.dtype.is_floating_point:
             if prompt.dim() != 2:
                 raise ValueError(f"`generate` takes token ids of shape [batch, seq_len], got a prompt of shape {tuple(prompt.shape)}.")
-            _check_attention_mask(kwargs.get("attention_mask"), prompt.shape)
+            input_checks.check_attention_mask(kwargs.get("attention_mask"), prompt.shape)
         return super().generate(inputs, *args, **kwargs)
 
     def _get_candidate_generator(self, generation_config, *args, **kwargs):
@@ -524,11 +421,11 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         whole batch. ``mtp_loss`` and ``aux_loss`` are reported unweighted.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        _check_logits_to_keep(logits_to_keep)
-        _check_num_items_in_batch(num_items_in_batch)
+        input_checks.check_logits_to_keep(logits_to_keep)
+        input_checks.check_num_items_in_batch(num_items_in_batch)
         targets = _NextTokenTargets.build(labels, shift_labels, input_ids, inputs_embeds)
         depth = self.config.num_nextn_predict_layers
-        _check_return_mtp_loss(return_mtp_loss, targets is not None, depth)
+        input_checks.check_return_mtp_loss(return_mtp_loss, targets is not None, depth)
         run_mtp = targets is not None and depth > 0 and (self.training if return_mtp_loss is None else return_mtp_loss)
         if run_mtp and targets.aligned.shape[1] < depth + 2:
             raise ValueError(
@@ -624,40 +521,6 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             if aux_loss is not None:
                 aux_losses.append(aux_loss)
         return torch.stack(ce_losses).mean(), sum_losses(aux_losses)
-
-
-def _check_logits_to_keep(logits_to_keep) -> None:
-    """An int ``k`` ≥ 0 (the last k positions; 0 = all) or a tensor of positions, as in transformers."""
-    if isinstance(logits_to_keep, torch.Tensor):
-        return
-    if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
-        raise ValueError(
-            f"`logits_to_keep` must be an int ≥ 0 (the number of last positions to compute logits for, 0 = all) or a "
-            f"tensor of positions, got {logits_to_keep!r}."
-        )
-
-
-def _check_num_items_in_batch(num_items_in_batch) -> None:
-    """What the Trainer passes: the target count of the whole accumulated batch, an int or a device tensor (whose
-    value is not read here: that would cost a host sync per micro-batch)."""
-    if num_items_in_batch is None or isinstance(num_items_in_batch, torch.Tensor):
-        return
-    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)) or num_items_in_batch < 0:
-        raise ValueError(
-            f"`num_items_in_batch` must be the number of targets in the whole batch (an int ≥ 0 or a tensor), got "
-            f"{num_items_in_batch!r}."
-        )
-
-
-def _check_return_mtp_loss(return_mtp_loss, has_targets: bool, depth: int) -> None:
-    if return_mtp_loss is None or return_mtp_loss is False:
-        return
-    if return_mtp_loss is not True:
-        raise ValueError(f"`return_mtp_loss` must be True, False or None, got {return_mtp_loss!r}.")
-    if depth == 0:
-        raise ValueError("`return_mtp_loss=True` needs MTP modules: this model has `num_nextn_predict_layers=0`.")
-    if not has_targets:
-        raise ValueError("`return_mtp_loss=True` needs `labels` (or `shift_labels`): the MTP loss is computed against them.")
 
 
 @dataclass
