@@ -2,13 +2,29 @@
 
 Every experts implementation starts the same way: flatten the ``[N, K]`` choices, sort them by expert, gather the
 tokens in that order, and at the end weight each slot's output by its gate value and add it back to its token.
-This module does that once, with static shapes and without reading anything on the host (the counts stay on the
+This module does that once (after checking the routing tensors line up with the tokens), with static shapes and without reading anything on the host (the counts stay on the
 device), so it works inside a CUDA graph and a ``fullgraph=True`` compile. It imports only torch.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def check_routed_inputs(hidden_states, top_k_index, top_k_weights, hidden_dim: int) -> None:
+    """``hidden_states`` [N, H], ``top_k_index`` [N, K] integer and ``top_k_weights`` [N, K]: shapes and dtypes only
+    (free, inside compiled graphs too). Mismatched rows would otherwise be combined into a result of the wrong
+    tokens, or fail deep in an index op. Expert ids outside [0, E) are left alone: expert parallelism uses them."""
+    if hidden_states.dim() != 2 or hidden_states.shape[1] != hidden_dim:
+        raise ValueError(f"Routed experts take `hidden_states` [tokens, {hidden_dim}], got {tuple(hidden_states.shape)}.")
+    if top_k_index.dtype.is_floating_point or top_k_index.dtype == torch.bool:
+        raise ValueError(f"`top_k_index` must hold integer expert ids, got dtype {top_k_index.dtype}.")
+    rows = hidden_states.shape[0]
+    if top_k_index.dim() != 2 or top_k_index.shape[0] != rows or tuple(top_k_weights.shape) != tuple(top_k_index.shape):
+        raise ValueError(
+            f"`top_k_index` and `top_k_weights` must both be [tokens={rows}, top_k], got {tuple(top_k_index.shape)} and "
+            f"{tuple(top_k_weights.shape)}."
+        )
 
 
 class SortedSlots:

@@ -18,7 +18,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 
 from . import kernels
 from .configuration_deepseek_v3 import DeepseekV3Config
-from .expert_slots import SortedSlots
+from .expert_slots import SortedSlots, check_routed_inputs
 from .registry import ExpertsPlugin
 
 
@@ -165,15 +165,7 @@ class DeepseekV3Experts(ExpertsPlugin):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """Eager: tokens sorted by expert once, then one pair of GEMMs per expert that received any. The loop bounds
         are read on the host (one sync per call); the other implementations avoid it."""
-        if hidden_states.dim() != 2 or hidden_states.shape[1] != self.hidden_dim:
-            raise ValueError(f"Routed experts take `hidden_states` [tokens, {self.hidden_dim}], got {tuple(hidden_states.shape)}.")
-        rows = hidden_states.shape[0]
-        if top_k_index.dim() != 2 or top_k_index.shape[0] != rows or tuple(top_k_weights.shape) != tuple(top_k_index.shape):
-            # rows that do not line up would be combined into the wrong tokens without an error (shapes only: free)
-            raise ValueError(
-                f"`top_k_index` and `top_k_weights` must both be [tokens={rows}, top_k], got {tuple(top_k_index.shape)} "
-                f"and {tuple(top_k_weights.shape)}."
-            )
+        check_routed_inputs(hidden_states, top_k_index, top_k_weights, self.hidden_dim)
         slots = SortedSlots(top_k_index, self.num_experts)
         x = slots.gather(hidden_states)
         out = x.new_zeros(x.shape[0], self.hidden_dim)

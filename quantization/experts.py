@@ -21,29 +21,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..expert_slots import SortedSlots
+from ..expert_slots import SortedSlots, check_routed_inputs
 from ..registry import ExpertsPlugin, register_plugin
 from . import formats
 from .formats import BLOCK, ceil_div
 from .linear import KeepsStorageDtype, fp8_grouped_linear_frozen, fp8_grouped_linear_trainable, quantize_expert_weights
 
 FP8_EXPERTS_IMPLEMENTATION = "deepseek_fp8"
-
-
-def check_routed_inputs(hidden_states, top_k_index, top_k_weights, hidden_dim: int) -> None:
-    """``hidden_states`` [N, H], ``top_k_index`` [N, K] integer and ``top_k_weights`` [N, K]: shapes and dtypes only
-    (free, inside compiled graphs too). Mismatched rows would otherwise be combined into a result of the wrong
-    tokens, or fail deep in an index op. Expert ids outside [0, E) are left alone: expert parallelism uses them."""
-    if hidden_states.dim() != 2 or hidden_states.shape[1] != hidden_dim:
-        raise ValueError(f"Routed experts take `hidden_states` [tokens, {hidden_dim}], got {tuple(hidden_states.shape)}.")
-    if top_k_index.dtype.is_floating_point or top_k_index.dtype == torch.bool:
-        raise ValueError(f"`top_k_index` must hold integer expert ids, got dtype {top_k_index.dtype}.")
-    rows = hidden_states.shape[0]
-    if top_k_index.dim() != 2 or top_k_index.shape[0] != rows or tuple(top_k_weights.shape) != tuple(top_k_index.shape):
-        raise ValueError(
-            f"`top_k_index` and `top_k_weights` must both be [tokens={rows}, top_k], got {tuple(top_k_index.shape)} and "
-            f"{tuple(top_k_weights.shape)}."
-        )
 
 
 @register_plugin("experts", FP8_EXPERTS_IMPLEMENTATION)
@@ -150,4 +134,4 @@ class FP8Experts(KeepsStorageDtype, ExpertsPlugin):
         return f"num_experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, fp8=e4m3 128x128"
 
 
-__all__ = ["FP8Experts", "FP8_EXPERTS_IMPLEMENTATION", "check_routed_inputs", "deepseek_fp8_experts_forward"]
+__all__ = ["FP8Experts", "FP8_EXPERTS_IMPLEMENTATION", "deepseek_fp8_experts_forward"]
