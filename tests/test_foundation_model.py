@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -243,3 +244,20 @@ def test_demo_main_job_runs(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Reloaded model generates the same tokens." in result.stdout
     assert (tmp_path / "model" / "config.json").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "-1"], r"argument --steps: must be a positive int, got -1"),
+    (["--learning-rate", "nan"], r"argument --learning-rate: must be a positive float"),
+    (["--block-size", "0"], r"argument --block-size: must be a positive int"),
+    (["--config", "/no/such/config.json"], r"argument --config: no such file: /no/such/config.json"),
+    (["--prompt", ""], r"argument --prompt: must not be empty"),
+    (["--output-dir", "/proc/not-here"], r"argument --output-dir: cannot create /proc/not-here"),
+])
+def test_demo_names_a_bad_argument(argv, message, capsys):
+    from modeling_deepseek_v3 import demo
+
+    with pytest.raises(SystemExit) as exit_info:
+        demo.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
