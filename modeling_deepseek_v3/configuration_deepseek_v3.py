@@ -308,6 +308,12 @@ def check_rope_parameters(rope) -> None:
             kind = "a positive finite number" if key in _ROPE_POSITIVE else "a finite number"
             field = "Config field `rope_theta`" if key == "rope_theta" else f"Config field `rope_scaling` (or `rope_parameters`) entry `{key}`"
             raise ValueError(f"{field} must be {kind}, got {value!r}.")
+    if rope_type in ("linear", "dynamic", "yarn", "longrope") and _is_number(rope.get("factor")) and rope["factor"] < 1:
+        # every scaled type extends the context by `factor`; below 1 it would shrink it (transformers only logs this)
+        raise ValueError(
+            f"Config field `rope_scaling` (or `rope_parameters`) entry `factor` must be at least 1 for rope type "
+            f"{rope_type!r} (it is how many times the trained context is extended), got {rope['factor']!r}."
+        )
     original = rope.get("original_max_position_embeddings")
     if original is not None and (not isinstance(original, int) or isinstance(original, bool) or original <= 0):
         raise ValueError(

@@ -81,6 +81,8 @@ YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
         (dict(rope_scaling=None, rope_parameters={"rope_type": "default", "rope_theta": -3.0}), ValueError, r"`rope_theta`.*-3.0"),
         (dict(rope_scaling={**YARN, "factor": -4.0}), ValueError, r"`rope_scaling`.*entry `factor` must be a positive"),
         (dict(rope_scaling={**YARN, "factor": "4"}), ValueError, r"`rope_scaling`.*entry `factor`.*'4'"),
+        (dict(rope_scaling={**YARN, "factor": 0.5}), ValueError, r"entry `factor` must be at least 1 for rope type 'yarn'.*0.5"),
+        (dict(rope_scaling={"type": "linear", "factor": 0.25}), ValueError, r"at least 1 for rope type 'linear'"),
         (dict(rope_scaling={**YARN, "original_max_position_embeddings": 0}), ValueError, r"`original_max_position_embeddings` must be a positive integer"),
         (dict(rope_scaling={**YARN, "beta_fast": float("nan")}), ValueError, r"entry `beta_fast` must be a finite number"),
         (dict(rope_scaling={"type": "linear", "factor": 0.0}), ValueError, r"entry `factor`.*0.0"),
