@@ -6,7 +6,8 @@
 
 One random-weight checkpoint is written once in the official layout; transformers' class and ours (once per
 ``--experts`` name, passed as ``experts_implementation=`` to ``from_pretrained``, and once per ``--mla-modes``
-value, passed as ``mla_mode=``) all load that folder. Per row, on the CPU in fp32 (so the counts do not depend on
+value, passed as ``mla_mode=``, with the first of those experts implementations that reads nothing on the host)
+all load that folder. Per row, on the CPU in fp32 (so the counts do not depend on
 the machine):
 
 * ATen ops dispatched by one decode step (``--batch`` sequences after a ``--prompt``-token prefill into a
@@ -561,10 +562,13 @@ def main(argv=None) -> int:
         model.save_pretrained(folder)
         del model
 
-        first_experts = None
+        loaded_experts = []  # the experts rows that loaded, in order
         for name, kwargs in row_specs(args):
-            if kwargs is not None and "mla_mode" in kwargs and first_experts is not None:
-                kwargs = dict(kwargs, experts_implementation=first_experts)
+            if kwargs is not None and "mla_mode" in kwargs and loaded_experts:
+                # the MLA rows run the first experts implementation that reads nothing on the host (not `eager`),
+                # so their counts show the attention mode alone
+                mla_experts = next((n for n in loaded_experts if n != "eager"), loaded_experts[0])
+                kwargs = dict(kwargs, experts_implementation=mla_experts)
             row = {"name": name, "kwargs": kwargs}
             rows.append(row)
             try:
@@ -573,8 +577,8 @@ def main(argv=None) -> int:
                 row["error"] = f"unavailable: {short_error(error)}"
                 print(f"  {name}: {row['error']}", file=sys.stderr)
                 continue
-            if kwargs is not None and "experts_implementation" in kwargs and first_experts is None:
-                first_experts = kwargs["experts_implementation"]
+            if kwargs is not None and "experts_implementation" in kwargs and "mla_mode" not in kwargs:
+                loaded_experts.append(kwargs["experts_implementation"])
             row.update(describe(model, kwargs is not None))
             errors = {}
             for key, fn in (("decode", lambda: count_decode_step(model, prompt, step_ids)),
