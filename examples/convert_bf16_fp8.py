@@ -17,12 +17,19 @@ import modeling_deepseek_v3
 from modeling_deepseek_v3.quantization.converter import DeepseekV3FP8Converter
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("source", nargs="?")
     parser.add_argument("destination", nargs="?")
     parser.add_argument("--to", default="fp8", choices=["fp8", "bf16", "fp32"])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.source and not args.destination:
+        parser.error(f"the following arguments are required with a source ({args.source}): destination")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.source:
         DeepseekV3FP8Converter.from_pretrained(args.source, to=args.to).quantize(args.destination)
         return

@@ -16,18 +16,23 @@ from pathlib import Path
 from finetune_common import dataset, load, logged, lora_config, save_tiny_base, tokenizer, training_defaults
 from trl import DPOConfig
 
+from modeling_deepseek_v3.cli import positive
 from modeling_deepseek_v3.trl_trainers import DeepseekV3DPOTrainer
 
 
-def main() -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference", choices=["adapter", "folder"], default="adapter",
                         help="adapter: LoRA, reference = adapters disabled; folder: full fine-tuning, reference reloaded")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--learning-rate", type=float, default=None, help="default 1e-3 (adapter) or 5e-4 (folder)")
+    parser.add_argument("--steps", type=positive(int), default=20)
+    parser.add_argument("--learning-rate", type=positive(float), default=None, help="default 1e-3 (adapter) or 5e-4 (folder)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/dpo"))
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
 
     folder = save_tiny_base(args.output_dir, seed=args.seed)
     policy = load(folder)

@@ -24,6 +24,7 @@ from transformers import Trainer, TrainingArguments
 
 import modeling_deepseek_v3
 from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM, ExpertBiasUpdateCallback
+from modeling_deepseek_v3.cli import non_negative, positive
 
 BYTE_OFFSET = 2  # ids 0 (pad) and 1 (eos) are special; byte b is token b + 2 (the tiny vocabulary has 384 ids)
 
@@ -108,15 +109,19 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", type=Path, default=Path("runs/finetune_trainer"))
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--grad-accum", type=int, default=2)
-    parser.add_argument("--bias-update-speed", type=float, default=0.01, help="γ; the paper uses 0.001 over many more steps")
-    args = parser.parse_args()
+    parser.add_argument("--steps", type=positive(int), default=60)
+    parser.add_argument("--seq-len", type=positive(int), default=64)
+    parser.add_argument("--batch-size", type=positive(int), default=4)
+    parser.add_argument("--grad-accum", type=positive(int), default=2)
+    parser.add_argument("--bias-update-speed", type=non_negative(float), default=0.01, help="γ; the paper uses 0.001 over many more steps")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(0)

@@ -16,6 +16,7 @@ from pathlib import Path
 from finetune_common import dataset, load, logged, lora_config, save_tiny_base, tokenizer, training_defaults
 from trl import GRPOConfig
 
+from modeling_deepseek_v3.cli import positive
 from modeling_deepseek_v3.trl_trainers import DeepseekV3GRPOTrainer
 
 
@@ -25,13 +26,17 @@ def sum_reward(completions: list[str], answer: list[str], **kwargs) -> list[floa
             for text, right in zip(completions, answer)]
 
 
-def main() -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--generations", type=int, default=4)
+    parser.add_argument("--steps", type=positive(int), default=10)
+    parser.add_argument("--generations", type=positive(int), default=4)
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/grpo"))
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
 
     policy = load(save_tiny_base(args.output_dir, seed=args.seed))
     training = GRPOConfig(**training_defaults(args.output_dir, args.steps, args.seed), per_device_train_batch_size=8,

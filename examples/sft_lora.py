@@ -20,6 +20,7 @@ from finetune_common import dataset, load, logged, lora_config, save_tiny_base, 
 from trl import SFTConfig
 
 from modeling_deepseek_v3 import DeepseekV3FP8Config
+from modeling_deepseek_v3.cli import positive
 from modeling_deepseek_v3.lora import merge_and_unload
 from modeling_deepseek_v3.quantization.lora import FP8LoraLinear
 from modeling_deepseek_v3.trl_trainers import DeepseekV3SFTTrainer
@@ -31,15 +32,19 @@ def fp8_snapshot(model) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     return [(n, p, p.detach().view(torch.uint8).clone()) for n, p in model.named_parameters() if p.dtype == torch.float8_e4m3fn]
 
 
-def main() -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fp8-base", action="store_true", help="train over the base converted to FP8 and kept in FP8")
     parser.add_argument("--merge", choices=["requantize", "dequantize"], default="requantize",
                         help="FP8 base only: merge back into FP8, or into a plain fp32 checkpoint")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=positive(int), default=20)
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/sft_lora"))
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
 
     folder = save_tiny_base(args.output_dir, fp8=args.fp8_base, seed=args.seed)
     model = load(folder, fp8=args.fp8_base)

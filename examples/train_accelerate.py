@@ -18,6 +18,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 import modeling_deepseek_v3
 from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM, update_expert_bias
+from modeling_deepseek_v3.cli import positive
 
 
 def batches(seq_len: int, batch_size: int):
@@ -32,13 +33,17 @@ def batches(seq_len: int, batch_size: int):
                 yield windows[order]
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=4, help="per process and micro-batch")
-    parser.add_argument("--grad-accum", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--steps", type=positive(int), default=20)
+    parser.add_argument("--seq-len", type=positive(int), default=64)
+    parser.add_argument("--batch-size", type=positive(int), default=4, help="per process and micro-batch")
+    parser.add_argument("--grad-accum", type=positive(int), default=2)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
 
     # Experts that receive no token in a micro-batch get no gradient: DDP must be told to expect that.
     accelerator = Accelerator(

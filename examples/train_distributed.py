@@ -28,24 +28,25 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, ByT5Tokenizer, DistributedConfig, Trainer, TrainingArguments
 
 from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM, ExpertBiasUpdateCallback
+from modeling_deepseek_v3.cli import non_negative, positive
 from modeling_deepseek_v3.demo import DEFAULTS, TextBlocks
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="model folder (default: the embedded tiny model, built under --output-dir/init)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/train_distributed"))
-    parser.add_argument("--ep-size", type=int, default=1, help="ranks the routed experts are split over")
-    parser.add_argument("--fsdp-size", type=int, default=1, help="ranks the other weights are FSDP2-sharded over")
-    parser.add_argument("--dp-replicate-size", type=int, default=1, help="FSDP replicas (HSDP), e.g. the number of nodes")
-    parser.add_argument("--tp-size", type=int, default=1, help="ranks MLA heads, dense MLPs and shared experts are split over (they share a batch)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--global-batch-size", type=int, default=8, help="sequences per micro-batch over all ranks")
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--bias-update-speed", type=float, default=0.01, help="γ; the paper uses 0.001 over many more steps")
-    return parser.parse_args()
+    parser.add_argument("--ep-size", type=positive(int), default=1, help="ranks the routed experts are split over")
+    parser.add_argument("--fsdp-size", type=positive(int), default=1, help="ranks the other weights are FSDP2-sharded over")
+    parser.add_argument("--dp-replicate-size", type=positive(int), default=1, help="FSDP replicas (HSDP), e.g. the number of nodes")
+    parser.add_argument("--tp-size", type=positive(int), default=1, help="ranks MLA heads, dense MLPs and shared experts are split over (they share a batch)")
+    parser.add_argument("--steps", type=positive(int), default=20)
+    parser.add_argument("--global-batch-size", type=positive(int), default=8, help="sequences per micro-batch over all ranks")
+    parser.add_argument("--grad-accum", type=positive(int), default=1)
+    parser.add_argument("--block-size", type=positive(int), default=64)
+    parser.add_argument("--learning-rate", type=positive(float), default=1e-3)
+    parser.add_argument("--bias-update-speed", type=non_negative(float), default=0.01, help="γ; the paper uses 0.001 over many more steps")
+    return parser.parse_args(argv)
 
 
 def start_processes(backend: str | None = None) -> int:

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, ByT5Tokenizer, Trainer, TrainingArguments, set_seed
 
 from . import DeepseekV3Config, DeepseekV3ForCausalLM, ExpertBiasUpdateCallback
+from .cli import existing_file, positive
 
 DEFAULTS = resources.files("modeling_deepseek_v3") / "defaults"
 
@@ -37,37 +38,19 @@ class TextBlocks(torch.utils.data.Dataset):
         return {"input_ids": block, "labels": block.clone()}
 
 
-def _positive(kind):
-    """An argparse type: a number of ``kind`` above 0 (argparse then names the option and the value)."""
-    def parse(text: str):
-        value = kind(text)
-        if not value > 0 or not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse's message: "invalid int value" for an unparsable one
-    return parse
-
-
-def _existing_file(text: str) -> str:
-    if not Path(text).is_file():
-        raise argparse.ArgumentTypeError(f"no such file: {text}")
-    return text
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=_existing_file, default=str(DEFAULTS / "tiny_config.json"),
+    parser.add_argument("--config", type=existing_file, default=str(DEFAULTS / "tiny_config.json"),
                         help="config.json to build the model from")
-    parser.add_argument("--text", type=_existing_file, default=str(DEFAULTS / "tiny_corpus.txt"),
+    parser.add_argument("--text", type=existing_file, default=str(DEFAULTS / "tiny_corpus.txt"),
                         help="plain-text training file")
     parser.add_argument("--output-dir", default="outputs/demo", help="where the trained model is saved")
-    parser.add_argument("--steps", type=_positive(int), default=200)
-    parser.add_argument("--block-size", type=_positive(int), default=128)
-    parser.add_argument("--batch-size", type=_positive(int), default=8)
-    parser.add_argument("--learning-rate", type=_positive(float), default=3e-3)
+    parser.add_argument("--steps", type=positive(int), default=200)
+    parser.add_argument("--block-size", type=positive(int), default=128)
+    parser.add_argument("--batch-size", type=positive(int), default=8)
+    parser.add_argument("--learning-rate", type=positive(float), default=3e-3)
     parser.add_argument("--prompt", default="The router ")
-    parser.add_argument("--max-new-tokens", type=_positive(int), default=48)
+    parser.add_argument("--max-new-tokens", type=positive(int), default=48)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not args.prompt:
