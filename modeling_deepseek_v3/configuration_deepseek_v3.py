@@ -157,6 +157,11 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         # Check before transformers' own validators run, so that the error names the field the user wrote.
         validate_fields(self._incoming_values(kwargs))
         for field in ("rope_parameters", "rope_scaling"):
+            if isinstance(kwargs.get(field), dict):
+                # transformers writes `rope_theta` and `rope_type` into the dict it is given: a dict reused for a
+                # second config would silently hand it the first one's theta
+                kwargs[field] = dict(kwargs[field])
+                _check_one_rope_theta(field, kwargs[field], kwargs.get("rope_theta"))
             check_rope_parameters(_as_rope_parameters(kwargs.get(field), kwargs.get("rope_theta")))
         if self.experts_backend is not None and kwargs.get("experts_implementation") is None:
             kwargs["experts_implementation"] = self.experts_backend
@@ -173,11 +178,15 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         output = super().to_dict()
         # vLLM, SGLang and transformers < 5 read YaRN from the legacy `rope_scaling` field; transformers 5 reads
         # `rope_parameters` and accepts both side by side.
+        # A reader of the legacy block takes theta from the top-level `rope_theta` (transformers 5 too, when both
+        # blocks are present: without it a saved Kimi-K2-style theta of 50000 would reload as the default 10000).
         rope = output.get("rope_parameters")
         if output.get("rope_scaling") is None and isinstance(rope, dict) and rope.get("rope_type", "default") != "default":
             legacy = {k: v for k, v in rope.items() if k not in ("rope_theta", "rope_type")}
             legacy["type"] = rope["rope_type"]
             output["rope_scaling"] = legacy
+        if isinstance(rope, dict) and rope.get("rope_theta") is not None:
+            output["rope_theta"] = rope["rope_theta"]
         return output
 
     @classmethod
@@ -325,6 +334,17 @@ def check_rope_parameters(rope) -> None:
         raise ValueError(
             f"Config field `rope_scaling` sets `factor` {rope['factor']!r} but no rope type (`type` or `rope_type`, e.g. "
             "'yarn'), so plain RoPE would ignore it."
+        )
+
+
+def _check_one_rope_theta(field: str, block: dict, rope_theta) -> None:
+    """A ``rope_theta`` inside the rope block wins over the ``rope_theta`` field in transformers: two different
+    values are an error rather than one of them silently dropped."""
+    inner = block.get("rope_theta")
+    if rope_theta is not None and inner is not None and inner != rope_theta:
+        raise ValueError(
+            f"Config field `rope_theta` ({rope_theta!r}) differs from the `rope_theta` entry of `{field}` ({inner!r}); "
+            "give one value (transformers would use the entry's)."
         )
 
 

@@ -61,6 +61,8 @@ def tiny_config(**overrides) -> DeepseekV3Config:
         rope_scaling=dict(YARN),
         rope_theta=10000.0,
     )
+    if "rope_parameters" in overrides and "rope_theta" not in overrides:
+        del fields["rope_theta"]  # the block carries its own theta
     fields.update(overrides)
     return DeepseekV3Config(**fields)
 

@@ -53,6 +53,33 @@ def test_transformers5_rope_parameters_load():
     assert config.rope_parameters["rope_type"] == "yarn" and config.rope_parameters["rope_theta"] == 5000.0
 
 
+@pytest.mark.parametrize("rope", [
+    {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale_all_dim": 1.0},
+    {"rope_type": "default"},
+], ids=["yarn", "default"])
+def test_a_non_default_rope_theta_survives_save_and_reload(rope, tmp_path):
+    # Kimi K2 and Moonlight use theta 50000 with YaRN: the legacy `rope_scaling` block carries no theta, so the
+    # saved config must carry it beside the block (ours and transformers' class read it back).
+    blocks = {"rope_scaling": None, "rope_parameters": rope} if "rope_type" in rope else {"rope_scaling": rope}
+    tiny_config(**blocks, rope_theta=50000.0).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["rope_theta"] == 50000.0
+    for cls in (DeepseekV3Config, transformers.DeepseekV3Config):
+        assert cls.from_pretrained(tmp_path).rope_parameters["rope_theta"] == 50000.0, cls
+
+
+def test_a_rope_block_reused_for_a_second_config_is_not_changed():
+    # transformers writes rope_theta and rope_type into the dict it is handed; ours copies it first
+    rope = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    tiny_config(rope_scaling=rope, rope_theta=500.0)
+    assert rope == {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    assert tiny_config(rope_scaling=rope, rope_theta=20000.0).rope_parameters["rope_theta"] == 20000.0
+
+
+def test_two_different_rope_thetas_are_an_error():
+    with pytest.raises(ValueError, match=r"`rope_theta` \(20000.0\) differs from the `rope_theta` entry of `rope_parameters` \(500.0\)"):
+        tiny_config(rope_scaling=None, rope_parameters={"rope_type": "default", "rope_theta": 500.0}, rope_theta=20000.0)
+
+
 def test_config_round_trip_keeps_plugin_fields(tmp_path):
     config = tiny_config(attention_backend="mha", topk_method="greedy", mla_mode="absorbed", router_bias_update_speed=0.01)
     config.save_pretrained(tmp_path)
