@@ -359,6 +359,30 @@ def _as_rope_parameters(block, rope_theta):
     return rope
 
 
+# The balance loss each built-in router computes: the paper's sequence-wise loss beside the bias (noaux_tc), the
+# classic batch-wise auxiliary loss (greedy).
+_SEQUENCE_WISE_LOSS = {"noaux_tc": True, "greedy": False}
+
+
+def _check_seq_aux(config) -> None:
+    """``seq_aux`` (DeepSeek's own configuration code writes it) asks for a sequence-wise (true) or batch-wise (false)
+    balance loss. Here the router decides that, so the field is accepted only where it agrees, never stored and
+    ignored."""
+    seq_aux = getattr(config, "seq_aux", None)
+    if seq_aux is None:
+        return
+    if not isinstance(seq_aux, bool):
+        raise ValueError(f"Config field `seq_aux` must be true or false, got {seq_aux!r}.")
+    sequence_wise = _SEQUENCE_WISE_LOSS.get(config.topk_method)
+    if sequence_wise is not None and seq_aux != sequence_wise:
+        kind = "sequence-wise" if sequence_wise else "batch-wise"
+        raise ValueError(
+            f"Config field `seq_aux` ({str(seq_aux).lower()}) asks for a {'sequence' if seq_aux else 'batch'}-wise balance "
+            f"loss, but router `topk_method`={config.topk_method!r} computes a {kind} one; drop the field or pick the "
+            "router whose loss you want (noaux_tc: sequence-wise, greedy: batch-wise)."
+        )
+
+
 def _check_token_ids(config) -> None:
     for field in ("pad_token_id", "bos_token_id", "eos_token_id"):
         value = getattr(config, field, None)
@@ -428,6 +452,7 @@ def validate_fields(config) -> None:
         raise ValueError(f"Config field `fp8_mode` must be one of {list(FP8_MODES)}, got {config.fp8_mode!r}.")
     if config.scoring_func is not None and config.scoring_func not in SCORING_FUNCS:
         raise ValueError(f"Config field `scoring_func` must be one of {list(SCORING_FUNCS)} (or null), got {config.scoring_func!r}.")
+    _check_seq_aux(config)
     q_lora_rank = config.q_lora_rank
     if q_lora_rank is not None and (not isinstance(q_lora_rank, int) or isinstance(q_lora_rank, bool) or q_lora_rank <= 0):
         raise ValueError(f"Config field `q_lora_rank` must be null or a positive integer, got {config.q_lora_rank!r}.")

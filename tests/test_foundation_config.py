@@ -136,3 +136,18 @@ def test_bad_values_name_the_field(overrides, field):
 def test_greedy_router_does_not_need_groups():
     config = tiny_config(topk_method="greedy", n_group=8, topk_group=8, num_experts_per_tok=2)
     assert config.topk_method == "greedy"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(seq_aux="yes"), r"`seq_aux` must be true or false, got 'yes'"),
+    (dict(seq_aux=False), r"`seq_aux` \(false\) asks for a batch-wise balance loss, but router `topk_method`='noaux_tc' computes a sequence-wise one"),
+    (dict(seq_aux=True, topk_method="greedy"), r"`seq_aux` \(true\) asks for a sequence-wise balance loss, but router `topk_method`='greedy'"),
+])
+def test_seq_aux_that_disagrees_with_the_router_is_an_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_seq_aux_that_agrees_with_the_router_is_accepted():
+    assert tiny_config(seq_aux=True).seq_aux is True
+    assert tiny_config(seq_aux=False, topk_method="greedy").seq_aux is False
