@@ -26,6 +26,8 @@ private API                                                what we use it for
                                                            that loop lowers to forget rejected drafts (no host read)
 dataclass fields of transformers' ``DeepseekV3Config``     the defaults of the official fields, to validate a config
                                                            before transformers' own ``__init__`` runs
+``output_capturing._active_collector``                     the MTP draft step runs with output capturing off, so a
+                                                           compiled draft step does not read a ``ContextVar``
 ``torch._C._current_graph_task_id``                        whether the autograd engine is running a backward pass
                                                            (activation-checkpoint recomputation must not count tokens)
 =========================================================  ===========================================================
@@ -41,6 +43,7 @@ from transformers import DeepseekV3Config as TransformersDeepseekV3Config
 from transformers.cache_utils import StaticLayer
 from transformers.generation import GenerationMixin
 from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import output_capturing
 
 
 class IncompatibleVersionError(RuntimeError):
@@ -80,6 +83,9 @@ def check() -> None:
         problems.append("transformers.DeepseekV3Config is not a dataclass (its field defaults are read from it)")
     if not _static_layer_length_is_a_tensor():
         problems.append("StaticLayer.cumulative_length is not the layer's length as a tensor")
+    collector = getattr(output_capturing, "_active_collector", None)
+    if not all(callable(getattr(collector, method, None)) for method in ("get", "set", "reset")):
+        problems.append("transformers.utils.output_capturing._active_collector (get/set/reset) does not exist")
     if not callable(getattr(torch._C, "_current_graph_task_id", None)):
         problems.append("torch._C._current_graph_task_id does not exist")
     if problems:
@@ -127,6 +133,17 @@ def static_layer_length(layer: StaticLayer) -> torch.Tensor:
     return layer.cumulative_length
 
 
+def without_output_capture(function, *args, **kwargs):
+    """``function(*args, **kwargs)`` with transformers' output-capturing hooks inactive. Once installed, those hooks
+    run on every decoder layer and read the active collector; set here (to none), they read a plain global inside
+    ``torch.compile`` instead of a ``ContextVar``, which it cannot trace, as transformers' own compiled forward does."""
+    token = output_capturing._active_collector.set(None)
+    try:
+        return function(*args, **kwargs)
+    finally:
+        output_capturing._active_collector.reset(token)
+
+
 def in_backward_pass() -> bool:
     """True while the autograd engine runs a backward pass (never inside a compiled graph, see the router)."""
     return torch._C._current_graph_task_id() != -1
@@ -134,5 +151,5 @@ def in_backward_pass() -> bool:
 
 __all__ = [
     "IncompatibleVersionError", "auto_compile_applies", "base_load_pretrained_model", "check", "in_backward_pass",
-    "official_field_defaults", "static_layer_length",
+    "official_field_defaults", "static_layer_length", "without_output_capture",
 ]

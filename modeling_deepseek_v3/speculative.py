@@ -26,8 +26,9 @@ whether or not the draft was accepted (the second then holds a stale hidden stat
 the draft is read from the last accepted one. Neither forward reads the host; each round reads it once, to learn
 whether the draft was accepted (so how far ``input_ids`` grows), whether to stop and which tokens to stream. The
 main forward is compiled by transformers' own path for static caches (``compile_config``, the same criteria as
-its decoding loop); the prefill, the MTP step and a last single-token step (where the cache, sized by
-``generate`` to ``max_length - 1``, has no slot left for a draft) run eagerly.
+its decoding loop), and the rounds' MTP step under the same ``compile_config``; the prefill and a last
+single-token step (where the cache, sized by ``generate`` to ``max_length - 1``, has no slot left for a draft) run
+eagerly.
 
 Why a loop of its own rather than transformers' assisted loop over a cache that can crop static layers: that loop
 refuses static caches by name and by type, so it would have to be handed a disguised cache; it never takes the
@@ -38,9 +39,10 @@ no more; everything around it is transformers': ``generate``'s argument handling
 processors, the stopping criteria (both possible sequence lengths are evaluated before the one read), the
 streamer, the causal-mask builder, ``get_compiled_call``, and the output class.
 
-Why the MTP step is not compiled: the MTP module is a decoder layer, so it carries transformers' output-capturing
-hooks, which read a context variable that ``torch.compile`` cannot trace outside transformers' own compiled
-forward (the graph breaks there; with ``fullgraph=True`` it fails).
+The MTP module is a decoder layer, so once the prefill (``output_hidden_states=True``) has installed transformers'
+output-capturing hooks it runs them too; they read a context variable that ``torch.compile`` cannot trace outside
+transformers' own compiled forward. The MTP step therefore runs with output capturing off
+(``compat.without_output_capture``), and compiles as one graph.
 
 Limits: batch 1 (both loops; over a static cache a larger batch is an error naming it); one draft token per round
 (module 1 of D; deeper modules would draft from drafted tokens); over a static cache, an empty cache at the start,
@@ -53,6 +55,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers import CompileConfig
 from transformers.cache_utils import Cache, DynamicCache, StaticLayer
 from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.utils import GenerateDecoderOnlyOutput
@@ -208,6 +211,26 @@ def _draft_logits(model, hidden, next_tokens, positions, mask, cache) -> torch.T
     return model.lm_head(normed).float()
 
 
+def _draft_step(model, hidden, next_tokens, positions, mask, cache) -> torch.Tensor:
+    """:func:`_draft_logits` with output capturing off: a round's MTP step records nothing, and this way it compiles
+    as one graph even after the prefill (``output_hidden_states=True``) installed transformers' capturing hooks."""
+    return compat.without_output_capture(_draft_logits, model, hidden, next_tokens, positions, mask, cache)
+
+
+# One compiled draft step per compile configuration, reused by every generate call (a fresh torch.compile wrapper
+# per call would recompile each time, up to torch's recompile limit); transformers keeps its compiled forward on the
+# model (`get_compiled_call`) for the same reason.
+_COMPILED_DRAFT_STEPS: dict[str, object] = {}
+
+
+def _compiled_draft_step(compile_config):
+    options = compile_config.to_dict()
+    key = repr(sorted(options.items()))
+    if key not in _COMPILED_DRAFT_STEPS:
+        _COMPILED_DRAFT_STEPS[key] = torch.compile(_draft_step, **options)
+    return _COMPILED_DRAFT_STEPS[key]
+
+
 def _pick(scores: torch.Tensor, do_sample: bool) -> torch.Tensor:
     """[1, vocab] processed scores -> [1] token (sampled or argmax)."""
     if do_sample:
@@ -277,6 +300,8 @@ def mtp_static_decoding(model, input_ids, logits_processor, stopping_criteria, g
     # transformers' compile path for static caches (`compile_config`), as its own decoding loop decides it
     compile_forward = compat.auto_compile_applies(model, model_kwargs, generation_config)
     forward = model.get_compiled_call(generation_config.compile_config) if compile_forward else model.__call__
+    # the rounds' MTP step, compiled under the same configuration (same 2-position shapes every round)
+    draft_step = _compiled_draft_step(generation_config.compile_config or CompileConfig()) if compile_forward else _draft_step
     # The MTP module's own static cache, as long as the main one; only its layer (num_hidden_layers) is allocated.
     module_cache = Cache(layers=[StaticLayer(max_cache_len=capacity) for _ in range(mtp_layer + 1)])
 
@@ -386,7 +411,7 @@ def mtp_static_decoding(model, input_ids, logits_processor, stopping_criteria, g
             # MTP step: positions slot and slot+1 with their main hidden states and the tokens after them; the
             # draft comes from the last accepted position, the other one (if rejected) is forgotten.
             mask = _static_causal_mask(config, module_cache, mtp_layer, positions, padding, dtype)
-            logits = _draft_logits(model, out.hidden_states[-1], new, positions, mask, module_cache)
+            logits = draft_step(model, out.hidden_states[-1], new, positions, mask, module_cache)
             _roll_back(module_cache, 2 - taken)
             draft, draft_probs = draft_from(logits[:, taken - 1], input_ids)
     finally:

@@ -10,6 +10,7 @@ import torch
 from conftest import build_model
 from host_reads import HostReads
 from test_speculative import SEQUENCE, mtp_config, reference_drafts, train_mtp_model
+from torch._dynamo.utils import counters
 from transformers import CompileConfig, StaticCache
 from transformers.generation.streamers import BaseStreamer
 
@@ -180,6 +181,7 @@ def test_one_host_read_per_round_and_none_in_the_forward():
 def test_compiled_forward_identical_to_plain():
     # transformers' compile path (`compile_config`); CPU compile needs the flag transformers' own tests use
     torch._dynamo.reset()
+    counters.clear()
     model = build_model(mtp_config(experts_backend="grouped_mm", mla_mode="absorbed"), seed=2)
     prompt = SEQUENCE[:, :5]
     compile_config = CompileConfig(backend="eager", fullgraph=True)  # fullgraph: a graph break raises
@@ -187,7 +189,12 @@ def test_compiled_forward_identical_to_plain():
     plain = generate(model, prompt, max_new_tokens=8, **STATIC)
     compiled = generate(model, prompt, max_new_tokens=8, use_mtp=True, compile_config=compile_config, **STATIC)
     assert torch.equal(plain, compiled) and hasattr(model, "_compiled_call")
-    check_stats(model, prompt, compiled)
+    stats = check_stats(model, prompt, compiled)
+    assert stats.drafted > 1  # the rounds after the prefill ran the compiled MTP step
+    # two graphs: the verification forward and the MTP step (after the prefill installed the capturing hooks)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    again = generate(model, prompt, max_new_tokens=8, use_mtp=True, compile_config=compile_config, **STATIC)
+    assert torch.equal(again, compiled) and counters["stats"]["unique_graphs"] == 2  # nothing recompiled
 
 
 def test_a_static_cache_passed_in(trained):
