@@ -26,9 +26,9 @@ Four tables below steer the mixin's tests, the first three ``{test name or fnmat
 
 Coverage the sdist cannot give: it ships only the top-level ``tests/*.py``, so transformers' generation tests
 (``GenerationTesterMixin``) and export tests do not run (its distributed mixins, whose multi-process harness is a
-stand-in, run in ``test_transformers_distributed_mixins.py``). A few checks of our own stand in for the most
-relevant parts: static-cache greedy generation, a full-graph compiled decode step per experts implementation, and
-router-logit recording. The mixin's own GPU / flash-attention / deepspeed / ``@slow`` tests skip themselves on a CPU
+stand-in, run in ``test_transformers_distributed_mixins.py``). Checks of our own stand in for the most relevant
+parts: ``test_generation_parity.py`` (every decoding strategy, cache type and output option against transformers'
+class, token for token), a full-graph compiled decode step per experts implementation, and router-logit recording. The mixin's own GPU / flash-attention / deepspeed / ``@slow`` tests skip themselves on a CPU
 machine. Runtime: about 20 s on 2 idle cores once cached (the first run adds ~10 s to fetch the sdist).
 """
 
