@@ -178,15 +178,14 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         output = super().to_dict()
         # vLLM, SGLang and transformers < 5 read YaRN from the legacy `rope_scaling` field; transformers 5 reads
         # `rope_parameters` and accepts both side by side.
-        # A reader of the legacy block takes theta from the top-level `rope_theta` (transformers 5 too, when both
-        # blocks are present: without it a saved Kimi-K2-style theta of 50000 would reload as the default 10000).
+        # transformers 5 reads the legacy block when both are present, so it keeps `rope_theta` (without it a
+        # Kimi-K2-style theta of 50000 reloads as the default 10000). Not a top-level `rope_theta`: beside
+        # `rope_scaling` it sends transformers' generic config reader (the Trainer's resume) into a failing conversion.
         rope = output.get("rope_parameters")
         if output.get("rope_scaling") is None and isinstance(rope, dict) and rope.get("rope_type", "default") != "default":
-            legacy = {k: v for k, v in rope.items() if k not in ("rope_theta", "rope_type")}
+            legacy = {k: v for k, v in rope.items() if k != "rope_type"}
             legacy["type"] = rope["rope_type"]
             output["rope_scaling"] = legacy
-        if isinstance(rope, dict) and rope.get("rope_theta") is not None:
-            output["rope_theta"] = rope["rope_theta"]
         return output
 
     @classmethod

@@ -58,13 +58,16 @@ def test_transformers5_rope_parameters_load():
     {"rope_type": "default"},
 ], ids=["yarn", "default"])
 def test_a_non_default_rope_theta_survives_save_and_reload(rope, tmp_path):
-    # Kimi K2 and Moonlight use theta 50000 with YaRN: the legacy `rope_scaling` block carries no theta, so the
-    # saved config must carry it beside the block (ours and transformers' class read it back).
+    # Kimi K2 and Moonlight use theta 50000 with YaRN; transformers reads the legacy `rope_scaling` block we also
+    # write, so it carries the theta (ours and transformers' class read it back)
     blocks = {"rope_scaling": None, "rope_parameters": rope} if "rope_type" in rope else {"rope_scaling": rope}
     tiny_config(**blocks, rope_theta=50000.0).save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["rope_theta"] == 50000.0
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_theta" not in saved  # beside rope_scaling it would break transformers' generic reader (below)
     for cls in (DeepseekV3Config, transformers.DeepseekV3Config):
         assert cls.from_pretrained(tmp_path).rope_parameters["rope_theta"] == 50000.0, cls
+    # what the Trainer's resume reads the checkpoint's config.json with
+    transformers.PreTrainedConfig.from_json_file(tmp_path / "config.json")
 
 
 def test_a_rope_block_reused_for_a_second_config_is_not_changed():
