@@ -51,7 +51,8 @@ class RouterPlugin(_ConfigChecked, nn.Module):
     losses. ``aux_loss`` is the balance loss already multiplied by its coefficient, or None when not training.
     While training, a router that balances by counting exposes ``tokens_per_expert`` [E] (real tokens routed to
     each expert since the last reset), ``reset_counts()`` and ``update_bias(load [E], update_speed)``, its balancing
-    step from the loads of the whole batch; ``modeling_deepseek_v3.training.update_expert_bias`` reads the counts,
+    step from the loads of the whole batch, on the device (it reads nothing on the host: the optimizer step's one
+    host read is the statistics); ``modeling_deepseek_v3.training.update_expert_bias`` reads the counts,
     sums them over every rank, calls ``update_bias`` and resets them.
     """
 

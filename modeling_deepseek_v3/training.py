@@ -89,12 +89,15 @@ def update_expert_bias(model: nn.Module, update_speed: float | None = None, proc
         if replicas > 1:
             counts /= replicas  # whole counts: every replica of a batch added the same ones
     for name, load in zip(names, counts):
-        router = found[name]
-        mean_load = load.mean()
-        stats.load[name] = load.cpu()
-        stats.max_vio[name] = float(load.max() / mean_load - 1) if mean_load > 0 else 0.0
-        router.update_bias(load, gamma)
-        router.reset_counts()
+        found[name].update_bias(load, gamma)  # on the device, no host read
+        found[name].reset_counts()
+    # The statistics: one copy of every layer's counts to the host per optimizer step, the step's only host read.
+    loads = counts.cpu()
+    means = loads.mean(dim=1)
+    max_vio = torch.where(means > 0, loads.max(dim=1).values / means.clamp_min(1e-30) - 1, 0.0).tolist()
+    for name, load, vio in zip(names, loads, max_vio):
+        stats.load[name] = load
+        stats.max_vio[name] = vio
     return stats
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import build_model, tiny_config
+from host_reads import HostReads
 from transformers.masking_utils import create_causal_mask
 
 from modeling_deepseek_v3 import DeepseekV3Config, update_expert_bias
@@ -27,6 +28,19 @@ def zero_biases(model):
 
 
 # --- bias updates -----------------------------------------------------------------------------------------------
+
+
+def test_the_bias_step_reads_the_host_once_for_all_layers():
+    # TorchTitan-style: the step itself stays on the device; one copy of every layer's counts gives the statistics
+    model = build_model(tiny_config(num_nextn_predict_layers=1)).train()
+    ids = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(ids)
+    assert len(routers(model)) >= 3  # two MoE layers and the MTP module's router
+    with HostReads() as reads:
+        stats = model.update_expert_bias(update_speed=0.001)
+    assert reads.total == 1, reads.where
+    assert set(stats.max_vio) == set(routers(model)) and any(v > 0 for v in stats.max_vio.values())
 
 
 def test_one_update_moves_each_bias_by_exactly_gamma_and_resets_counts():

@@ -52,14 +52,15 @@ class NoAuxTCRouter(TopKRouter):
     def update_bias(self, load: torch.Tensor, update_speed: float) -> None:
         """``b_i += γ·sign(mean_load − load_i)``: overloaded experts (load above the mean) lose γ, underloaded ones gain
         γ, exactly balanced ones keep theirs. ``load`` [E] must be the same on every rank (summed over all of them),
-        so the biases stay identical everywhere. No step for γ = 0 or when nothing was routed."""
+        so the biases stay identical everywhere. No step for γ = 0, nor when nothing was routed (every load is then
+        the mean, 0). Reads nothing on the host."""
         if load.shape != self.e_score_correction_bias.shape:
             raise ValueError(
                 f"`load` must hold one count per routed expert ({self.n_routed_experts}), got shape {tuple(load.shape)}."
             )
-        mean_load = load.float().mean()
-        if update_speed > 0 and mean_load > 0:
-            step = update_speed * torch.sign(mean_load - load.float())
+        if update_speed > 0:
+            load = load.float()
+            step = update_speed * torch.sign(load.mean() - load)
             self.e_score_correction_bias += step.to(self.e_score_correction_bias.device, self.e_score_correction_bias.dtype)
 
     # Generous on purpose: gradient accumulation legitimately runs hundreds of micro-batches between two updates.
