@@ -44,7 +44,9 @@ QUANT_KERNELS = [
 def test_quant_kernels_compile(kernel, blocks, capability):
     pointers = {name: t for name, t in zip(kernel.arg_names[:3], ("*bf16", "*fp8e4nv", "*fp32"))}
     ptx = compile_ptx(kernel, pointers, {**blocks, "POWER_OF_TWO": True}, capability)
-    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx  # hardware FP8 conversion
+    # hardware FP8 conversion: from fp32, or (Triton < 3.9 on sm_89) through f16, which is exact here because
+    # _round_to_e4m3 has already put every value on the E4M3 grid, and E4M3 values are all f16 values
+    assert re.search(r"cvt\.rn\.satfinite\.e4m3x2\.(f32|f16x2)", ptx)
     assert "div.rn.f32" in ptx  # IEEE division, as torch does (not the approximate default)
     assert "0f4B400000" in ptx  # the 1.5 * 2^23 rounding constant of _round_to_e4m3 was not folded away
 

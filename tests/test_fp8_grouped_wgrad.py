@@ -196,7 +196,8 @@ if not INTERPRETING:
         ptrs = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "offsets_ptr": "*i32", "tile_offsets_ptr": "*i32"}
         ptx = ptx_of(W.act_quant_128x1_t_grouped_kernel, ptrs,
                      {"SEARCH_STEPS": 8, "BLOCK_M": 128, "BLOCK_C": 32, "POWER_OF_TWO": True})
-        assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "div.rn.f32" in ptx
+        # hardware FP8 conversion, from fp32 or (Triton < 3.9 on sm_89) exactly through f16: see test_fp8_compile.py
+        assert re.search(r"cvt\.rn\.satfinite\.e4m3x2\.(f32|f16x2)", ptx) and "div.rn.f32" in ptx
 
     # ------------------------------------------------------------------------------------------- interpreter
 
