@@ -176,11 +176,10 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
 
     def to_dict(self):
         output = super().to_dict()
-        # vLLM, SGLang and transformers < 5 read YaRN from the legacy `rope_scaling` field; transformers 5 reads
-        # `rope_parameters` and accepts both side by side.
-        # transformers 5 reads the legacy block when both are present, so it keeps `rope_theta` (without it a
-        # Kimi-K2-style theta of 50000 reloads as the default 10000). Not a top-level `rope_theta`: beside
-        # `rope_scaling` it sends transformers' generic config reader (the Trainer's resume) into a failing conversion.
+        # vLLM and SGLang read YaRN from the legacy `rope_scaling` field, written beside `rope_parameters`. When both
+        # are present transformers 5 reads the legacy one, so it keeps `rope_theta` (without it a Kimi-K2-style theta
+        # of 50000 reloads as the default 10000). Not a top-level `rope_theta`: beside `rope_scaling` it sends
+        # transformers' generic config reader (the Trainer's resume) into a failing conversion.
         rope = output.get("rope_parameters")
         if output.get("rope_scaling") is None and isinstance(rope, dict) and rope.get("rope_type", "default") != "default":
             legacy = {k: v for k, v in rope.items() if k != "rope_type"}
@@ -358,30 +357,6 @@ def _as_rope_parameters(block, rope_theta):
     return rope
 
 
-# The balance loss each built-in router computes: the paper's sequence-wise loss beside the bias (noaux_tc), the
-# classic batch-wise auxiliary loss (greedy).
-_SEQUENCE_WISE_LOSS = {"noaux_tc": True, "greedy": False}
-
-
-def _check_seq_aux(config) -> None:
-    """``seq_aux`` (DeepSeek's own configuration code writes it) asks for a sequence-wise (true) or batch-wise (false)
-    balance loss. Here the router decides that, so the field is accepted only where it agrees, never stored and
-    ignored."""
-    seq_aux = getattr(config, "seq_aux", None)
-    if seq_aux is None:
-        return
-    if not isinstance(seq_aux, bool):
-        raise ValueError(f"Config field `seq_aux` must be true or false, got {seq_aux!r}.")
-    sequence_wise = _SEQUENCE_WISE_LOSS.get(config.topk_method)
-    if sequence_wise is not None and seq_aux != sequence_wise:
-        kind = "sequence-wise" if sequence_wise else "batch-wise"
-        raise ValueError(
-            f"Config field `seq_aux` ({str(seq_aux).lower()}) asks for a {'sequence' if seq_aux else 'batch'}-wise balance "
-            f"loss, but router `topk_method`={config.topk_method!r} computes a {kind} one; drop the field or pick the "
-            "router whose loss you want (noaux_tc: sequence-wise, greedy: batch-wise)."
-        )
-
-
 def _check_token_ids(config) -> None:
     for field in ("pad_token_id", "bos_token_id", "eos_token_id"):
         value = getattr(config, field, None)
@@ -451,7 +426,6 @@ def validate_fields(config) -> None:
         raise ValueError(f"Config field `fp8_mode` must be one of {list(FP8_MODES)}, got {config.fp8_mode!r}.")
     if config.scoring_func is not None and config.scoring_func not in SCORING_FUNCS:
         raise ValueError(f"Config field `scoring_func` must be one of {list(SCORING_FUNCS)} (or null), got {config.scoring_func!r}.")
-    _check_seq_aux(config)
     q_lora_rank = config.q_lora_rank
     if q_lora_rank is not None and (not isinstance(q_lora_rank, int) or isinstance(q_lora_rank, bool) or q_lora_rank <= 0):
         raise ValueError(f"Config field `q_lora_rank` must be null or a positive integer, got {config.q_lora_rank!r}.")

@@ -94,7 +94,7 @@ def update_expert_bias(model: nn.Module, update_speed: float | None = None, proc
     # The statistics: one copy of every layer's counts to the host per optimizer step, the step's only host read.
     loads = counts.cpu()
     means = loads.mean(dim=1)
-    max_vio = torch.where(means > 0, loads.max(dim=1).values / means.clamp_min(1e-30) - 1, 0.0).tolist()
+    max_vio = torch.where(means > 0, loads.max(dim=1).values / means - 1, 0.0).tolist()
     for name, load, vio in zip(names, loads, max_vio):
         stats.load[name] = load
         stats.max_vio[name] = vio

@@ -12,6 +12,7 @@ from .topk_router import TopKRouter
 @register_plugin("router", "greedy")
 class GreedyRouter(TopKRouter):
     default_scoring_func = "softmax"
+    sequence_wise_loss = False
 
     def forward(self, hidden_states, token_mask=None):
         logits = self.router_logits(hidden_states).view(-1, self.n_routed_experts)  # [N, E] fp32

@@ -34,6 +34,7 @@ class NoAuxTCRouter(TopKRouter):
 
     @classmethod
     def check_config(cls, config) -> None:
+        super().check_config(config)
         if config.n_routed_experts // config.n_group < 2:
             raise ValueError(
                 f"Config field `n_group` ({config.n_group}) leaves fewer than 2 experts per group of "

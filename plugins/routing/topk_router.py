@@ -36,6 +36,25 @@ class TopKRouter(RouterPlugin):
 
     # The affinity function when the config leaves `scoring_func` unset (each router has the paper's).
     default_scoring_func = "sigmoid"
+    # Whether `balance_loss` runs per sequence (True) or over the whole batch (False).
+    sequence_wise_loss = True
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        # `seq_aux` (DeepSeek's own configuration code writes it) asks for a sequence-wise (true) or batch-wise
+        # (false) balance loss; the router decides that here, so the field is accepted only where it agrees.
+        seq_aux = getattr(config, "seq_aux", None)
+        if seq_aux is None:
+            return
+        if not isinstance(seq_aux, bool):
+            raise ValueError(f"Config field `seq_aux` must be true or false, got {seq_aux!r}.")
+        if seq_aux != cls.sequence_wise_loss:
+            ours = "sequence-wise" if cls.sequence_wise_loss else "batch-wise"
+            raise ValueError(
+                f"Config field `seq_aux` ({str(seq_aux).lower()}) asks for a {'sequence' if seq_aux else 'batch'}-wise "
+                f"balance loss, but router `topk_method`={config.topk_method!r} computes a {ours} one; drop the field "
+                "or pick the router whose loss you want (noaux_tc: sequence-wise, greedy: batch-wise)."
+            )
 
     def __init__(self, config):
         super().__init__()
