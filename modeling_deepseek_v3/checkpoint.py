@@ -40,11 +40,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -53,7 +53,6 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 from transformers.quantizers.base import HfQuantizer
-from transformers.utils.hub import convert_file_size_to_int
 from . import model_card
 from .fp8_config import QUANT_METHOD, DeepseekV3FP8Config, as_quantization_config
 from .checkpoint_io import (
@@ -67,7 +66,7 @@ from .checkpoint_io import (
 )
 from .quantization.experts import FP8Experts
 from .quantization.formats import BLOCK, FP8_DTYPE, ceil_div
-from .quantization.linear import FP8Linear
+from .quantization.linear import FP8Linear, FP8TrainingLinear
 from .quantization.quantizer import is_fp8_eligible
 from .registry import ExpertsPlugin
 
@@ -99,10 +98,25 @@ class DeepseekV3FP8HfQuantizer(HfQuantizer):
                 "DeepSeek-V3 FP8 loading needs an FP8 checkpoint. To quantize a bf16 model, use the `fp8_block` quantizer "
                 "plugin (`quantizer='fp8_block'`) or the offline converter `python -m modeling_deepseek_v3.quantization.converter`."
             )
-        if self.quantization_config.dequantize is None:
-            # FP8 GEMMs only pay off on a GPU; on the CPU the reference path is slow, so load dequantized there.
-            self.quantization_config.dequantize = not torch.cuda.is_available()
-            if self.quantization_config.dequantize:
+
+    def resolve_dequantize(self, config) -> None:
+        """Settle ``dequantize`` once the model's config is known (before any weight is read).
+
+        The ``fp8_block`` quantizer plugin decides it: ``fp8_mode='train'`` trains high-precision master weights, so
+        the FP8 checkpoint loads dequantized (and the plugin then wraps the layers again); ``fp8_mode='inference'``
+        holds the checkpoint's own FP8 weights. Without the plugin, ``None`` keeps FP8 on a GPU and dequantizes on
+        the CPU, where FP8 GEMMs do not pay off."""
+        asked = self.quantization_config.dequantize
+        mode = config.fp8_mode if config.quantizer == "fp8_block" else None
+        needed = {"train": True, "inference": False}.get(mode)
+        if needed is not None and asked is not None and asked != needed:
+            raise ValueError(
+                f"`quantizer='fp8_block'` with `fp8_mode={mode!r}` {'trains high-precision master weights, so an FP8 checkpoint loads into it dequantized' if needed else 'holds the FP8 weights of the checkpoint as they are'}, "
+                f"but the quantization config asks for `dequantize={asked}`: drop one of the two."
+            )
+        if asked is None:
+            self.quantization_config.dequantize = needed if needed is not None else not torch.cuda.is_available()
+            if needed is None and self.quantization_config.dequantize:
                 logger.info("No CUDA device: dequantizing the FP8 checkpoint at load (pass dequantize=False to keep FP8).")
 
     def update_dtype(self, dtype):
@@ -113,11 +127,13 @@ class DeepseekV3FP8HfQuantizer(HfQuantizer):
         return False
 
     def _process_model_before_weight_loading(self, model, **kwargs):
+        self.resolve_dequantize(model.config)
         skip = set(self.quantization_config.modules_to_not_convert or ())
         for name, module in list(model.named_modules()):
             if any(name == s or name.startswith(s + ".") for s in skip):
                 continue
-            if type(module) is nn.Linear and is_fp8_eligible(name):
+            # an FP8TrainingLinear of the `fp8_block` plugin too: its checkpoint weights are FP8 like any other's
+            if type(module) in (nn.Linear, FP8TrainingLinear) and is_fp8_eligible(name):
                 model.set_submodule(name, FP8Linear(module.in_features, module.out_features, bias=module.bias is not None,
                                                     device=module.weight.device))
             elif isinstance(module, ExpertsPlugin) and not isinstance(module, FP8Experts):
@@ -128,6 +144,9 @@ class DeepseekV3FP8HfQuantizer(HfQuantizer):
         check_scale_values({n: p.detach() for n, p in model.named_parameters() if n.endswith("scale_inv")}, "the checkpoint")
         if self.quantization_config.dequantize:
             self._dequantize(model, self.load_dtype)
+            if model.config.quantizer is not None:
+                # the `fp8_block` plugin (fp8_mode='train') wraps the dequantized layers again, as at construction
+                model.config.plugin("quantizer")(model.config).apply(model)
         return model
 
     def _dequantize(self, model, dtype=None):
@@ -338,8 +357,9 @@ def expected_tensors(model: nn.Module, headers: dict) -> dict[str, tuple[tuple, 
     return expected
 
 
-def check_tensor(name: str, expected: tuple, dtype: torch.dtype, headers: dict) -> None:
-    """One stored tensor against the model's ``expected`` shape and ``dtype`` (shape first: see CheckpointShapeError)."""
+def check_tensor(name: str, expected: tuple, dtype: torch.dtype, headers: dict, hf_quantizer=None) -> None:
+    """One stored tensor against the model's ``expected`` shape and ``dtype`` (shape first: see CheckpointShapeError).
+    ``hf_quantizer``: the quantizer transformers loads the checkpoint with (ours for an FP8 folder), if any."""
     path, info = headers[name]
     shape = tuple(info["shape"])
     is_fp8 = info["dtype"] == "F8_E4M3"
@@ -368,32 +388,83 @@ def check_tensor(name: str, expected: tuple, dtype: torch.dtype, headers: dict) 
             raise CheckpointError(f"Scale grid {scale_name!r} in {scale_path} must be F32, got {scale_info['dtype']}.")
         if dtype != FP8_DTYPE:
             # an FP8 tensor headed for a high-precision Linear: this module was not converted to FP8Linear
-            raise CheckpointError(
-                f"Tensor {name!r} in {path} is FP8 but the model holds {owner!r} in {dtype}: the checkpoint's "
-                "config.json needs the official `quantization_config` (quant_method 'fp8')."
-            )
+            raise CheckpointError(f"Tensor {name!r} in {path} is FP8 but the model holds {owner!r} in {dtype}: {why_high_precision(owner, hf_quantizer)}")
     if dtype == FP8_DTYPE and not is_fp8:
+        if hf_quantizer is None:  # the layer is FP8 because of the quantizer plugin, not because of the checkpoint
+            raise CheckpointError(
+                f"Tensor {name!r} in {path} is {info['dtype']}, but {owner!r} is an FP8 layer of `quantizer='fp8_block'` "
+                "with `fp8_mode='inference'`, which loads FP8 checkpoints only: load this high-precision folder with "
+                "`fp8_mode='train'`, or convert it to FP8 first (`deepseek-v3-convert`)."
+            )
         raise CheckpointError(
             f"Tensor {name!r} in {path} is {info['dtype']}, but the checkpoint is declared FP8 (quantization_config) and "
             f"{owner!r} is an FP8 layer: convert the folder with `python -m modeling_deepseek_v3.quantization.converter`."
         )
 
 
-def validate_checkpoint_files(model: nn.Module, files, ignore_mismatched_sizes: bool = False) -> None:
-    """Check, from the headers alone, that ``files`` can load into ``model`` (built, possibly on meta). With
-    ``ignore_mismatched_sizes`` a shape mismatch is left to transformers, which re-initialises the tensor and says so.
-    (The index was checked before transformers read it: ``check_index_of``.)"""
+def why_high_precision(owner: str, hf_quantizer) -> str:
+    """Why the module ``owner`` is not an FP8 layer, for an FP8 tensor the checkpoint stores for it."""
+    if not is_fp8_eligible(owner):
+        return (
+            "DeepSeek-V3 stores only the attention and MLP projections in FP8 (embeddings, lm_head, the router, norms "
+            "and eh_proj stay high precision), so this checkpoint is not in the official layout."
+        )
+    if hf_quantizer is None:
+        return "the checkpoint's config.json needs the official `quantization_config` (quant_method 'fp8')."
+    skip = [s for s in hf_quantizer.quantization_config.modules_to_not_convert or () if owner == s or owner.startswith(s + ".")]
+    if skip:
+        return f"`quantization_config.modules_to_not_convert` lists {skip[0]!r}, which keeps it high precision; drop that entry."
+    return "it was not converted to an FP8 layer."
+
+
+def validate_checkpoint_files(model: nn.Module, files, ignore_mismatched_sizes: bool = False, hf_quantizer=None) -> None:
+    """Check, from the headers alone, that ``files`` can load into ``model`` (built, possibly on meta, and prepared
+    by ``hf_quantizer`` if the folder is quantized). With ``ignore_mismatched_sizes`` a shape mismatch is left to
+    transformers, which re-initialises the tensor and says so. (The index was checked before transformers read it:
+    ``check_index_of``.) Layers the checkpoint has beyond the built ones are reported (``report_unbuilt_layers``)."""
     headers = checkpoint_headers([os.fspath(f) for f in files])
+    report_unbuilt_layers(model, headers)
     check_every_expert(model, headers)
     expected = expected_tensors(model, headers)
     for name, (shape, dtype) in expected.items():
         if name not in headers or (ignore_mismatched_sizes and tuple(headers[name][1]["shape"]) != shape):
             continue
-        check_tensor(name, shape, dtype, headers)
+        check_tensor(name, shape, dtype, headers, hf_quantizer)
     for name, (_, dtype) in expected.items():
         if name.endswith(".weight_scale_inv") and name not in headers and name[: -len("_scale_inv")] in headers:
             weight_path = headers[name[: -len("_scale_inv")]][0]
             raise CheckpointError(f"FP8 weight {name[: -len('_scale_inv')]!r} in {weight_path} has no {name!r} in any checkpoint file.")
+
+
+_LAYER_KEY = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
+
+
+def report_unbuilt_layers(model: nn.Module, headers: dict) -> None:
+    """Warn about the checkpoint's decoder layers that ``model`` does not build, which the loader skips.
+
+    The model ignores every stored layer beyond its ``num_hidden_layers + num_nextn_predict_layers`` (so that a
+    checkpoint's MTP layers load into a model built without them, silently: that is documented). A skipped layer
+    that is not an MTP layer (no ``eh_proj``) is a decoder layer the config does not build — a truncating
+    ``num_hidden_layers``, or a misnumbered tensor — and is named here, as transformers' load report would."""
+    config = model.config
+    built = config.num_hidden_layers + config.num_nextn_predict_layers
+    skipped: dict[int, str] = {}
+    mtp = set()
+    for name in headers:
+        match = _LAYER_KEY.match(name)
+        if match is None or int(match[1]) < built:
+            continue
+        layer = int(match[1])
+        skipped.setdefault(layer, name)
+        if name.endswith(".eh_proj.weight"):
+            mtp.add(layer)
+    decoder = sorted(set(skipped) - mtp)
+    if decoder:
+        logger.warning(
+            "The checkpoint holds layer(s) %s (e.g. %r) that this model does not build (num_hidden_layers=%d, "
+            "num_nextn_predict_layers=%d): they are not loaded.",
+            decoder, skipped[decoder[0]], config.num_hidden_layers, config.num_nextn_predict_layers,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -411,12 +482,46 @@ def check_save_arguments(state_dict, max_shard_size) -> None:
         for key, value in state_dict.items():
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"`state_dict[{key!r}]` must be a torch.Tensor, got {type(value).__name__}.")
+    # the rule of huggingface_hub's shard splitter, which transformers' save hands the value to: an int, or a number
+    # followed by KB, MB, GB or TB (decimal units; "KiB" and the like are refused there)
+    if isinstance(max_shard_size, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]B)\s*", max_shard_size, flags=re.IGNORECASE)
+        size = int(float(match[1]) * 1000 ** (1 + "KMGT".index(match[2][0].upper()))) if match else None
+    else:
+        size = max_shard_size if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool) else None
+    if size is None or size < 1:
+        raise ValueError(
+            f"`max_shard_size` must be a positive number of bytes or a size such as '5GB' (units KB, MB, GB, TB), got "
+            f"{max_shard_size!r}."
+        )
+
+
+def check_fp8_layers_saveable(model: nn.Module) -> None:
+    """FP8 layers made in memory by ``quantizer='fp8_block', fp8_mode='inference'`` (no FP8 checkpoint behind them:
+    ``hf_quantizer`` is None) have no save route that writes the official FP8 layout (per-expert scales, the
+    ``quantization_config`` block), so saving them is refused instead of writing a folder nothing reads right."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        return  # loaded from an FP8 checkpoint: the quantizer writes the official layout back
+    fp8 = next((name for name, m in model.named_modules() if isinstance(m, (FP8Linear, FP8Experts))), None)
+    if fp8 is not None:
+        raise ValueError(
+            f"This model holds FP8 layers quantized in memory (e.g. {fp8!r}, from `quantizer='fp8_block', "
+            "fp8_mode='inference'`), which save_pretrained cannot write in the official FP8 layout: save the "
+            "high-precision model (`fp8_mode='train'`, or no quantizer) and convert the folder with "
+            "`deepseek-v3-convert`, or load an FP8 checkpoint and save that."
+        )
+
+
+def has_user_card(folder) -> bool:
+    """Whether ``folder`` holds a ``README.md`` that is not a generated card (ours, or transformers' placeholder):
+    anything else there, a file that is not UTF-8 text or a folder of that name included, is the user's."""
+    existing = Path(folder) / "README.md"
+    if not existing.exists():
+        return False
     try:
-        size = None if isinstance(max_shard_size, bool) else convert_file_size_to_int(max_shard_size)
-    except (ValueError, TypeError, AttributeError):
-        size = None
-    if not isinstance(size, int) or size <= 0:
-        raise ValueError(f"`max_shard_size` must be a positive number of bytes or a size such as '5GB', got {max_shard_size!r}.")
+        return not model_card.is_generated_card(existing.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, OSError):
+        return True
 
 
 def save_pretrained(model, base_save, save_directory, *args, state_dict=None, push_to_hub=False, is_main_process=True, **kwargs):
@@ -427,6 +532,7 @@ def save_pretrained(model, base_save, save_directory, *args, state_dict=None, pu
     ``prepare_push``, called from ``_upload_modified_files``).
     """
     check_save_arguments(state_dict, kwargs.get("max_shard_size", 1))
+    check_fp8_layers_saveable(model)
     # A model sharded by transformers' distributed engine gathers its full weights inside ``base_save`` (every rank
     # takes part, one writes); the copies are added to what it gathered (``gather_sharded_state_dict_for_save``).
     sharded = getattr(model, "is_distributed_loading_by_transformers", False)
@@ -443,11 +549,11 @@ def save_pretrained(model, base_save, save_directory, *args, state_dict=None, pu
 
     def write(tmp_dir):
         base_save(tmp_dir, *args, state_dict=state_dict, is_main_process=is_main_process, **kwargs)
-        existing = Path(save_directory) / "README.md"
-        if existing.exists() and not model_card.is_generated_card(existing.read_text(encoding="utf-8")):
-            shutil.copy2(existing, Path(tmp_dir) / "README.md")  # a card the user wrote is theirs: keep it
+        card = Path(tmp_dir) / "README.md"
+        if has_user_card(save_directory):
+            card.unlink(missing_ok=True)  # a card the user wrote is theirs: the target keeps it untouched
         else:
-            model_card.build_model_card(model).save(os.path.join(tmp_dir, "README.md"))
+            model_card.build_model_card(model).save(os.fspath(card))
 
     atomic_save(save_directory, write)
     model.barrier_after_gathered_checkpoint_save(distributed_config)
@@ -469,15 +575,66 @@ def check_local_source(source) -> None:
         raise FileNotFoundError(f"No checkpoint folder at {path} (from_pretrained takes a local folder or a Hub repo id).")
 
 
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
 def check_index_of(folder) -> None:
-    """Before transformers reads a local folder: its ``model.safetensors.index.json``, if any, is valid JSON naming
-    shards that exist, with the ``metadata`` object transformers' loader reads (else a ``CheckpointError`` naming
-    the file)."""
-    index = Path(os.fspath(folder)) / INDEX_NAME
-    if index.is_file() and not isinstance(load_index(index).get("metadata"), dict):
+    """Before transformers reads a local folder: it holds safetensors weights, not only pickled ones (see
+    :func:`check_safetensors_only`), and its ``model.safetensors.index.json``, if any, is valid JSON naming
+    safetensors shards that exist, with the ``metadata`` object transformers' loader reads (else a
+    ``CheckpointError`` naming the file)."""
+    folder = Path(os.fspath(folder))
+    index = folder / INDEX_NAME
+    if not index.is_file():
+        check_safetensors_only(folder)
+        return
+    content = load_index(index)
+    if not isinstance(content.get("metadata"), dict):
         raise CheckpointError(
             f"The index {index} has no `metadata` object, which transformers' loader reads; add "
             '`"metadata": {"total_size": <bytes of all tensors>}` (or `"metadata": {}`).'
+        )
+    pickled = sorted({f for f in content["weight_map"].values() if not f.endswith(".safetensors")})
+    if pickled:
+        raise CheckpointError(f"The index {index} names shard(s) that are not safetensors files ({pickled[:3]}): " + _SAFETENSORS_ONLY)
+
+
+_SAFETENSORS_ONLY = (
+    "this package reads safetensors weights only, because loading a pickled checkpoint can run arbitrary code. "
+    "Convert the weights to safetensors in an environment you trust (e.g. `safetensors.torch.save_file`)."
+)
+
+
+def check_safetensors_only(folder: Path) -> None:
+    """A folder whose weights are pickled (``pytorch_model.bin`` and the like) with no safetensors file is refused,
+    naming the file, before transformers would unpickle it (which it does, with ``weights_only``, when it finds no
+    safetensors)."""
+    if not (folder / "config.json").is_file() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES or p.name.endswith(".bin.index.json"))
+    if pickled:
+        raise CheckpointError(f"{folder} holds pickled weights ({', '.join(pickled[:3])}) and no safetensors file: " + _SAFETENSORS_ONLY)
+
+
+def check_load_arguments(config_class, kwargs: dict) -> None:
+    """Arguments of ``from_pretrained`` that transformers would take without a word or fail on deep inside."""
+    allow_missing = kwargs.get("allow_missing_weights", False)
+    if not isinstance(allow_missing, bool):
+        raise TypeError(f"`allow_missing_weights` must be True or False, got {allow_missing!r}.")
+    if kwargs.get("use_safetensors") is False:
+        raise ValueError("`use_safetensors=False`: " + _SAFETENSORS_ONLY)
+    config = kwargs.get("config")
+    if config is None or isinstance(config, (str, os.PathLike)):
+        return
+    if not isinstance(config, PretrainedConfig):
+        raise TypeError(
+            f"`config` must be a {config_class.__name__} (or the path of a folder holding config.json), got "
+            f"{type(config).__name__}; build one with {config_class.__name__}(**fields) or .from_dict(...)."
+        )
+    if config.model_type != config_class.model_type:
+        raise TypeError(
+            f"`config` is a {type(config).__name__} of model_type {config.model_type!r}; this model needs a "
+            f"{config_class.__name__} (model_type {config_class.model_type!r})."
         )
 
 
@@ -508,10 +665,12 @@ def check_no_missing_weights(model: nn.Module, missing_keys, source) -> None:
 def load_pretrained_model(base_load, model, state_dict, checkpoint_files, load_config, *args, **kwargs):
     """transformers' ``_load_pretrained_model`` with the header checks before and the MTP report after."""
     if state_dict is None and checkpoint_files:
-        files = [f for f in checkpoint_files if str(f).endswith(".safetensors")]
-        if files:
-            ignore = bool(getattr(load_config, "ignore_mismatched_sizes", False))
-            validate_checkpoint_files(model, files, ignore_mismatched_sizes=ignore)
+        pickled = [os.fspath(f) for f in checkpoint_files if not str(f).endswith(".safetensors")]
+        if pickled:  # a Hub repo without safetensors (local folders were checked before: check_index_of)
+            raise CheckpointError(f"The checkpoint's weights are pickled ({pickled[0]}): " + _SAFETENSORS_ONLY)
+        ignore = bool(getattr(load_config, "ignore_mismatched_sizes", False))
+        validate_checkpoint_files(model, checkpoint_files, ignore_mismatched_sizes=ignore,
+                                  hf_quantizer=getattr(load_config, "hf_quantizer", None))
     result = base_load(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
     info = result[0] if isinstance(result, tuple) else result
     report_missing_mtp(model, getattr(info, "missing_keys", ()))

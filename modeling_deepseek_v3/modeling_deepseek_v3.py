@@ -98,6 +98,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        checkpoint.check_load_arguments(cls.config_class, kwargs)
         # transformers' FineGrainedFP8Config(dequantize=...) becomes ours, so the "fp8" block stays with our quantizer
         if kwargs.get("quantization_config") is not None:
             kwargs["quantization_config"] = checkpoint.as_quantization_config(kwargs["quantization_config"])

@@ -297,7 +297,8 @@ def test_per_expert_state_dict_gaps_and_uneven_experts_are_named():
     [
         (dict(max_shard_size=-5), ValueError, r"`max_shard_size` must be a positive number of bytes.*-5"),
         (dict(max_shard_size="0MB"), ValueError, r"`max_shard_size`.*'0MB'"),
-        (dict(max_shard_size="1.5GB"), ValueError, r"`max_shard_size`.*'1\.5GB'"),
+        (dict(max_shard_size="1KiB"), ValueError, r"`max_shard_size`.*units KB, MB, GB, TB.*'1KiB'"),  # the saver's parser
+        (dict(max_shard_size="0.0001KB"), ValueError, r"`max_shard_size`.*'0\.0001KB'"),
         (dict(state_dict={"model.norm.weight": 5}), TypeError, r"`state_dict\['model\.norm\.weight'\]` must be a torch\.Tensor"),
         (dict(state_dict=[1]), TypeError, r"`state_dict` must be a dict"),
     ],
@@ -402,3 +403,128 @@ def test_from_pretrained_names_a_file_given_for_the_folder(tmp_path):
     file.write_bytes(b"")
     with pytest.raises(NotADirectoryError, match="is a file; from_pretrained takes the folder"):
         DeepseekV3ForCausalLM.from_pretrained(file)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the fp8_block quantizer plugin and FP8 checkpoints; what is not safetensors; load and save arguments
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fp8_plugin_folders(tmp_path_factory):
+    """A model trained with `quantizer='fp8_block'` saved (its config.json keeps the plugin), then converted to FP8."""
+    root = tmp_path_factory.mktemp("fp8_plugin")
+    build_model(tiny_config(quantizer="fp8_block")).save_pretrained(root / "train")
+    DeepseekV3FP8Converter(root / "train").quantize(root / "fp8", progress=False)
+    return root
+
+
+def test_fp8_checkpoint_loads_into_the_fp8_block_plugin_in_either_mode(fp8_plugin_folders):
+    from modeling_deepseek_v3.quantization import FP8Linear, FP8TrainingLinear
+
+    folder = fp8_plugin_folders / "fp8"
+    ids = torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(0))
+    plain = load(folder, quantizer=None, quantization_config=DeepseekV3FP8Config(dequantize=True)).eval()
+    train = load(folder)  # config.json: quantizer fp8_block, fp8_mode train -> dequantized, then wrapped again
+    o_proj = train.model.layers[1].self_attn.o_proj
+    assert type(o_proj) is FP8TrainingLinear and o_proj.weight.dtype == torch.float32
+    assert train.config._experts_implementation == "deepseek_fp8"
+    assert torch.equal(o_proj.weight, plain.model.layers[1].self_attn.o_proj.weight)
+    with torch.no_grad():
+        assert (train.eval()(ids).logits - plain(ids).logits).abs().max() < 0.1  # FP8 GEMMs vs the fp32 ones
+    kept = load(folder, fp8_mode="inference")  # keeps the file's FP8 bytes, on the CPU too
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        stored = f.get_tensor("model.layers.1.self_attn.o_proj.weight")
+    o_proj = kept.model.layers[1].self_attn.o_proj
+    assert type(o_proj) is FP8Linear and torch.equal(o_proj.weight.view(torch.uint8), stored.view(torch.uint8))
+    for mode, dequantize in (("train", False), ("inference", True)):
+        with pytest.raises(ValueError, match=rf"`quantizer='fp8_block'` with `fp8_mode='{mode}'`.*`dequantize={dequantize}`: drop one"):
+            load(folder, fp8_mode=mode, quantization_config=DeepseekV3FP8Config(dequantize=dequantize))
+
+
+def test_fp8_tensor_for_a_high_precision_layer_says_why(folders, fp8_plugin_folders, tmp_path):
+    with pytest.raises(CheckpointError, match=r"q_a_proj.weight.*is F32, but .* `fp8_mode='inference'`, which loads FP8 "
+                                              r"checkpoints only: load this high-precision folder with `fp8_mode='train'`"):
+        load(folders / "single", quantizer="fp8_block", fp8_mode="inference")
+    with pytest.raises(CheckpointError, match=r"`quantization_config.modules_to_not_convert` lists 'model.layers.1.self_attn'"):
+        load(folders / "fp8", quantization_config=DeepseekV3FP8Config(
+            dequantize=False, modules_to_not_convert=["model.layers.1.self_attn"]))
+    fp8 = copy(folders, "fp8", tmp_path)
+    shard = fp8 / shard_of(fp8, "lm_head.weight")
+
+    def quantized_head(tensors):
+        from modeling_deepseek_v3.quantization.formats import quantize_weight_128x128
+        tensors["lm_head.weight"], tensors["lm_head.weight_scale_inv"] = quantize_weight_128x128(tensors["lm_head.weight"])
+
+    edit_tensors(shard, quantized_head)
+    edit_json(fp8 / INDEX, lambda c: c["weight_map"].update({"lm_head.weight_scale_inv": shard.name}))
+    with pytest.raises(CheckpointError, match=r"'lm_head.weight' .* is FP8 .*only the attention and MLP projections in FP8"):
+        load_fp8(fp8)
+
+
+def test_saving_fp8_layers_quantized_in_memory_is_refused(tmp_path):
+    model = build_model(tiny_config(num_hidden_layers=2, quantizer="fp8_block", fp8_mode="inference"))
+    with pytest.raises(ValueError, match=r"FP8 layers quantized in memory .*fp8_mode='inference'.*deepseek-v3-convert"):
+        model.save_pretrained(tmp_path / "out")
+    assert not list(tmp_path.iterdir())
+
+
+def test_checkpoint_layers_the_model_does_not_build_are_reported(folders, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="modeling_deepseek_v3.checkpoint"):
+        model = load(folders / "single", num_hidden_layers=2)
+    assert len(model.model.layers) == 2
+    assert any("layer(s) [2]" in r.getMessage() and "num_hidden_layers=2" in r.getMessage() for r in caplog.records)
+    stray = copy(folders, "single", tmp_path)
+    edit_tensors(stray / "model.safetensors", lambda t: t.update({"model.layers.9.mlp.gate.weight": torch.zeros(8, 64)}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="modeling_deepseek_v3.checkpoint"):
+        load(stray)
+    assert any("layer(s) [9] (e.g. 'model.layers.9.mlp.gate.weight')" in r.getMessage() for r in caplog.records)
+
+
+def test_pickled_weights_are_refused_naming_the_file(folders, tmp_path):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(folders / "single" / "config.json", pickled)
+    (pickled / "pytorch_model.bin").write_bytes(b"never read")  # the check runs before anything would open it
+    with pytest.raises(CheckpointError, match=r"holds pickled weights \(pytorch_model.bin\) and no safetensors file: .*safetensors"):
+        load(pickled)
+    indexed = copy(folders, "sharded", tmp_path)
+    edit_json(indexed / INDEX, lambda c: c["weight_map"].update({"lm_head.weight": "pytorch_model.bin"}))
+    (indexed / "pytorch_model.bin").write_bytes(b"never read")
+    with pytest.raises(CheckpointError, match=r"names shard\(s\) that are not safetensors files \(\['pytorch_model.bin'\]\)"):
+        load(indexed)
+    with pytest.raises(ValueError, match=r"`use_safetensors=False`: this package reads safetensors weights only"):
+        load(folders / "single", use_safetensors=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(allow_missing_weights="no"), r"`allow_missing_weights` must be True or False, got 'no'"),
+        (dict(config={"hidden_size": 64}), r"`config` must be a DeepseekV3Config .* got dict"),
+        (dict(config=transformers.LlamaConfig()), r"`config` is a LlamaConfig of model_type 'llama'; this model needs a DeepseekV3Config"),
+    ],
+)
+def test_bad_load_arguments_are_named(folders, kwargs, message):
+    with pytest.raises(TypeError, match=message):
+        DeepseekV3ForCausalLM.from_pretrained(folders / "single", **kwargs)
+
+
+@pytest.mark.parametrize("card", [b"\xff\xfe not text", None])
+def test_a_readme_that_is_not_a_text_card_is_the_users_and_kept(tmp_path, card):
+    target = tmp_path / "out"
+    target.mkdir()
+    if card is None:
+        (target / "README.md").mkdir()  # a folder of that name
+        (target / "README.md" / "notes.txt").write_text("mine")
+    else:
+        (target / "README.md").write_bytes(card)
+    build_model(tiny_config(num_hidden_layers=2)).save_pretrained(target)
+    assert (target / "model.safetensors").is_file()
+    if card is None:
+        assert (target / "README.md" / "notes.txt").read_text() == "mine"
+    else:
+        assert (target / "README.md").read_bytes() == card
