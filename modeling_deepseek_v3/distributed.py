@@ -29,15 +29,28 @@ def world_size() -> int | None:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     value = os.environ.get("WORLD_SIZE")
-    return int(value) if value is not None else None
+    if value is None:
+        return None
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"The environment variable WORLD_SIZE must be a positive number of processes, got {value!r}.")
+    return int(value)
 
 
 def as_distributed_config(value):
     """A ``DistributedConfig`` from itself or from a dict (whose invalid sizes are reported with the dict)."""
     from transformers import DistributedConfig
 
-    if not isinstance(value, dict):
+    if isinstance(value, DistributedConfig):
         return value
+    if not isinstance(value, dict):
+        raise TypeError(f"`distributed_config` must be a transformers DistributedConfig or a dict of its fields, got {type(value).__name__}.")
+    # transformers' from_dict drops keys it does not know: a misspelt size would silently run unsharded
+    unknown = sorted(set(value) - set(DistributedConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(
+            f"distributed_config={value}: unknown field(s) {unknown}; DistributedConfig has "
+            f"{sorted(DistributedConfig.__dataclass_fields__)}."
+        )
     try:
         return DistributedConfig.from_dict(value)
     except ValueError as error:

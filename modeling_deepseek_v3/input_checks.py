@@ -4,8 +4,11 @@ they cost no device read and trace under ``torch.compile`` (the value checks tha
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
-from transformers.cache_utils import Cache, StaticLayer, StaticSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer, StaticSlidingWindowLayer
 
 
 def check_inputs_embeds(inputs_embeds: torch.Tensor, hidden_size: int, model_dtype: torch.dtype | None) -> None:
@@ -39,9 +42,10 @@ def check_position_ids(position_ids, batch_size: int, seq_len: int) -> None:
         )
 
 
-def check_cache(past_key_values, batch_size: int, seq_len: int) -> None:
-    """``past_key_values`` is a transformers ``Cache`` of this batch, and a static one has room for the input. Shapes
-    only (the static layer's allocated size, the cached tensors' batch): no device read."""
+def check_cache(past_key_values, batch_size: int, seq_len: int, widths: tuple[int, int] | None = None) -> None:
+    """``past_key_values`` is a transformers ``Cache`` of this batch, filled by a model of this width (``widths``: the
+    last dims of the cached keys and values, when the attention knows them), and a static one has room for the input.
+    Shapes only (the static layer's allocated size, the cached tensors' shapes): no device read."""
     if past_key_values is None:
         return
     if not isinstance(past_key_values, Cache):
@@ -58,6 +62,12 @@ def check_cache(past_key_values, batch_size: int, seq_len: int) -> None:
         raise ValueError(
             f"`past_key_values` holds a batch of {keys.shape[0]} sequences, the input has {batch_size}: a cache "
             "belongs to the batch it was filled with."
+        )
+    values = getattr(layer, "values", None) if isinstance(keys, torch.Tensor) else None
+    if widths is not None and isinstance(values, torch.Tensor) and (keys.shape[-1], values.shape[-1]) != tuple(widths):
+        raise ValueError(
+            f"`past_key_values` caches keys and values of widths {[keys.shape[-1], values.shape[-1]]}, but this model's "
+            f"attention caches {list(widths)}: the cache was filled by a model of another config."
         )
     capacity = static_capacity(past_key_values)
     if capacity is not None and seq_len > capacity:
@@ -76,20 +86,37 @@ def static_capacity(past_key_values) -> int | None:
     return None
 
 
-def check_attention_mask(attention_mask: torch.Tensor | None, shape) -> None:
-    """A 2-D padding mask is [batch, cached + new tokens]: one row per sequence, at least as long as the input (a
-    longer one also covers the cached prefix); its values (1 or 0) are checked with the other input values. A
-    prepared 4-D mask is [batch (or 1), 1 or heads, seq_len, keys ≥ seq_len], bool (True = attend) or additive float."""
+def cached_length(past_key_values) -> int | None:
+    """The positions ``past_key_values`` holds when its tensors' shapes say it (no cache, or a dynamic one: 0 or the
+    cached length), else None (a static cache counts its positions on the device)."""
+    if past_key_values is None:
+        return 0
+    layers = getattr(past_key_values, "layers", None)
+    if isinstance(layers, list) and all(type(layer) is DynamicLayer for layer in layers):
+        return past_key_values.get_seq_length()
+    return None
+
+
+def check_attention_mask(attention_mask: torch.Tensor | None, shape, past: int | None = None) -> None:
+    """A 2-D padding mask is [batch, cached + new tokens]: one row per sequence, exactly as long as the ``past``
+    cached positions plus the input where ``past`` is known (see :func:`cached_length`), else at least as long as the
+    input; its values (1 or 0) are checked with the other input values. A prepared 4-D mask is [batch (or 1), 1 or
+    heads, seq_len, keys ≥ seq_len], bool (True = attend) or additive float."""
     if attention_mask is None:
         return
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"`attention_mask` must be a torch.Tensor, got {type(attention_mask).__name__}.")
     batch, seq_len = shape
     if attention_mask.dim() == 2:
-        if attention_mask.shape[0] != batch or attention_mask.shape[1] < seq_len:
+        # A longer mask than the cached + new positions would be read from its start by the attention and from its
+        # end by the loss and the routers' padding mask: there is no one right reading, so it is refused.
+        keys = f"past + seq_len = {past} + {seq_len}" if past else f"seq_len = {seq_len}"
+        wrong_length = attention_mask.shape[1] < seq_len if past is None else attention_mask.shape[1] != past + seq_len
+        if attention_mask.shape[0] != batch or wrong_length:
+            expected = f"past + seq_len ≥ {seq_len}" if past is None else keys
             raise ValueError(
-                f"`attention_mask` must have shape [batch={batch}, past + seq_len ≥ {seq_len}] for input of shape "
-                f"{[batch, seq_len]}, got {list(attention_mask.shape)}."
+                f"`attention_mask` must have shape [batch={batch}, {expected}] for input of shape {[batch, seq_len]}"
+                f"{f' over {past} cached positions' if past else ''}, got {list(attention_mask.shape)}."
             )
         return
     if attention_mask.dim() != 4:
@@ -127,11 +154,29 @@ def check_num_items_in_batch(num_items_in_batch) -> None:
     value is not read here: that would cost a host sync per micro-batch)."""
     if num_items_in_batch is None or isinstance(num_items_in_batch, torch.Tensor):
         return
-    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)) or num_items_in_batch < 0:
+    if (isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float))
+            or not math.isfinite(num_items_in_batch) or num_items_in_batch < 0):
         raise ValueError(
             f"`num_items_in_batch` must be the number of targets in the whole batch (an int ≥ 0 or a tensor), got "
             f"{num_items_in_batch!r}."
         )
+
+
+def check_logits_to_keep_with_targets(logits_to_keep, has_targets: bool) -> None:
+    """The loss needs a logit at every target: with ``logits_to_keep=1`` the one kept position has no next token, so
+    the loss would be 0 and train nothing."""
+    if has_targets and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+        raise ValueError(
+            f"`logits_to_keep={logits_to_keep!r}` keeps the logits of the last positions only, but `labels` need one at "
+            "every target position: pass `logits_to_keep=0` with labels (mask the targets to leave out with -100)."
+        )
+
+
+def check_loss_weight(value, field: str) -> None:
+    """A loss weight read from the config at each forward (it may be set after the model was built): a finite real
+    number ≥ 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"Config field `{field}` must be a finite number ≥ 0, got {value!r}.")
 
 
 def check_return_mtp_loss(return_mtp_loss, has_targets: bool, depth: int) -> None:

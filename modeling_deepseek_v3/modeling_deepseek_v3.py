@@ -71,6 +71,20 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         # transformers looks for the decorator in the model's own module; our experts module lives in layers.py
         return True
 
+    def set_experts_implementation(self, experts_implementation: str | dict):
+        # Experts stored in FP8 (`FP8Experts`) run their own grouped FP8 GEMMs whatever the setting says: a switch
+        # would be recorded in the config and change nothing.
+        requested = experts_implementation.get("", self.config._experts_implementation) if isinstance(
+            experts_implementation, dict) else experts_implementation
+        fp8 = next((name for name, m in self.named_modules() if isinstance(m, FP8Experts)), None)
+        if fp8 is not None and requested != self.config._experts_implementation:
+            raise ValueError(
+                f"The routed experts are stored in FP8 (e.g. {fp8!r}), which run their own grouped FP8 GEMMs: "
+                f"experts_implementation={requested!r} applies to high-precision experts only. Dequantize the model "
+                "first (DeepseekV3FP8Config(dequantize=True) at load) to choose an implementation."
+            )
+        return super().set_experts_implementation(experts_implementation)
+
     def _grouped_mm_can_dispatch(self) -> bool:
         # torch's grouped GEMM needs 16-byte-aligned rows: in bf16, expert widths that are multiples of 8. transformers
         # falls back to `eager` when this raises and no implementation was asked for, and passes the error on when
@@ -215,10 +229,15 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             # the embedding takes int64 or int32 indices only (uint8 and int16 are rejected deep inside it)
             kind = "integer token ids" if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool else "int64 or int32 token ids"
             raise ValueError(f"`input_ids` must hold {kind}, got dtype {input_ids.dtype}.")
+        # a pipeline stage after the first holds no embedding (its inputs are the previous stage's hidden states)
+        embedding = getattr(self.embed_tokens, "weight", None)
         if inputs_embeds is not None:
-            # a pipeline stage after the first holds no embedding (its inputs are the previous stage's hidden states)
-            embedding = getattr(self.embed_tokens, "weight", None)
             input_checks.check_inputs_embeds(inputs_embeds, self.config.hidden_size, None if embedding is None else embedding.dtype)
+        if embedding is not None and embedding.dtype == torch.float64 and self.config._experts_implementation == "grouped_mm":
+            raise ValueError(
+                "The model is in float64, which torch's grouped GEMM (`experts_implementation='grouped_mm'`) does not "
+                "take: `model.set_experts_implementation('eager')` (or 'batched_mm') runs the experts in float64."
+            )
 
     def _check_inputs(self, input_ids, position_ids, attention_mask, past_key_values, decoding: bool) -> None:
         """Clear errors for bad input values. They read the device once, so they are skipped where that would cost a
@@ -281,8 +300,9 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         self._check_input_tensors(input_ids, inputs_embeds)
         inputs = input_ids if input_ids is not None else inputs_embeds
         batch_size, seq_len = inputs.shape[:2]
-        input_checks.check_cache(past_key_values, batch_size, seq_len)
-        input_checks.check_attention_mask(attention_mask, (batch_size, seq_len))
+        latent_widths = (self.config.kv_lora_rank, self.config.qk_rope_head_dim) if self.config.attention_backend == "mla" else None
+        input_checks.check_cache(past_key_values, batch_size, seq_len, latent_widths)
+        input_checks.check_attention_mask(attention_mask, (batch_size, seq_len), input_checks.cached_length(past_key_values))
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         if position_ids is None:
@@ -345,11 +365,39 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         # transformers' generate reads the prompt's shape (and derives positions from the mask) before our forward
         # sees them, so a prompt that is not [batch, seq_len] would fail inside it with an IndexError
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if prompt is not None and not isinstance(prompt, torch.Tensor):
+            raise TypeError(f"`generate` takes the prompt as a tensor of token ids [batch, seq_len], got {type(prompt).__name__}.")
         if isinstance(prompt, torch.Tensor) and not prompt.dtype.is_floating_point:
             if prompt.dim() != 2:
                 raise ValueError(f"`generate` takes token ids of shape [batch, seq_len], got a prompt of shape {tuple(prompt.shape)}.")
             input_checks.check_attention_mask(kwargs.get("attention_mask"), prompt.shape)
-        return super().generate(inputs, *args, **kwargs)
+            self._check_static_cache_room(prompt.shape[1], kwargs)
+        if not self.training:
+            return super().generate(inputs, *args, **kwargs)
+        # A model left in training mode (a sampling callback inside a training run) would count the generated tokens
+        # as training loads for the next routing-bias step: generation is inference, so it runs in eval mode.
+        modes = [(module, module.training) for module in self.modules()]
+        self.eval()
+        try:
+            return super().generate(inputs, *args, **kwargs)
+        finally:
+            for module, mode in modes:  # each module's own mode back (a frozen part may have been in eval)
+                module.training = mode
+
+    def _check_static_cache_room(self, prompt_len: int, kwargs: dict) -> None:
+        """A static cache passed to ``generate`` holds every position but the last one generated: name a cache that is
+        too short before the first step, instead of an index error inside a later one."""
+        capacity = input_checks.static_capacity(kwargs.get("past_key_values"))
+        if capacity is None:
+            return
+        config = kwargs.get("generation_config") or self.generation_config
+        max_new = kwargs.get("max_new_tokens", None if "max_length" in kwargs else config.max_new_tokens)
+        max_length = prompt_len + max_new if max_new is not None else kwargs.get("max_length", config.max_length)
+        if max_length is not None and capacity < max_length - 1:
+            raise ValueError(
+                f"The static cache holds {capacity} positions (`max_cache_len`); generating up to {max_length} tokens "
+                f"(prompt {prompt_len} + new) needs {max_length - 1}."
+            )
 
     def _get_candidate_generator(self, generation_config, *args, **kwargs):
         # `generate(..., use_mtp=True)`: our MTP modules draft inside transformers' assisted-decoding loop (see
@@ -425,9 +473,18 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         input_checks.check_logits_to_keep(logits_to_keep)
         input_checks.check_num_items_in_batch(num_items_in_batch)
         targets = _NextTokenTargets.build(labels, shift_labels, input_ids, inputs_embeds)
+        input_checks.check_logits_to_keep_with_targets(logits_to_keep, targets is not None)
         depth = self.config.num_nextn_predict_layers
         input_checks.check_return_mtp_loss(return_mtp_loss, targets is not None, depth)
         run_mtp = targets is not None and depth > 0 and (self.training if return_mtp_loss is None else return_mtp_loss)
+        if run_mtp:
+            input_checks.check_loss_weight(self.config.mtp_loss_weight, "mtp_loss_weight")
+            if input_checks.cached_length(past_key_values):
+                # the MTP modules run over this forward's positions without a cache: they would not see the prefix
+                raise ValueError(
+                    "The MTP loss is computed over whole sequences, but `past_key_values` holds a cached prefix: pass "
+                    "the full sequence without a cache, or `return_mtp_loss=False`."
+                )
         if run_mtp and targets.aligned.shape[1] < depth + 2:
             raise ValueError(
                 f"num_nextn_predict_layers={depth}: MTP module {depth} predicts the token {depth + 1} positions ahead, "

@@ -251,3 +251,112 @@ def test_trl_helpers_name_bad_arguments():
         DeepseekV3DPOTrainer(build_model(tiny_config(num_hidden_layers=2)), ref_model="some/folder")
     with pytest.raises(TypeError, match=r"BalanceLossTap hooks a model \(an nn.Module\), got NoneType"):
         BalanceLossTap(None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# inputs that ran and gave a wrong result: refused, naming them
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_labels_with_logits_to_keep_are_refused(model):
+    # the one kept position has no next token: the loss would be 0 and train nothing
+    for keep in (1, 3, torch.tensor([4, 5])):
+        with torch.no_grad(), pytest.raises(ValueError, match=r"`logits_to_keep=.*` keeps the logits of the last positions only"):
+            model(IDS, labels=IDS, logits_to_keep=keep)
+
+
+def test_a_padding_mask_longer_than_the_positions_is_refused(model):
+    # attention would read its first columns, the loss and the routers its last ones
+    with torch.no_grad(), pytest.raises(ValueError, match=r"`attention_mask` must have shape \[batch=2, seq_len = 6\]"):
+        model(IDS, attention_mask=torch.ones(2, 9, dtype=torch.long))
+    cache = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(IDS, past_key_values=cache, use_cache=True)
+        for columns in (2, 8):  # a decode step over 6 cached positions needs exactly 7 mask columns
+            with pytest.raises(ValueError, match=r"past \+ seq_len = 6 \+ 1\] for input of shape \[2, 1\] over 6 cached"):
+                model(IDS[:, :1], attention_mask=torch.ones(2, columns, dtype=torch.long), past_key_values=cache, use_cache=True)
+        model(IDS[:, :1], attention_mask=torch.ones(2, 7, dtype=torch.long), past_key_values=cache, use_cache=True)
+
+
+def test_a_cache_of_another_config_is_named(model):
+    other = build_model(tiny_config(kv_lora_rank=8, num_hidden_layers=2))
+    cache = transformers.DynamicCache(config=other.config)
+    with torch.no_grad():
+        other(IDS, past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match=r"caches keys and values of widths \[8, 8\], but this model's attention caches \[16, 8\]"):
+            model(IDS[:, :1], past_key_values=cache, use_cache=True)
+
+
+def test_mtp_loss_over_a_cached_prefix_and_bad_run_time_weights_are_refused(mtp_model):
+    cache = transformers.DynamicCache(config=mtp_model.config)
+    with torch.no_grad():
+        mtp_model(IDS[:, :4], past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match=r"MTP loss is computed over whole sequences, but `past_key_values` holds a cached prefix"):
+            mtp_model(IDS[:, 4:], labels=IDS[:, 4:], past_key_values=cache, use_cache=True, return_mtp_loss=True)
+    original = mtp_model.config.mtp_loss_weight
+    try:
+        for bad in (-1.0, float("inf"), "0.3"):
+            mtp_model.config.mtp_loss_weight = bad
+            with torch.no_grad(), pytest.raises(ValueError, match=r"Config field `mtp_loss_weight` must be a finite number ≥ 0"):
+                mtp_model(IDS, labels=IDS, return_mtp_loss=True)
+    finally:
+        mtp_model.config.mtp_loss_weight = original
+
+
+def test_nan_num_items_in_batch_is_named(model):
+    with torch.no_grad(), pytest.raises(ValueError, match=r"`num_items_in_batch` must be the number of targets.*nan"):
+        model(IDS, labels=IDS, num_items_in_batch=float("nan"))
+
+
+def test_generate_names_a_list_prompt_and_a_static_cache_too_short(model):
+    with pytest.raises(TypeError, match=r"`generate` takes the prompt as a tensor of token ids \[batch, seq_len\], got list"):
+        model.generate([[1, 2, 3]], max_new_tokens=2)
+    for kwargs in (dict(max_new_tokens=10), dict(max_length=15)):
+        cache = transformers.StaticCache(config=model.config, max_cache_len=8)
+        with pytest.raises(ValueError, match=r"static cache holds 8 positions .*generating up to 15 tokens .*needs 14"):
+            model.generate(IDS[:1, :5], past_key_values=cache, do_sample=False, **kwargs)
+    cache = transformers.StaticCache(config=model.config, max_cache_len=14)
+    assert model.generate(IDS[:1, :5], past_key_values=cache, max_new_tokens=10, do_sample=False).shape == (1, 15)
+
+
+def test_generating_in_training_mode_counts_no_training_loads():
+    from modeling_deepseek_v3.registry import RouterPlugin
+
+    model = build_model(tiny_config()).train()
+    model.model.layers[1].mlp.shared_experts.eval()  # a part the user froze in eval mode stays so
+    model.generate(IDS[:1, :4], max_new_tokens=3, do_sample=False)
+    routers = [m for m in model.modules() if isinstance(m, RouterPlugin)]
+    assert all(float(r.tokens_per_expert.sum()) == 0 for r in routers)
+    assert model.training and not model.model.layers[1].mlp.shared_experts.training and model.model.layers[2].training
+
+
+def test_float64_with_grouped_mm_names_the_experts_implementation():
+    model = build_model(tiny_config()).double()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"float64, which torch's grouped GEMM .*set_experts_implementation\('eager'\)"):
+            model(IDS)
+        model.set_experts_implementation("eager")
+        assert model(IDS).logits.dtype == torch.float64
+
+
+def test_switching_the_experts_implementation_of_fp8_experts_is_refused():
+    model = build_model(tiny_config(quantizer="fp8_block", fp8_mode="inference"))
+    with pytest.raises(ValueError, match=r"routed experts are stored in FP8 .*experts_implementation='eager' applies to high-precision experts"):
+        model.set_experts_implementation("eager")
+
+
+@pytest.mark.parametrize("distributed_config, error, message", [
+    ({"ep_sise": 2}, ValueError, r"unknown field\(s\) \['ep_sise'\]"),
+    ("ep=2", TypeError, r"`distributed_config` must be a transformers DistributedConfig or a dict of its fields, got str"),
+])
+def test_bad_distributed_configs_are_named(tmp_path, distributed_config, error, message):
+    build_model(tiny_config(num_hidden_layers=2)).save_pretrained(tmp_path)
+    with pytest.raises(error, match=message):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path, distributed_config=distributed_config)
+
+
+def test_a_world_size_that_is_not_a_number_is_named(tmp_path, monkeypatch):
+    build_model(tiny_config(num_hidden_layers=2)).save_pretrained(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    with pytest.raises(ValueError, match=r"WORLD_SIZE must be a positive number of processes, got 'abc'"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path, distributed_config=transformers.DistributedConfig(fsdp_size=2))
