@@ -17,7 +17,12 @@ Loading
     ``True`` replaces each ``FP8Linear`` after loading by an ``nn.Linear`` of the load ``dtype`` holding
     ``weight * weight_scale_inv``; ``None`` (default) keeps FP8 when CUDA is available, dequantizes otherwise.
     Pass it as ``from_pretrained(path, quantization_config=DeepseekV3FP8Config(dequantize=True))``
-    (``FineGrainedFP8Config(dequantize=True)`` is accepted too).
+    (``FineGrainedFP8Config(dequantize=True)`` is accepted too). A config that also selects the ``fp8_block``
+    quantizer plugin settles it instead: ``fp8_mode='train'`` dequantizes (the plugin then wraps the layers again
+    for FP8 training), ``fp8_mode='inference'`` keeps the FP8 bytes; a ``dequantize`` that contradicts it is an error.
+
+    Only safetensors are read: a folder (or an index) whose weights are pickled is refused before anything is
+    opened, since unpickling can run code.
 
     Before any tensor is read, every checkpoint file is checked from its header (:func:`validate_checkpoint_files`):
     truncated/corrupt files, shards the index names but that do not exist, FP8 weights without
