@@ -31,7 +31,7 @@ import logging
 import os
 import shutil
 import sys
-import uuid
+import tempfile
 from pathlib import Path
 
 import torch
@@ -41,7 +41,6 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..checkpoint_io import (
-    GENERATED_CARD_MARKER,
     INDEX_NAME,
     OFFICIAL_FP8_BLOCK,
     SINGLE_NAME,
@@ -53,6 +52,7 @@ from ..checkpoint_io import (
     read_safetensors_header,
     tensor_locations,
 )
+from ..model_card import may_replace_card
 from . import formats
 from .quantizer import dequantize_state_dict, quantize_state_dict
 
@@ -60,6 +60,9 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32}
+# Tensors that keep their dtype when a checkpoint is converted to another one: the router's correction bias is fp32
+# in the released checkpoint, and the model holds it in fp32 at any dtype.
+_KEEP_DTYPE = ("e_score_correction_bias",)
 
 
 def _as_path(value, name: str):
@@ -80,10 +83,31 @@ def list_shards(folder: str | os.PathLike) -> tuple[list[str], dict[str, str] | 
     raise CheckpointError(f"{folder} holds neither {INDEX_NAME} nor {SINGLE_NAME}.")
 
 
-class DeepseekV3FP8Converter(OptimumQuantizer):
-    """Converts a DeepSeek-V3 checkpoint folder to the official FP8 format (``to="fp8"``) or back (``to="bf16"``)."""
+def check_scales_belong_to_fp8_weights(folder: Path, headers: dict[str, dict], location: dict[str, str]) -> None:
+    """Every ``weight_scale_inv`` must sit beside an FP8 ``weight``. A high-precision weight with a leftover scale grid
+    is a weight replaced without its scale: quantizing would put the old grid over the new one, dequantizing would
+    drop it, and nothing says which of the two tensors is right (the loader refuses such a folder too).
+    ``headers``: ``{shard: header}`` and ``location``: ``{tensor: shard}``, shards named relative to ``folder``."""
+    for key, shard in location.items():
+        if not key.endswith(".weight_scale_inv"):
+            continue
+        weight = key.removesuffix("_scale_inv")
+        if weight not in location:
+            raise CheckpointError(f"Scale grid {key!r} in {folder / shard} has no weight {weight!r} in any checkpoint file.")
+        dtype = headers[location[weight]][weight]["dtype"]
+        if dtype != "F8_E4M3":
+            raise CheckpointError(
+                f"{weight!r} in {folder / location[weight]} is {dtype}, not FP8, but the checkpoint also holds its FP8 "
+                f"scale grid {key!r} (in {folder / shard}): a weight replaced without its scale. Store the weight in FP8 "
+                "with its scale, or remove the stale scale."
+            )
 
-    def __init__(self, source: str | os.PathLike, to: str = "fp8", dtype: str | torch.dtype = torch.bfloat16,
+
+class DeepseekV3FP8Converter(OptimumQuantizer):
+    """Converts a DeepSeek-V3 checkpoint folder (or an in-memory model) to the official FP8 format (``to="fp8"``) or
+    to a high-precision dtype (``to="bf16"``, ``"fp16"``, ``"fp32"``: FP8 weights dequantized, the rest cast)."""
+
+    def __init__(self, source, to: str = "fp8", dtype: str | torch.dtype = torch.bfloat16,
                  power_of_two_scales: bool = False):
         if to not in ("fp8", "bf16", "fp32", "fp16", "float32", "bfloat16", "float16"):
             raise ValueError(f"`to` must be 'fp8' or a high-precision dtype name ('bf16', 'fp32'), got {to!r}.")
@@ -91,23 +115,23 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
             raise ValueError(f"`dtype` must be one of {sorted(_DTYPES)} or torch.bfloat16/float16/float32, got {dtype!r}.")
         if not isinstance(power_of_two_scales, bool):
             raise TypeError(f"`power_of_two_scales` must be True or False, got {power_of_two_scales!r}.")
-        self.source = Path(_as_path(source, "source"))
+        if hasattr(source, "save_pretrained"):
+            # An in-memory model is saved by ``quantize`` into a temporary folder removed on every exit, once the
+            # destination is known to be usable: nothing is written for a conversion that cannot happen.
+            self.source, self._model = None, source
+        else:
+            self.source, self._model = Path(_as_path(source, "source")), None
         self.to = "fp8" if to == "fp8" else "dequantize"
         self.dtype = _DTYPES[to] if to in _DTYPES else (_DTYPES[dtype] if isinstance(dtype, str) else dtype)
         self.power_of_two_scales = power_of_two_scales
-        self._tmp_source = None
 
     @classmethod
     def from_pretrained(cls, model_or_path, file_name=None, to: str = "fp8", **kwargs) -> "DeepseekV3FP8Converter":
         """``model_or_path``: a checkpoint folder, a Hub repository id (fetched with ``snapshot_download``; nothing is
-        fetched with ``HF_HUB_OFFLINE=1`` beyond the cache), or an in-memory ``PreTrainedModel`` (saved to a temporary
-        folder first, in its official layout)."""
+        fetched with ``HF_HUB_OFFLINE=1`` beyond the cache), or an in-memory ``PreTrainedModel`` (its weights when
+        ``quantize`` runs, saved in their official layout to a temporary folder removed when ``quantize`` ends)."""
         if hasattr(model_or_path, "save_pretrained"):
-            tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"dsv3-convert-{uuid.uuid4().hex[:8]}"
-            model_or_path.save_pretrained(tmp)
-            converter = cls(tmp, to=to, **kwargs)
-            converter._tmp_source = tmp
-            return converter
+            return cls(model_or_path, to=to, **kwargs)
         path = Path(_as_path(model_or_path, "model_or_path"))
         if not path.is_dir():
             from huggingface_hub import snapshot_download
@@ -124,7 +148,10 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
     # ------------------------------------------------------------------------------------------------
 
     def convert_tensor(self, key: str, tensor: torch.Tensor, scale: torch.Tensor | None, file: str) -> dict[str, torch.Tensor]:
-        """The output tensors for one input tensor (``scale``: its ``weight_scale_inv`` when dequantizing)."""
+        """The output tensors for one input tensor (``scale``: its ``weight_scale_inv`` when dequantizing). Converting
+        to a high-precision dtype dequantizes FP8 weights into it and casts the other floating-point tensors to it
+        (the router's ``e_score_correction_bias`` stays fp32); converting to FP8 leaves the tensors it does not
+        quantize as they are."""
         module, _, leaf = key.rpartition(".")
         if tensor.dtype == formats.FP8_DTYPE:
             # already FP8: checked in both directions, so a corrupt pair is never copied into the output unseen
@@ -138,7 +165,9 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
         if leaf == "weight_scale_inv":
             return {}
         if tensor.dtype != formats.FP8_DTYPE:
-            return {key: tensor}
+            # the output's config.json declares the requested dtype, so its tensors must be in it
+            keep = not tensor.is_floating_point() or leaf in _KEEP_DTYPE
+            return {key: tensor if keep else tensor.to(self.dtype)}
         return dequantize_state_dict({key: tensor, f"{module}.weight_scale_inv": scale.float()}, self.dtype)
 
     @staticmethod
@@ -161,20 +190,32 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
         check_scale_values({scale_key: scale}, file)
 
     def quantize(self, save_dir, file_prefix=None, progress: bool = True, overwrite: bool = False) -> Path:
-        """Convert every shard of the source into ``save_dir``; returns ``save_dir``."""
+        """Convert every shard of the source into ``save_dir``; returns ``save_dir``. ``file_prefix`` prefixes each
+        output shard's file name (the output then always has an index naming them)."""
         save_dir = check_save_target(_as_path(save_dir, "save_dir"))
         if file_prefix is not None and (not isinstance(file_prefix, str) or Path(file_prefix).name != file_prefix):
             raise ValueError(f"`file_prefix` must be a plain file-name prefix (no folder), got {file_prefix!r}.")
-        if save_dir.resolve() == self.source.resolve():
+        if self.source is not None and save_dir.resolve() == self.source.resolve():
             # the source's shards would be replaced while they are the only copy of the weights
             raise FileExistsError(f"The destination {save_dir} is the source folder; convert into another folder.")
         if save_dir.exists() and any(save_dir.iterdir()) and not overwrite:
             raise FileExistsError(f"{save_dir} is not empty; pass overwrite=True (--overwrite) to replace it.")
-        shards, weight_map = list_shards(self.source)
-        headers = {shard: read_safetensors_header(self.source / shard) for shard in shards}  # fail before writing
-        paths = {str(self.source / shard): header for shard, header in headers.items()}
-        location = {key: Path(path).name for key, path in tensor_locations(paths).items()}
-        config = self._read_config()
+        if self._model is None:
+            self._convert(self.source, save_dir, file_prefix, progress)
+            return save_dir
+        with tempfile.TemporaryDirectory(prefix="dsv3-convert-") as tmp:
+            source = Path(tmp) / "model"
+            self._model.save_pretrained(source)
+            self._convert(source, save_dir, file_prefix, progress)
+        return save_dir
+
+    def _convert(self, source: Path, save_dir: Path, file_prefix: str | None, progress: bool) -> None:
+        shards, weight_map = list_shards(source)
+        headers = {shard: read_safetensors_header(source / shard) for shard in shards}  # fail before writing
+        location = {key: Path(path).relative_to(source).as_posix()
+                    for key, path in tensor_locations({str(source / s): h for s, h in headers.items()}).items()}
+        check_scales_belong_to_fp8_weights(source, headers, location)
+        config = self._read_config(source)
 
         def write(tmp: str) -> None:
             tmp = Path(tmp)
@@ -183,7 +224,7 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
                        desc=f"to {'fp8' if self.to == 'fp8' else str(self.dtype).removeprefix('torch.')}")
             for shard in shards:
                 out: dict[str, torch.Tensor] = {}
-                path = self.source / shard
+                path = source / shard
                 with safe_open(path, framework="pt") as f:
                     for key in f.keys():
                         tensor = self._get(f, key, path)
@@ -191,30 +232,27 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
                         if tensor.dtype == formats.FP8_DTYPE and key.endswith(".weight"):
                             scale_key = key[: -len("weight")] + "weight_scale_inv"
                             if scale_key in location:
-                                scale = self._read(location[scale_key], scale_key, f if location[scale_key] == shard else None)
+                                scale = self._read(source / location[scale_key], scale_key, f if location[scale_key] == shard else None)
                         for out_key, value in self.convert_tensor(key, tensor, scale, str(path)).items():
                             out[out_key] = value.contiguous()
                         bar.update(1)
-                name = shard if file_prefix is None else f"{file_prefix}-{shard}"
+                # same name as the input shard, in the same sub-folder if the index put it in one
+                name = shard if file_prefix is None else (Path(shard).parent / f"{file_prefix}-{Path(shard).name}").as_posix()
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 save_file(out, tmp / name, metadata={"format": "pt"})
                 for key, value in out.items():
                     new_map[key] = name
                     total_size += value.numel() * value.element_size()
                 del out
             bar.close()
-            if weight_map is not None or len(shards) > 1:
+            # Without an index a loader looks for model.safetensors only, so any other file name needs one.
+            if weight_map is not None or set(new_map.values()) != {SINGLE_NAME}:
                 with open(tmp / INDEX_NAME, "w", encoding="utf-8") as f:
                     json.dump({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(new_map.items()))}, f, indent=2)
                     f.write("\n")
-            self._write_side_files(tmp, config)
+            self._write_side_files(source, tmp, config)
 
-        try:
-            atomic_save(save_dir, write)  # the same temp-then-rename as save_pretrained
-        finally:
-            if self._tmp_source is not None:
-                shutil.rmtree(self._tmp_source, ignore_errors=True)
-                self._tmp_source = None
-        return save_dir
+        atomic_save(save_dir, write)  # the same temp-then-rename as save_pretrained
 
     # ------------------------------------------------------------------------------------------------
 
@@ -225,18 +263,18 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
         except Exception as error:  # safetensors raises its own error types; name the tensor and file
             raise CheckpointError(f"Cannot read tensor {key!r} from {path}: {error}") from None
 
-    def _read(self, shard: str, key: str, open_handle=None) -> torch.Tensor:
-        path = self.source / shard
+    def _read(self, path: Path, key: str, open_handle=None) -> torch.Tensor:
         if open_handle is not None:
             return self._get(open_handle, key, path)
         with safe_open(path, framework="pt") as f:
             return self._get(f, key, path)
 
-    def _read_config(self) -> dict | None:
+    @staticmethod
+    def _read_config(source: Path) -> dict | None:
         """The source's config.json (None if it has none), read before anything is written."""
-        path = self.source / "config.json"
+        path = source / "config.json"
         if not path.is_file():
-            logger.warning("%s has no config.json: the output has none either, so nothing declares its format.", self.source)
+            logger.warning("%s has no config.json: the output has none either, so nothing declares its format.", source)
             return None
         try:
             with open(path, encoding="utf-8") as f:
@@ -247,13 +285,13 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
             raise CheckpointError(f"{path} must hold a JSON object, got {type(config).__name__}.")
         return config
 
-    def _write_side_files(self, folder: Path, config: dict | None) -> None:
+    def _write_side_files(self, source: Path, folder: Path, config: dict | None) -> None:
         """config.json with the quantization block added/removed; every other non-weight file copied."""
-        for item in self.source.iterdir():
+        for item in source.iterdir():
             if item.suffix == ".safetensors" or item.name == INDEX_NAME or item.name.startswith(".") or not item.is_file():
                 continue
-            if item.name == "README.md" and GENERATED_CARD_MARKER in item.read_text(encoding="utf-8", errors="replace"):
-                continue  # our generated card describes the old weights; save_pretrained regenerates it
+            if item.name == "README.md" and may_replace_card(item):
+                continue  # a generated card describes the old weights; save_pretrained regenerates one
             if item.name == "config.json":
                 if self.to == "fp8":
                     config["quantization_config"] = dict(OFFICIAL_FP8_BLOCK)
@@ -277,7 +315,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("source", help="checkpoint folder (or Hub repository id)")
     parser.add_argument("destination", help="output folder (created; must be empty unless --overwrite)")
-    parser.add_argument("--to", default="fp8", choices=["fp8", "bf16", "fp16", "fp32"], help="target format (default fp8)")
+    parser.add_argument("--to", default="fp8", choices=["fp8", "bf16", "fp16", "fp32"],
+                        help="target format (default fp8). fp8 quantizes the eligible Linear weights and leaves the "
+                             "other tensors as they are; bf16/fp16/fp32 dequantize FP8 weights into that dtype and cast "
+                             "every other floating-point tensor to it too (the router's e_score_correction_bias stays "
+                             "fp32), so the dtype config.json declares is the tensors' dtype")
     parser.add_argument("--power-of-two-scales", action="store_true", help="round FP8 scales up to powers of two")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -296,4 +338,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["CheckpointError", "DeepseekV3FP8Converter", "list_shards", "main", "read_safetensors_header"]
+__all__ = ["CheckpointError", "DeepseekV3FP8Converter", "check_scales_belong_to_fp8_weights", "list_shards", "main",
+           "read_safetensors_header"]
