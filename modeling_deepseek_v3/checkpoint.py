@@ -517,18 +517,6 @@ def check_fp8_layers_saveable(model: nn.Module) -> None:
         )
 
 
-def has_user_card(folder) -> bool:
-    """Whether ``folder`` holds a ``README.md`` that is not a generated card (ours, or transformers' placeholder):
-    anything else there, a file that is not UTF-8 text or a folder of that name included, is the user's."""
-    existing = Path(folder) / "README.md"
-    if not existing.exists():
-        return False
-    try:
-        return not model_card.is_generated_card(existing.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, OSError):
-        return True
-
-
 def save_pretrained(model, base_save, save_directory, *args, state_dict=None, push_to_hub=False, is_main_process=True, **kwargs):
     """``PreTrainedModel.save_pretrained`` in the official layout, atomically, with a model card.
 
@@ -554,11 +542,7 @@ def save_pretrained(model, base_save, save_directory, *args, state_dict=None, pu
 
     def write(tmp_dir):
         base_save(tmp_dir, *args, state_dict=state_dict, is_main_process=is_main_process, **kwargs)
-        card = Path(tmp_dir) / "README.md"
-        if has_user_card(save_directory):
-            card.unlink(missing_ok=True)  # a card the user wrote is theirs: the target keeps it untouched
-        else:
-            model_card.build_model_card(model).save(os.fspath(card))
+        model_card.write_card(model, save_directory, tmp_dir)  # a README the user wrote stays untouched
 
     atomic_save(save_directory, write)
     model.barrier_after_gathered_checkpoint_save(distributed_config)
