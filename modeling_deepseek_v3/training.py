@@ -12,13 +12,20 @@ the world-wide sum is the load of the union of the batches — what one process 
 except that the ranks of a tensor-parallel group share one batch: the sum is divided by their number
 (``distributed.batch_replicas``). Every rank then applies the same step, and the biases stay identical.
 
+The same host read also says whether every router's bias is still finite. A nan or inf bias is added to every
+token's selection scores, so its router sends every token to the same experts, and ±γ steps cannot repair it:
+``update_expert_bias`` raises, naming the layers.
+
 ``ExpertBiasUpdateCallback`` does that call for ``transformers.Trainer`` and puts the MaxVio statistics into the
-Trainer's logs (and so into ``trainer.state.log_history``).
+Trainer's logs (and so into ``trainer.state.log_history``). At the start of training it refuses what would make
+those steps or the paper's losses silently wrong: a second bias callback in the same Trainer, and label smoothing
+when the model has an MTP module or a balance loss (see ``_check_label_smoothing``).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -91,19 +98,42 @@ def update_expert_bias(model: nn.Module, update_speed: float | None = None, proc
     for name, load in zip(names, counts):
         found[name].update_bias(load, gamma)  # on the device, no host read
         found[name].reset_counts()
-    # The statistics: one copy of every layer's counts to the host per optimizer step, the step's only host read.
-    loads = counts.cpu()
+    # One copy to the host per optimizer step, the step's only host read: every layer's counts (the statistics) and,
+    # as one more column, whether its bias is finite after the step.
+    finite = torch.stack([_bias_is_finite(found[n], device) for n in names])  # [L] 1.0 / 0.0
+    host = torch.cat([counts, finite.unsqueeze(1)], dim=1).cpu()
+    loads, finite = host[:, :-1], host[:, -1]
     means = loads.mean(dim=1)
-    max_vio = torch.where(means > 0, loads.max(dim=1).values / means - 1, 0.0).tolist()
+    max_vio = torch.where(means > 0, loads.max(dim=1).values / means - 1, 0.0)
+    max_vio, finite = torch.stack([max_vio, finite]).tolist()  # already on the host: no second device read
+    not_finite = [name for name, ok in zip(names, finite) if not ok]
+    if not_finite:
+        raise RuntimeError(
+            f"update_expert_bias: the routing bias (`e_score_correction_bias`) of {', '.join(not_finite)} is not "
+            "finite (nan or inf). It is added to every token's selection scores, so such a router sends every token "
+            "to the same experts, and no bias step can repair it. A step only ever adds ±γ (finite), so the bias was "
+            "written so: by a checkpoint or by hand. Restore finite biases (e.g. reload them from a good checkpoint, "
+            "or zero them) before training on."
+        )
     for name, load, vio in zip(names, loads, max_vio):
         stats.load[name] = load
         stats.max_vio[name] = vio
     return stats
 
 
+def _bias_is_finite(router: nn.Module, device: torch.device) -> torch.Tensor:
+    """1.0 when ``router`` has no bias or only finite values in it, else 0.0: a 0-d fp32 tensor on ``device``."""
+    bias = getattr(router, "e_score_correction_bias", None)
+    if bias is None:  # a router without a bias (greedy) counts loads for MaxVio only
+        return torch.ones((), device=device)
+    return torch.isfinite(bias).all().to(device=device, dtype=torch.float32)
+
+
 def _update_speed(model: nn.Module, update_speed, found: dict) -> float:
     """γ: ``update_speed``, else the config's ``router_bias_update_speed``; a finite real number ≥ 0."""
+    source = "`update_speed`"
     if update_speed is None:
+        source = "`config.router_bias_update_speed`"
         update_speed = getattr(getattr(model, "config", None), "router_bias_update_speed", None)
         if update_speed is None:
             # not a DeepSeek-V3 model: the callback was added to a Trainer of another architecture, most likely
@@ -114,11 +144,75 @@ def _update_speed(model: nn.Module, update_speed, found: dict) -> float:
             raise ValueError(f"update_expert_bias / ExpertBiasUpdateCallback: {type(model).__name__} has {what}.")
     if isinstance(update_speed, torch.Tensor) and update_speed.numel() == 1:
         update_speed = update_speed.item()  # once per optimizer step, outside the compiled step
-    if isinstance(update_speed, bool) or not isinstance(update_speed, (int, float)):
-        raise ValueError(f"`router_bias_update_speed` (γ) must be a real number, got {update_speed!r}.")
+    # numbers.Real covers Python's int and float and NumPy's scalars; a bool is a flag, not a speed
+    if isinstance(update_speed, bool) or not isinstance(update_speed, numbers.Real):
+        raise ValueError(
+            f"{source} (γ of the router bias step) must be a real number, got {update_speed!r} "
+            f"({type(update_speed).__name__})."
+        )
     if not (math.isfinite(update_speed) and update_speed >= 0):
-        raise ValueError(f"`router_bias_update_speed` (γ) must be finite and non-negative, got {update_speed}.")
+        raise ValueError(f"{source} (γ of the router bias step) must be finite and non-negative, got {update_speed}.")
     return float(update_speed)
+
+
+# The Trainer makes a new TrainerState at every `train()` call; the first bias callback to see it marks it.
+_STATE_MARK = "_deepseek_v3_expert_bias_callback"
+
+
+def _check_one_bias_callback(state) -> None:
+    """A second bias callback would apply its step to the counts the first one has just reset: nothing, whose MaxVio
+    of 0 it would log over the real values at every step. Refused, whether two instances or one added twice."""
+    if getattr(state, _STATE_MARK, False):
+        raise ValueError(
+            "This Trainer has ExpertBiasUpdateCallback twice (two instances, or one added twice). The first applies "
+            "the bias step and resets the routers' counts, so the second would find none and log `max_vio_mean` 0 "
+            "and `max_vio_max` 0 over the real values at every step. Keep one: drop the other from `callbacks=` or "
+            "call `trainer.pop_callback(ExpertBiasUpdateCallback)` once (the TRL trainers of this package add one "
+            "only when none is passed)."
+        )
+    setattr(state, _STATE_MARK, True)  # not a dataclass field: never saved with the state
+
+
+def _check_label_smoothing(args, model: nn.Module) -> None:
+    """With ``label_smoothing_factor`` set, ``transformers.Trainer`` pops ``labels`` before the forward and smooths
+    the cross-entropy of the logits itself; our forward, without labels, computes no loss, so the MTP loss and the
+    balance loss never reach the optimised loss. Refused when the model has either; without them label smoothing
+    loses nothing."""
+    factor = getattr(args, "label_smoothing_factor", 0)
+    if not factor:
+        return
+    config = getattr(_unwrap(model), "config", None)
+    mtp = bool(getattr(config, "num_nextn_predict_layers", 0)) and (getattr(config, "mtp_loss_weight", 0) or 0) > 0
+    balance = (getattr(config, "aux_loss_alpha", 0) or 0) > 0
+    if not (mtp or balance) or _balance_loss_tapped(model):
+        # the TRL trainers of this package take the balance loss from the backbone, labels or not, and never run
+        # the MTP modules: label smoothing there costs nothing of ours
+        return
+    lost = [
+        *(["the MTP loss (`mtp_loss_weight` · mtp_loss: the MTP modules would never train)"] if mtp else []),
+        *(["the routers' balance loss (`aux_loss_alpha`)"] if balance else []),
+    ]
+    alternative = (
+        ", or train with modeling_deepseek_v3.trl_trainers.DeepseekV3SFTTrainer, which adds the balance loss under "
+        "label smoothing too" + (" (but never runs the MTP modules)" if mtp else "")
+        if balance else " (no trainer of this package trains the MTP modules with label smoothing)"
+    )
+    raise ValueError(
+        f"`label_smoothing_factor`={factor}: transformers.Trainer then takes `labels` out of the inputs and smooths "
+        f"the cross-entropy of the logits itself, so the model, called without labels, leaves "
+        f"{' and '.join(lost)} out of the optimised loss. Set `label_smoothing_factor=0`{alternative}."
+    )
+
+
+def _balance_loss_tapped(model: nn.Module) -> bool:
+    """Whether a ``BalanceLossTap`` (the TRL trainers of this package) hooks the model's backbone."""
+    from .balance_hooks import BalanceLossTap  # imports the model classes, which import this module
+
+    return any(
+        isinstance(getattr(hook, "__self__", None), BalanceLossTap)
+        for module in model.modules()
+        for hook in module._forward_hooks.values()
+    )
 
 
 class ExpertBiasUpdateCallback(TrainerCallback):
@@ -133,12 +227,21 @@ class ExpertBiasUpdateCallback(TrainerCallback):
     Reporting callbacks that the Trainer registered before this one (``report_to`` integrations) have already
     been called by then; put this callback first (``trainer.callback_handler.callbacks.insert(0, cb)``) if they
     must see the values too.
+
+    ``on_train_begin`` raises a ``ValueError`` for a second bias callback in the same Trainer and for
+    ``label_smoothing_factor`` on a model with an MTP module or a balance loss (both would go silently wrong).
     """
 
     def __init__(self, log_per_layer: bool = False):
         self.log_per_layer = log_per_layer
         self.history: list[dict[str, float]] = []
         self._pending: list[ExpertBalanceStats] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        _check_one_bias_callback(state)
+        if model is not None:
+            _check_label_smoothing(args, model)
+        return control
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
