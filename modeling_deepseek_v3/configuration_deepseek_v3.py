@@ -168,14 +168,52 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         with _field_type_errors():
             super().__init__(**kwargs)
         check_rope_parameters(self.rope_parameters)
-        if self.scoring_func is None:  # the router's own affinity function (sigmoid for noaux_tc, softmax for greedy)
-            self.scoring_func = getattr(self.plugin("topk_method"), "default_scoring_func", "sigmoid")
         # The official FP8 block dispatches to our quantizer (checkpoint.py); it still serializes as "fp8".
         if getattr(self, "quantization_config", None) is not None:
             self.quantization_config = as_quantization_config(self.quantization_config)
 
+    @property
+    def scoring_func(self) -> str | None:
+        """The routers' affinity function. Unset (``None``), it reads as the router's own (``default_scoring_func``:
+        sigmoid for ``noaux_tc``, softmax for ``greedy``) wherever it is read, the router and the saved config.json
+        included, so a config changed after it was made (a new ``topk_method``, the field set back to ``None``) never
+        leaves a stale function behind."""
+        value = self.__dict__.get("scoring_func")
+        if value is not None:
+            return value
+        try:
+            router = self.plugin("topk_method")
+        except (AttributeError, ValueError):  # not set yet, or unknown: validation names `topk_method`
+            return None
+        return getattr(router, "default_scoring_func", "sigmoid")
+
+    @scoring_func.setter
+    def scoring_func(self, value: str | None) -> None:
+        self.__dict__["scoring_func"] = value
+
+    def validate(self):
+        # transformers' save_pretrained calls this before it writes config.json: a field set after the config was
+        # made (`config.first_k_dense_replace = 5`) must not reach a file that the reload refuses
+        super().validate()
+        validate_config(self)
+
+    @classmethod
+    def check_for_model(cls, config) -> None:
+        """What a model checks before it is built from ``config``: that it is ours (transformers' own class has no
+        plugin fields) and that the fields, including any set after the config was made, still make a model."""
+        if not isinstance(config, cls):
+            raise TypeError(
+                f"The modeling_deepseek_v3 model classes need a modeling_deepseek_v3.DeepseekV3Config, got "
+                f"{type(config).__module__}.{type(config).__qualname__}; convert it with "
+                "`modeling_deepseek_v3.DeepseekV3Config.from_dict(config.to_dict())` (the plugin fields then take "
+                "their defaults: MLA attention, the noaux_tc router, the sequential MTP module), or import "
+                "modeling_deepseek_v3 before `AutoConfig.from_pretrained` so that it returns ours."
+            )
+        validate_config(config)
+
     def to_dict(self):
         output = super().to_dict()
+        output["scoring_func"] = self.scoring_func  # the function the routers use, not `None` (vLLM reads the field)
         # vLLM and SGLang read YaRN from the legacy `rope_scaling` field, written beside `rope_parameters`. When both
         # are present transformers 5 reads the legacy one, so it keeps `rope_theta` (without it a Kimi-K2-style theta
         # of 50000 reloads as the default 10000). Not a top-level `rope_theta`: beside `rope_scaling` it sends
@@ -205,12 +243,16 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
-        # from_pretrained(path, field=value) sets the overrides after __init__ has validated the file's values
+        # transformers sets from_pretrained(path, field=value) overrides with setattr after __init__, which would skip
+        # what __init__ derives from them (experts_backend -> the experts implementation, a legacy rope block or a
+        # rope_theta -> rope_parameters, num_key_value_heads=None -> the head count); the model's own fields go
+        # through __init__ with the file's instead, the route every value takes
+        overrides = {cls.attribute_map.get(key, key): kwargs.pop(key) for key in list(kwargs) if key in _INIT_FIELDS}
+        config_dict = _with_rope_overrides(dict(config_dict), overrides)
         with _field_type_errors():
             result = super().from_dict(config_dict, **kwargs)
         config = result[0] if isinstance(result, tuple) else result
-        validate_fields(config)
-        check_rope_parameters(config.rope_parameters)
+        validate_config(config)  # what transformers still sets afterwards (attributes that are not fields)
         return result
 
     def _incoming_values(self, kwargs: dict) -> SimpleNamespace:
@@ -242,6 +284,45 @@ _OWN_FIELDS = (
     "fp8_power_of_two_scales",
     "fused_kernels",
 )
+
+
+# the fields from_pretrained's overrides hand to __init__: ours, transformers' DeepseekV3 fields (under both names of
+# an aliased one) and the legacy rope keys transformers 5 folds into rope_parameters
+_INIT_FIELDS = frozenset(
+    [*_OWN_FIELDS, *_TransformersDeepseekV3Config.__annotations__, *_TransformersDeepseekV3Config.attribute_map,
+     *_TransformersDeepseekV3Config.attribute_map.values(), "rope_theta", "rope_scaling"]
+)
+
+
+def _rope_theta_of(config_dict: dict):
+    for field in ("rope_parameters", "rope_scaling"):
+        if isinstance(config_dict.get(field), dict) and config_dict[field].get("rope_theta") is not None:
+            return config_dict[field]["rope_theta"]
+    return config_dict.get("rope_theta")
+
+
+def _with_rope_overrides(config_dict: dict, overrides: dict) -> dict:
+    """The file's fields with from_pretrained's overrides, rope fields merged as a user means them. A new
+    ``rope_scaling`` or ``rope_parameters`` block (``None``: plain RoPE) replaces the file's rope fields, both blocks
+    of a folder we saved, and keeps the file's theta unless the overrides give one; a ``rope_theta`` alone replaces the
+    theta wherever the file keeps it (setting it beside the file's blocks would contradict their own entry)."""
+    rope = {key: overrides.pop(key) for key in ("rope_theta", "rope_scaling", "rope_parameters") if key in overrides}
+    config_dict.update(overrides)
+    if "rope_scaling" in rope or "rope_parameters" in rope:
+        theta = _rope_theta_of(config_dict)
+        for key in ("rope_theta", "rope_scaling", "rope_parameters"):
+            config_dict.pop(key, None)
+        config_dict.update(rope)
+        blocks = [config_dict.get(key) for key in ("rope_scaling", "rope_parameters")]
+        if theta is not None and "rope_theta" not in rope and not any(isinstance(b, dict) and "rope_theta" in b for b in blocks):
+            config_dict["rope_theta"] = theta
+    elif "rope_theta" in rope:
+        held = [key for key in ("rope_scaling", "rope_parameters") if isinstance(config_dict.get(key), dict)]
+        for key in held:
+            config_dict[key] = {**config_dict[key], "rope_theta": rope["rope_theta"]}
+        if not held or "rope_theta" in config_dict:
+            config_dict["rope_theta"] = rope["rope_theta"]
+    return config_dict
 
 
 def plugin_for(config, field: str) -> type:
@@ -302,6 +383,12 @@ def check_rope_parameters(rope) -> None:
     if not isinstance(rope, dict):
         return
     rope_type = rope.get("rope_type", "default")
+    if "type" in rope and rope["type"] != rope_type:
+        # transformers reads `rope_type` and leaves the legacy `type` beside it, which vLLM and SGLang may read instead
+        raise ValueError(
+            f"Config field `rope_scaling` (or `rope_parameters`) entries `type` ({rope['type']!r}) and `rope_type` "
+            f"({rope_type!r}) disagree; give one rope type."
+        )
     if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(
             f"Config field `rope_scaling` (or `rope_parameters`) names rope type {rope_type!r}, which transformers does "
@@ -321,6 +408,15 @@ def check_rope_parameters(rope) -> None:
             f"Config field `rope_scaling` (or `rope_parameters`) entry `factor` must be at least 1 for rope type "
             f"{rope_type!r} (it is how many times the trained context is extended), got {rope['factor']!r}."
         )
+    if rope_type == "yarn":
+        # YaRN ramps from the dimensions that rotate beta_fast times over the trained context (kept) to those that
+        # rotate beta_slow times (interpolated): the other way round the ramp is inverted (defaults 32 and 1)
+        beta_fast, beta_slow = rope.get("beta_fast", 32), rope.get("beta_slow", 1)
+        if _is_number(beta_fast) and _is_number(beta_slow) and beta_fast <= beta_slow:
+            raise ValueError(
+                f"Config field `rope_scaling` (or `rope_parameters`) entry `beta_fast` ({beta_fast!r}) must exceed "
+                f"`beta_slow` ({beta_slow!r}) for rope type 'yarn' (e.g. 32 and 1)."
+            )
     original = rope.get("original_max_position_embeddings")
     if original is not None and (not isinstance(original, int) or isinstance(original, bool) or original <= 0):
         raise ValueError(
@@ -367,6 +463,10 @@ def _check_token_ids(config) -> None:
                 raise ValueError(f"Config field `{field}` must be null or a token id in [0, vocab_size={config.vocab_size}), got {value!r}.")
 
 
+# the dtypes a model's weights load and compute in; FP8 storage comes from a quantization_config or the quantizer
+_MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def _check_dtype(config) -> None:
     for field in ("dtype", "torch_dtype"):
         value = getattr(config, "__dict__", {}).get(field) if field == "torch_dtype" else getattr(config, field, None)
@@ -375,6 +475,14 @@ def _check_dtype(config) -> None:
         dtype = getattr(torch, value, None) if isinstance(value, str) else value
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"Config field `{field}` must name a floating-point torch dtype (e.g. 'bfloat16'), got {value!r}.")
+        if dtype not in _MODEL_DTYPES:
+            # torch cannot build parameters of an FP8 dtype; transformers fails deep inside with a storage error
+            names = ", ".join(str(d).removeprefix("torch.") for d in _MODEL_DTYPES)
+            raise ValueError(
+                f"Config field `{field}` must be one of {names} (the dtype the model computes in), got {value!r}; FP8 "
+                "weights come from `quantization_config` (e.g. DeepseekV3FP8Config(dequantize=False) for an FP8 "
+                "folder) or `quantizer='fp8_block'`."
+            )
 
 
 def _check_official_numbers(config) -> None:
@@ -404,6 +512,28 @@ def _check_official_numbers(config) -> None:
             "Config field `quantization_config` must be an object (e.g. the official FP8 block {\"quant_method\": \"fp8\", "
             f"...}}), got {quantization!r}."
         )
+    if isinstance(quantization, dict) and not isinstance(quantization.get("quant_method"), str):
+        # transformers picks the quantizer by this entry; without it the load fails without naming the field
+        raise ValueError(
+            "Config field `quantization_config` needs a `quant_method` entry naming the quantization (e.g. \"fp8\" for "
+            f"the official FP8 block); got {quantization!r}. Drop the block for an unquantized model."
+        )
+
+
+def validate_config(config) -> None:
+    """``validate_fields`` and ``check_rope_parameters`` on a made config: after ``from_dict``'s overrides, before a
+    model is built from it and before ``save_pretrained`` writes it (fields may have been set since it was made)."""
+    validate_fields(config)
+    rope = config.rope_parameters
+    if not isinstance(rope, dict) or not _is_number(rope.get("rope_theta")):
+        # e.g. `config.rope_scaling = None` or `= {"type": "linear", ...}`: transformers' setter replaces the whole
+        # rope_parameters, theta included, with what it is given
+        raise ValueError(
+            "Config field `rope_parameters` must be a dict holding `rope_type` and `rope_theta` (setting the legacy "
+            f"`rope_scaling` on a made config replaces all of it), got {rope!r}; set `rope_parameters` instead, e.g. "
+            "{'rope_type': 'default', 'rope_theta': 10000.0}."
+        )
+    check_rope_parameters(rope)
 
 
 def validate_fields(config) -> None:
@@ -437,6 +567,18 @@ def validate_fields(config) -> None:
         )
     if config.qk_rope_head_dim % 2:
         raise ValueError(f"Config field `qk_rope_head_dim` must be even (rotary pairs), got {config.qk_rope_head_dim}.")
+    # transformers' DeepseekV3Config derives these two; its model reads them (the rotary width, the query width), so a
+    # different value saved in config.json would build transformers' class differently from ours
+    for field, derived, formula in (
+        ("head_dim", config.qk_rope_head_dim, "`qk_rope_head_dim`"),
+        ("qk_head_dim", config.qk_nope_head_dim + config.qk_rope_head_dim, "`qk_nope_head_dim` + `qk_rope_head_dim`"),
+    ):
+        value = getattr(config, field, None)
+        if value is not None and value != derived:
+            raise ValueError(
+                f"Config field `{field}` ({value!r}) must equal {formula} ({derived}), which transformers derives it "
+                "from; drop the field."
+            )
     if config.num_attention_heads % config.num_key_value_heads:
         raise ValueError(
             f"Config field `num_attention_heads` ({config.num_attention_heads}) must be a multiple of "
@@ -473,4 +615,4 @@ def validate_fields(config) -> None:
         plugin_for(config, field).check_config(config)
 
 
-__all__ = ["ConfigFieldTypeError", "DeepseekV3Config", "RopeParametersError"]
+__all__ = ["ConfigFieldTypeError", "DeepseekV3Config", "RopeParametersError", "validate_config"]

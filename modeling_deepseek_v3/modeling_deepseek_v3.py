@@ -99,6 +99,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         return True
 
     def __init__(self, config: DeepseekV3Config, *inputs, **kwargs):
+        DeepseekV3Config.check_for_model(config)  # ours, and still valid after fields were set on it
         super().__init__(config, *inputs, **kwargs)
         # Checkpoints carry copies of the shared embedding/head inside each MTP layer, and MTP layers beyond the
         # configured depth (e.g. `num_nextn_predict_layers=0`): neither is a parameter of ours.

@@ -13,12 +13,16 @@ from torch import nn
 from modeling_deepseek_v3.layers import apply_rotary, yarn_softmax_scale
 from modeling_deepseek_v3.registry import AttentionPlugin, register_plugin
 
-from .mla import attention_interface
+from .mla import attention_interface, check_one_key_value_head_per_head
 
 
 @register_plugin("attention", "mha")
 class MultiHeadAttention(AttentionPlugin):
     num_key_value_groups = 1
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        check_one_key_value_head_per_head(config, "mha")
 
     def __init__(self, config, layer_idx: int):
         super().__init__()

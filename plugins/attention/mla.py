@@ -55,6 +55,18 @@ def attention_interface(config):
 MLA_MODES = ("expanded", "absorbed", "auto")
 
 
+def check_one_key_value_head_per_head(config, backend: str) -> None:
+    """Every head attends with its own key and value (MLA up-projects them per head from the shared latent, and
+    ``mha`` is plain multi-head attention): a smaller ``num_key_value_heads`` would be ignored here, and transformers'
+    DeepseekV3 class would read it as grouped-query attention and fail on the folder."""
+    if config.num_key_value_heads != config.num_attention_heads:
+        raise ValueError(
+            f"Config field `num_key_value_heads` ({config.num_key_value_heads}) must equal `num_attention_heads` "
+            f"({config.num_attention_heads}) for attention_backend {backend!r}, which has no grouped-query attention "
+            "(every head gets its own key and value)."
+        )
+
+
 def absorbed_is_cheaper(query_len: int, key_len: int, kv_lora_rank: int, nope: int, v: int) -> bool:
     """Whether absorbed attention costs fewer FLOPs than expanded for ``query_len`` queries over ``key_len`` keys.
 
@@ -101,6 +113,7 @@ class MultiHeadLatentAttention(AttentionPlugin):
 
     @classmethod
     def check_config(cls, config) -> None:
+        check_one_key_value_head_per_head(config, "mla")
         if config.mla_mode not in MLA_MODES:
             raise ValueError(f"Config field `mla_mode` must be one of {list(MLA_MODES)}, got {config.mla_mode!r}.")
 
