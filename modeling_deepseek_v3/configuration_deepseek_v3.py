@@ -239,6 +239,14 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         config_dict, rest = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
         if not isinstance(config_dict, dict):
             raise ValueError(f"The config.json of {pretrained_model_name_or_path} must hold a JSON object, got {type(config_dict).__name__}.")
+        model_type = config_dict.get("model_type")
+        if model_type not in (None, cls.model_type) and not {"kv_lora_rank", "n_routed_experts"} & set(config_dict):
+            # another architecture (a Llama folder would otherwise fail on the first DeepSeek-V3 default it breaks);
+            # a DeepSeek-V3 under another model_type (Kimi K2's "kimi_k2") carries the MLA and MoE fields
+            raise ValueError(
+                f"The config.json of {pretrained_model_name_or_path} has model_type {model_type!r} and none of the "
+                "DeepSeek-V3 fields (kv_lora_rank, n_routed_experts): it is not a DeepSeek-V3 checkpoint."
+            )
         return config_dict, rest
 
     @classmethod

@@ -268,3 +268,12 @@ def test_transformers_config_is_refused_with_the_conversion(folders):
     ours = DeepseekV3Config.from_dict(theirs.to_dict())
     model = DeepseekV3ForCausalLM.from_pretrained(folders / "noaux_tc", config=ours)
     assert model.config.rope_parameters == load(folders / "noaux_tc").config.rope_parameters
+
+
+def test_a_folder_of_another_architecture_is_named(tmp_path):
+    transformers.LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"has model_type 'llama' and none of the DeepSeek-V3 fields .*not a DeepSeek-V3 checkpoint"):
+        DeepseekV3ForCausalLM.from_pretrained(tmp_path)
+    kimi = tiny_config().to_dict() | {"model_type": "kimi_k2"}  # a DeepSeek-V3 under another name still reads
+    (tmp_path / "config.json").write_text(json.dumps(kimi))
+    assert DeepseekV3Config.from_pretrained(tmp_path).kv_lora_rank == 16
