@@ -33,6 +33,8 @@ import time
 
 import torch
 
+from modeling_deepseek_v3.cli import positive
+
 FULL_CONFIG = dict(
     vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=8,
     num_attention_heads=16, num_key_value_heads=16, q_lora_rank=384, kv_lora_rank=256, qk_rope_head_dim=32,
@@ -131,7 +133,7 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="tiny config on whatever device (CPU: seconds)")
     parser.add_argument("--out", help="path prefix: writes PREFIX.md and PREFIX.json")
     parser.add_argument("--prompt", type=int, default=None, help="prompt length (512; tiny 16)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per timing (64; tiny 6)")
+    parser.add_argument("--new-tokens", type=positive(int), default=None, help="tokens generated per timing (64; tiny 6)")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (1 32; tiny 1 3)")
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="scaling contexts (1024 8192 32768)")
     parser.add_argument("--mtp-steps", type=int, default=None, help="MTP self-distillation steps (300; tiny 40)")
@@ -153,7 +155,7 @@ def main(argv=None):
     if args.experts_backend:
         fields["experts_backend"] = args.experts_backend
     prompt_len = args.prompt or (16 if args.tiny else 512)
-    new_tokens = args.new_tokens or (6 if args.tiny else 64)
+    new_tokens = args.new_tokens if args.new_tokens is not None else (6 if args.tiny else 64)
     batches = args.batches or ([1, 3] if args.tiny else [1, 32])
     contexts = args.contexts or ([32, 64] if args.tiny else [1024, 8192, 32768])
     mtp_steps = args.mtp_steps if args.mtp_steps is not None else (40 if args.tiny else 300)

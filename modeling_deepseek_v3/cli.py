@@ -1,4 +1,4 @@
-"""argparse types shared by the demo and the examples: a bad value on the command line becomes an
+"""argparse types shared by the demo, the examples and the benchmarks: a bad value on the command line becomes an
 argparse error that names the option and the value (``argument --steps: must be a positive int, got -1``), instead of
 a run that silently trains zero or whole epochs, or fails deep inside transformers."""
 

@@ -16,6 +16,7 @@ This module imports nothing from the rest of the package, so every other module 
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import logging
 
 from torch import nn
@@ -106,6 +107,17 @@ PLUGIN_BASES: dict[str, type] = {
 # forward) and the functions of ALL_EXPERTS_FUNCTIONS.
 EXPERTS_KIND = "experts"
 PLUGIN_KINDS = (*PLUGIN_BASES, EXPERTS_KIND)
+# How the model calls a plugin of each kind (the constructor's arguments; for experts, the function's), and the
+# method a plugin class must define itself: checked at registration, so a plugin that cannot be called is named then
+# rather than failing deep inside the first model built with it.
+CALLED_AS = {
+    "attention": ("config", "layer_idx"),
+    "router": ("config",),
+    "mtp": ("config", "depth"),
+    "quantizer": ("config",),
+    EXPERTS_KIND: ("module", "hidden_states", "top_k_index", "top_k_weights"),
+}
+REQUIRED_METHOD = {"attention": "forward", "router": "forward", "mtp": "forward", "quantizer": "apply"}
 
 _PLUGINS: dict[str, dict[str, type]] = {kind: {} for kind in PLUGIN_BASES}
 _entry_points_loaded = False
@@ -134,6 +146,7 @@ def register_plugin(kind: str, name: str):
         def register_experts(fn):
             if not callable(fn) or isinstance(fn, type):
                 raise TypeError(f"experts plugin {name!r} must be a function (module, hidden, top_k_index, top_k_weights), got {fn!r}.")
+            _check_called_as(kind, name, fn)
             ALL_EXPERTS_FUNCTIONS.register(name, fn)
             return fn
 
@@ -143,6 +156,10 @@ def register_plugin(kind: str, name: str):
         base = PLUGIN_BASES[kind]
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise TypeError(f"{kind} plugin {name!r} must be a subclass of {base.__name__}, got {cls!r}.")
+        method = REQUIRED_METHOD[kind]
+        if getattr(cls, method) is getattr(nn.Module if method == "forward" else base, method):
+            raise TypeError(f"{kind} plugin {name!r} ({cls.__qualname__}) must define {method}() itself.")
+        _check_called_as(kind, name, cls)
         previous = _PLUGINS[kind].get(name)
         if previous is not None and previous is not cls:
             logger.info("Replacing %s plugin %r (%s) with %s", kind, name, previous.__qualname__, cls.__qualname__)
@@ -151,6 +168,21 @@ def register_plugin(kind: str, name: str):
         return cls
 
     return decorator
+
+
+def _check_called_as(kind: str, name: str, obj) -> None:
+    """``obj`` (a plugin class, or an experts function) accepts the arguments the model passes it."""
+    arguments = CALLED_AS[kind]
+    try:
+        inspect.signature(obj).bind(*arguments)
+    except TypeError:
+        what = "its constructor" if isinstance(obj, type) else "the function"
+        raise TypeError(
+            f"{kind} plugin {name!r} is called as {getattr(obj, '__qualname__', obj)}({', '.join(arguments)}), but "
+            f"{what} takes {inspect.signature(obj)}."
+        ) from None
+    except ValueError:  # no signature to inspect (a builtin): nothing to check
+        pass
 
 
 def load_entry_point_plugins(reload: bool = False) -> None:

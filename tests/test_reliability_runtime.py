@@ -360,3 +360,56 @@ def test_a_world_size_that_is_not_a_number_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "abc")
     with pytest.raises(ValueError, match=r"WORLD_SIZE must be a positive number of processes, got 'abc'"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path, distributed_config=transformers.DistributedConfig(fsdp_size=2))
+
+
+def test_fused_cross_entropy_ignores_what_ignored_rows_hold():
+    from modeling_deepseek_v3 import kernels
+
+    logits = torch.randn(50, 97, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    targets = torch.randint(0, 97, (50,), generator=torch.Generator().manual_seed(1))
+    targets[:5] = -100
+    poisoned = logits.detach().clone()
+    poisoned[3, 4] = float("inf")  # an ignored row (padding, a prompt token): it must change nothing
+    poisoned[2, 7] = float("nan")
+    poisoned.requires_grad_(True)
+    fused = kernels.chunked_cross_entropy(poisoned, targets, -100, chunk_rows=16)
+    plain = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(fused, plain)
+    fused.backward()
+    plain.backward()
+    assert torch.equal(poisoned.grad[:5], torch.zeros(5, 97))
+    torch.testing.assert_close(poisoned.grad, logits.grad)
+
+
+def test_a_fused_kernels_value_set_after_construction_is_named(model):
+    from modeling_deepseek_v3 import kernels
+
+    with pytest.raises(ValueError, match=r"Config field `fused_kernels` must be 'auto', 'on' or 'off', got 'bogus'"):
+        kernels.use_fused("bogus", IDS)
+
+
+def test_plugins_that_cannot_be_called_are_named_at_registration():
+    from modeling_deepseek_v3 import register_plugin
+    from modeling_deepseek_v3.registry import QuantizerPlugin, RouterPlugin
+
+    class NoConfig(RouterPlugin):
+        def __init__(self):
+            super().__init__()
+
+        def forward(self, hidden_states):
+            return hidden_states
+
+    class NoForward(RouterPlugin):
+        pass
+
+    class NoApply(QuantizerPlugin):
+        pass
+
+    with pytest.raises(TypeError, match=r"router plugin 'r' is called as .*NoConfig\(config\), but its constructor takes \(\)"):
+        register_plugin("router", "r")(NoConfig)
+    with pytest.raises(TypeError, match=r"router plugin 'r' \(.*NoForward\) must define forward\(\) itself"):
+        register_plugin("router", "r")(NoForward)
+    with pytest.raises(TypeError, match=r"quantizer plugin 'q' \(.*NoApply\) must define apply\(\) itself"):
+        register_plugin("quantizer", "q")(NoApply)
+    with pytest.raises(TypeError, match=r"experts plugin 'e' is called as .*\(module, hidden_states, top_k_index, top_k_weights\)"):
+        register_plugin("experts", "e")(lambda module, hidden: hidden)

@@ -47,6 +47,8 @@ def use_fused(mode, x: torch.Tensor, needs_triton: bool = True) -> bool:
         return False
     if mode == "auto":
         return x.is_cuda and (not needs_triton or _triton_installed())
+    if mode != "on":  # the config checks the field when it is made; this is a value set on it afterwards
+        raise ValueError(f"Config field `fused_kernels` must be 'auto', 'on' or 'off', got {mode!r}.")
     if needs_triton and not _triton_runs_on(x):
         raise ValueError(
             f"fused_kernels='on' needs Triton on a CUDA device (or TRITON_INTERPRET=1 on the CPU); got a tensor on "

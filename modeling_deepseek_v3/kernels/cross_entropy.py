@@ -35,7 +35,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             chunk = logits[rows].float()  # the only fp32 copy: chunk_rows × V
             lse[rows] = torch.logsumexp(chunk, dim=-1)
             picked = chunk.gather(1, safe_targets[rows, None]).squeeze(1)
-            total += ((lse[rows] - picked) * valid[rows]).sum()
+            # select, not multiply: an ignored row's logits may hold inf (inf - inf = nan, and nan * 0 stays nan)
+            total += torch.where(valid[rows], lse[rows] - picked, 0.0).sum()
         ctx.save_for_backward(logits, safe_targets, valid, lse)
         ctx.chunk_rows = chunk_rows
         return total
@@ -49,7 +50,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             # d(lse − z_t)/dz = softmax(z) − onehot(t), zero for ignored rows, times the upstream scalar
             probs = torch.exp(logits[rows].float() - lse[rows, None])
             probs.scatter_add_(1, safe_targets[rows, None], probs.new_full((probs.shape[0], 1), -1.0))
-            probs *= (valid[rows, None] * grad_total).to(probs.dtype)
+            probs = torch.where(valid[rows, None], probs, 0.0) * grad_total.to(probs.dtype)
             grad[rows] = probs.to(grad.dtype)
         return grad, None, None, None
 
