@@ -97,6 +97,16 @@ def cached_length(past_key_values) -> int | None:
     return None
 
 
+def check_static_cache_room(capacity: int, max_length: int) -> None:
+    """A static cache of ``capacity`` positions holds every position of a generation up to ``max_length`` tokens but
+    the last one generated (that token is never fed back)."""
+    if capacity < max_length - 1:
+        raise ValueError(
+            f"The static cache holds {capacity} positions (`max_cache_len`); generating up to `max_length={max_length}` "
+            f"tokens (prompt + new) needs {max_length - 1}."
+        )
+
+
 def check_attention_mask(attention_mask: torch.Tensor | None, shape, past: int | None = None) -> None:
     """A 2-D padding mask is [batch, cached + new tokens]: one row per sequence, exactly as long as the ``past``
     cached positions plus the input where ``past`` is known (see :func:`cached_length`), else at least as long as the

@@ -394,11 +394,8 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         config = kwargs.get("generation_config") or self.generation_config
         max_new = kwargs.get("max_new_tokens", None if "max_length" in kwargs else config.max_new_tokens)
         max_length = prompt_len + max_new if max_new is not None else kwargs.get("max_length", config.max_length)
-        if max_length is not None and capacity < max_length - 1:
-            raise ValueError(
-                f"The static cache holds {capacity} positions (`max_cache_len`); generating up to {max_length} tokens "
-                f"(prompt {prompt_len} + new) needs {max_length - 1}."
-            )
+        if max_length is not None:
+            input_checks.check_static_cache_room(capacity, max_length)
 
     def _get_candidate_generator(self, generation_config, *args, **kwargs):
         # `generate(..., use_mtp=True)`: our MTP modules draft inside transformers' assisted-decoding loop (see

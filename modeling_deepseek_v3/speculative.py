@@ -61,7 +61,7 @@ from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.masking_utils import create_causal_mask
 
-from . import compat
+from . import compat, input_checks
 from .layers import causal_mask_for_last_queries
 
 
@@ -280,9 +280,8 @@ def mtp_static_decoding(model, input_ids, logits_processor, stopping_criteria, g
     if int(cache.get_seq_length()) != 0:  # one host read before decoding starts
         raise ValueError("MTP speculative decoding over a static cache starts from an empty cache (the MTP module "
                          "needs the main model's hidden states of every position).")
-    capacity, max_length = cache.get_max_length(), generation_config.max_length
-    if capacity < max_length - 1:
-        raise ValueError(f"The static cache holds {capacity} positions; `max_length={max_length}` needs {max_length - 1}.")
+    capacity = cache.get_max_length()
+    input_checks.check_static_cache_room(capacity, generation_config.max_length)
 
     device, do_sample, dtype = model.device, bool(generation_config.do_sample), model.dtype
     input_device, input_ids = input_ids.device, input_ids.to(model.device)

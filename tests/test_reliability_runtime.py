@@ -313,7 +313,7 @@ def test_generate_names_a_list_prompt_and_a_static_cache_too_short(model):
         model.generate([[1, 2, 3]], max_new_tokens=2)
     for kwargs in (dict(max_new_tokens=10), dict(max_length=15)):
         cache = transformers.StaticCache(config=model.config, max_cache_len=8)
-        with pytest.raises(ValueError, match=r"static cache holds 8 positions .*generating up to 15 tokens .*needs 14"):
+        with pytest.raises(ValueError, match=r"static cache holds 8 positions .*generating up to `max_length=15` tokens .*needs 14"):
             model.generate(IDS[:1, :5], past_key_values=cache, do_sample=False, **kwargs)
     cache = transformers.StaticCache(config=model.config, max_cache_len=14)
     assert model.generate(IDS[:1, :5], past_key_values=cache, max_new_tokens=10, do_sample=False).shape == (1, 15)
