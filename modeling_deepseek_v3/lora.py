@@ -36,6 +36,7 @@ from torch import nn
 
 from .layers import DeepseekV3Experts
 from .quantization.experts import FP8Experts
+from .quantization.formats import FP8_DTYPE
 from .quantization.linear import FP8Linear
 from .quantization.lora import FP8LoraLinear, check_dense_dtype, register_fp8_lora_layers
 from .quantization.quantizer import FP8BlockQuantizer
@@ -59,9 +60,13 @@ def prepare_lora_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
     if isinstance(model, PeftModel):
         model = model.get_base_model()
     if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
-        config.target_modules = _all_linear(model)  # PEFT's own expansion knows nn.Linear only, not FP8Linear
+        # PEFT's own expansion knows nn.Linear only, not FP8Linear
+        config.target_modules, config.target_parameters = _all_linear(model, config.target_parameters)
+    _check_scaling(config)
     _check_target_modules(model, config.target_modules)
     _check_target_parameters(model, config.target_parameters)
+    _check_patterns(model, config)
+    _check_modules_to_save(model, config.modules_to_save)
     return register_fp8_lora_layers(config)
 
 
@@ -69,36 +74,153 @@ def _linear_leaf_names(model: nn.Module) -> list[str]:
     return sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, (nn.Linear, FP8Linear))})
 
 
-def _all_linear(model: nn.Module) -> set[str]:
+def _peft_renamed_targets(model: nn.Module) -> set[str]:
+    """The ``target_modules`` names PEFT rewrites for this model before matching anything: for DeepSeek-V3 (as for
+    Qwen2-MoE) ``gate_proj``/``up_proj``/``down_proj`` become the routed experts' stacked parameters and ``gate`` the
+    router's weight, wherever they occur, a full module path included (an adapter of the per-expert Linear layers
+    of older transformers then still loads)."""
+    try:
+        from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING
+    except ImportError:  # a PEFT without the rewrite
+        return set()
+    pattern = _MODEL_TO_CONVERSION_PATTERN.get(getattr(getattr(model, "config", None), "model_type", None))
+    return set(_MOE_TARGET_MODULE_MAPPING.get(pattern, {}))
+
+
+def _all_linear(model: nn.Module, target_parameters) -> tuple[set[str], list[str] | None]:
+    """``"all-linear"`` as (target_modules, target_parameters): every Linear but the output head, and the stacked
+    routed experts (Linear layers in the per-expert layout, which PEFT's own "all-linear" adapts too).
+
+    The dense and shared-expert MLP projections cannot be target modules: PEFT would rewrite their names into the
+    routed experts' parameters and leave the projections themselves without an adapter. They are adapted as
+    target parameters (``<module>.weight``) instead, which PEFT does not rewrite."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {name for name, m in model.named_modules() if isinstance(m, (nn.Linear, FP8Linear)) and m is not head}
+    renamed = _peft_renamed_targets(model)
+    modules, parameters = set(), list(target_parameters or [])
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, FP8Linear)) or module is head:
+            continue
+        if name.rpartition(".")[2] not in renamed:
+            modules.add(name)
+        elif isinstance(module, FP8Linear):
+            raise ValueError(
+                f"LoRA target_modules='all-linear': {name} is stored in FP8 (FP8Linear), and PEFT rewrites target "
+                f"modules named {sorted(renamed)} into the routed experts' parameters, so it could only be adapted as "
+                "a target parameter, which would add the update to FP8 bytes scaled per block. List the modules to "
+                "adapt instead (e.g. the attention projections), or load with DeepseekV3FP8Config(dequantize=True)."
+            )
+        else:
+            parameters.append(f"{name}.weight")
+    for name, module in model.named_modules():
+        if isinstance(module, DeepseekV3Experts):
+            parameters.extend(p for p in STACKED_EXPERT_PARAMETERS if p not in parameters)
+            break
+    return modules, (parameters or None)
+
+
+# Module types PEFT's LoRA adapts (FP8Linear through the layer registered by `register_fp8_lora_layers`).
+def _lora_module_types() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D, FP8Linear)
+
+
+def _check_matched_modules(model: nn.Module, target: str, matched: dict[str, nn.Module], renamed: set[str]) -> None:
+    """Each module a target name or pattern reaches must be one LoRA adapts; PEFT's own error prints the module's
+    whole repr (a decoder layer's runs to pages) and not its name."""
+    supported = _lora_module_types()
+    for name, module in matched.items():
+        if name.rpartition(".")[2] in renamed:
+            continue  # PEFT turns it into a target parameter (the router's weight, the stacked experts)
+        if isinstance(module, ExpertsPlugin):
+            raise ValueError(
+                f"LoRA target module {target!r} reaches {name}, the routed experts module, whose weights are stacked "
+                f"tensors, not Linear layers: adapt them with target_parameters={list(STACKED_EXPERT_PARAMETERS)}."
+            )
+        if not isinstance(module, supported):
+            raise ValueError(
+                f"LoRA target module {target!r} reaches {name} ({type(module).__name__}), which LoRA cannot adapt (it "
+                f"adapts Linear and Embedding layers). Linear layers of {type(model).__name__}: "
+                f"{_linear_leaf_names(model)}."
+            )
+
+
+def _check_scaling(config: LoraConfig) -> None:
+    """A ``lora_alpha`` of 0 makes the scaling 0: the adapters add nothing and receive no gradient, so training
+    would run and change nothing."""
+    for where, alpha in [("lora_alpha", config.lora_alpha), *(
+        (f"alpha_pattern[{key!r}]", value) for key, value in (config.alpha_pattern or {}).items()
+    )]:
+        if alpha == 0:
+            raise ValueError(
+                f"LoRA `{where}` is 0: the adapter's update is scaled by lora_alpha / r, so it would add nothing and "
+                "get no gradient (training would change nothing). Use a non-zero value, e.g. lora_alpha = 2·r."
+            )
+
+
+def _check_patterns(model: nn.Module, config: LoraConfig) -> None:
+    """Every ``rank_pattern`` / ``alpha_pattern`` key must match a module or parameter name, as PEFT matches it (a
+    regular expression for the end of the name); PEFT ignores a key that matches nothing."""
+    names = [name for name, _ in model.named_modules()] + [name for name, _ in model.named_parameters()]
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field_name, None) or {}:
+            try:
+                found = any(re.match(rf"(.*\.)?({key})$", name) for name in names)
+            except re.error as error:
+                raise ValueError(f"LoRA `{field_name}` key {key!r} is not a valid regular expression: {error}.") from None
+            if not found:
+                raise ValueError(
+                    f"LoRA `{field_name}` key {key!r} matches no module or parameter of {type(model).__name__}, so it "
+                    f"would change nothing. Keys end a module name (e.g. 'q_a_proj' or r'layers\.0\..*o_proj'); "
+                    f"Linear layers it has: {_linear_leaf_names(model)}."
+                )
+
+
+def _check_modules_to_save(model: nn.Module, modules_to_save) -> None:
+    """PEFT trains and saves every module whose name ends with an entry of ``modules_to_save``, and skips an entry
+    that matches nothing: that module would silently stay frozen and out of the saved adapter."""
+    if not modules_to_save:
+        return
+    if isinstance(modules_to_save, str):
+        raise ValueError(f"LoRA `modules_to_save` must be a list of module names, got the string {modules_to_save!r}.")
+    names = [name for name, _ in model.named_modules()]
+    for entry in modules_to_save:
+        if not any(name.endswith(entry) for name in names):
+            raise ValueError(
+                f"LoRA `modules_to_save` entry {entry!r} matches no module of {type(model).__name__}, so nothing would "
+                "be trained and saved for it (e.g. 'lm_head', 'embed_tokens')."
+            )
 
 
 def _check_target_modules(model: nn.Module, targets) -> None:
     if targets is None:
         return
     modules = dict(model.named_modules())
+    renamed = _peft_renamed_targets(model)
     if isinstance(targets, str):
-        if not any(re.fullmatch(targets, name) for name in modules):
+        matched = {name: m for name, m in modules.items() if re.fullmatch(targets, name)}
+        if not matched:
             raise ValueError(
                 f"LoRA target_modules pattern {targets!r} matches no module of {type(model).__name__}. A string is a "
                 "regular expression matched against whole module names (e.g. r'.*\\.q_a_proj'); pass a list for "
                 "module names (e.g. ['q_a_proj'])."
             )
+        _check_matched_modules(model, targets, matched, renamed)
         return
     for target in sorted(targets):
-        matched = [m for name, m in modules.items() if name == target or name.endswith("." + target)]
+        matched = {name: m for name, m in modules.items() if name == target or name.endswith("." + target)}
         if not matched:
             raise ValueError(
                 f"LoRA target module {target!r} matches no module of {type(model).__name__}. "
                 + _expert_hint(target)
                 + f"Linear layers it has: {_linear_leaf_names(model)}."
             )
-        if any(isinstance(m, ExpertsPlugin) for m in matched):
+        if any(isinstance(m, ExpertsPlugin) for m in matched.values()):
             raise ValueError(
                 f"LoRA target module {target!r} is the routed experts module, whose weights are stacked tensors, not "
                 f"Linear layers: adapt them with target_parameters={list(STACKED_EXPERT_PARAMETERS)}."
             )
+        _check_matched_modules(model, target, matched, renamed)
 
 
 def _expert_hint(name: str) -> str:
@@ -121,8 +243,9 @@ def _check_target_parameters(model: nn.Module, targets) -> None:
     for target in sorted(targets):
         matched = {key: m for key, m in owners.items() if key == target or key.endswith("." + target)}
         if not matched:
+            regex = " target_parameters are names, not regular expressions." if re.search(r"[*+?\[\]()|^$\\]", target) else ""
             raise ValueError(
-                f"LoRA target parameter {target!r} matches no parameter of {type(model).__name__}. "
+                f"LoRA target parameter {target!r} matches no parameter of {type(model).__name__}.{regex} "
                 + _expert_hint(target)
                 + f"Stacked expert parameters: {list(STACKED_EXPERT_PARAMETERS)}."
             )
@@ -140,6 +263,20 @@ def _check_target_parameters(model: nn.Module, targets) -> None:
                 )
             if isinstance(module, DeepseekV3Experts) and getattr(module, key.rpartition(".")[2]).dim() != 3:
                 raise ValueError(f"LoRA target parameter {key!r} is not a stacked [experts, out, in] tensor.")
+            param = getattr(module, key.rpartition(".")[2])
+            if isinstance(module, FP8Linear) or param.dtype == FP8_DTYPE:
+                # PEFT's parameter LoRA adds ΔW to the stored tensor: to e4m3 bytes that are scaled per block
+                raise ValueError(
+                    f"LoRA target parameter {key!r} is stored in FP8 ({type(module).__name__}): an adapter cannot be "
+                    "added to FP8 bytes scaled per block. Target the module instead "
+                    f"(target_modules=[{key.rpartition('.')[0].rpartition('.')[2]!r}]), which puts the FP8 LoRA layer "
+                    "over it."
+                )
+            if param.dim() not in (2, 3):
+                raise ValueError(
+                    f"LoRA target parameter {key!r} has shape {list(param.shape)}: LoRA adapts a matrix [out, in] or "
+                    "stacked matrices [experts, out, in]."
+                )
 
 
 def set_fp8_merge(model: nn.Module, fp8: str = "requantize", dtype: torch.dtype = torch.bfloat16) -> list[FP8LoraLinear]:
