@@ -25,7 +25,7 @@ from ..expert_slots import SortedSlots, check_routed_inputs
 from ..registry import ExpertsPlugin, register_plugin
 from . import formats
 from .formats import BLOCK, ceil_div
-from .linear import KeepsStorageDtype, fp8_grouped_linear_frozen, fp8_grouped_linear_trainable, quantize_expert_weights
+from .linear import KeepsStorageDtype, check_dequantize_dtype, check_frozen_storage, fp8_grouped_linear_frozen, fp8_grouped_linear_trainable, quantize_expert_weights
 
 FP8_EXPERTS_IMPLEMENTATION = "deepseek_fp8"
 
@@ -99,6 +99,7 @@ class FP8Experts(KeepsStorageDtype, ExpertsPlugin):
 
     def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
         """``(gate_up_proj, down_proj)`` in ``dtype``: each expert's blocks times their scales."""
+        check_dequantize_dtype(dtype)
 
         def dq(weight, scale):
             return torch.stack([formats.dequantize_weight_128x128(w, s, dtype) for w, s in zip(weight, scale)])
@@ -108,6 +109,7 @@ class FP8Experts(KeepsStorageDtype, ExpertsPlugin):
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
         """The high-precision stacked experts module this one was made from, holding the dequantized weights."""
+        check_dequantize_dtype(dtype)
         if self.dense_class is None:
             raise TypeError("This FP8Experts was not built from a stacked experts module: there is no class to dequantize to.")
         with torch.device("meta"):
@@ -119,6 +121,7 @@ class FP8Experts(KeepsStorageDtype, ExpertsPlugin):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         check_routed_inputs(hidden_states, top_k_index, top_k_weights, self.hidden_dim)
+        check_frozen_storage(self, "FP8Experts")
         slots = SortedSlots(top_k_index, self.num_experts)
         x = slots.gather(hidden_states)
         counts, p2 = slots.tokens_per_expert, self.power_of_two_scales

@@ -264,6 +264,28 @@ class KeepsStorageDtype(nn.Module):
         return super()._apply(keep_dtype, recurse)
 
 
+def check_dequantize_dtype(dtype, what: str = "`dtype`") -> None:
+    """The dtype FP8 weights are dequantized or merged into: a high-precision float ``torch.dtype`` (an FP8 one would
+    drop the block scales, an integer one fails inside ``nn.Parameter`` with an error that names nothing)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
+        raise ValueError(f"{what} must be a floating-point torch.dtype such as torch.bfloat16 or torch.float32, got {dtype!r}.")
+
+
+def check_frozen_storage(module: nn.Module, layer: str) -> None:
+    """FP8 storage gets no gradient (the backward reaches the input only): a stored tensor set to require one, by
+    ``requires_grad_(True)`` on the model say, would train silently nothing. Checked in the forward while autograd
+    records, a flag read per tensor."""
+    if not torch.is_grad_enabled():
+        return
+    for name in module.storage_dtype_names:
+        if getattr(module, name).requires_grad:
+            raise ValueError(
+                f"{layer}.{name} requires grad, but weights stored in FP8 are frozen: no gradient ever reaches them, "
+                "so training would leave them unchanged. Call requires_grad_(False) on the FP8 layers (train adapters "
+                "over them with modeling_deepseek_v3.lora), or load the model dequantized to fine-tune the weights."
+            )
+
+
 def check_linear_input(x, in_features: int, layer: str) -> None:
     """``x`` [..., in_features], a tensor of at least one dimension (its dtype is checked where it is quantized)."""
     if not isinstance(x, torch.Tensor):
@@ -354,6 +376,7 @@ class FP8Linear(KeepsStorageDtype):
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> nn.Linear:
         """A plain ``nn.Linear`` with the dequantized weight."""
+        check_dequantize_dtype(dtype)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.weight.device, dtype=dtype)
         with torch.no_grad():
@@ -382,6 +405,7 @@ class FP8Linear(KeepsStorageDtype):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_linear_input(x, self.in_features, "FP8Linear")
         self._check_storage()
+        check_frozen_storage(self, "FP8Linear")
         out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
         if x.numel() == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features, dtype=out_dtype)

@@ -36,7 +36,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from .experts import FP8Experts
-from .linear import FP8Linear, quantize_weight
+from .linear import FP8Linear, check_dequantize_dtype, quantize_weight
 
 MERGE_TARGETS = ("fp8", "dense")
 
@@ -63,6 +63,7 @@ class FP8LoraLinear(nn.Module, LoraLayer):
         self.merge_dtype = torch.bfloat16
         self.merge_report: dict[str, float] = {}
         self._unmerged_base: nn.Module | None = None
+        self.target_name = target_name  # the module's name in the model, for errors
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
@@ -97,8 +98,13 @@ class FP8LoraLinear(nn.Module, LoraLayer):
         exact = _dense_weight(base)
         for adapter in adapter_names:
             exact = exact + self.get_delta_weight(adapter).to(exact.device)
-        if safe_merge and not torch.isfinite(exact).all():
-            raise ValueError(f"NaN or inf in the merged weights of adapter(s) {adapter_names}: the adapter is broken.")
+        # always checked (one host read per layer and merge): the FP8 route cannot quantize a non-finite block and
+        # the dense one would write it into the merged model
+        if not torch.isfinite(exact).all():
+            raise ValueError(
+                f"NaN or inf in the merged weights of {self.target_name or 'an FP8 LoRA layer'} (adapter(s) "
+                f"{adapter_names}): the adapter is broken; nothing was merged."
+            )
         merged = _fp8_like(base, exact) if self.merge_target == "fp8" else _dense_like(base, exact, self.merge_dtype)
         self.merge_report = _merge_errors(_dense_weight(merged), exact, exact - _dense_weight(base))
         if self._unmerged_base is None:
@@ -139,8 +145,7 @@ class FP8LoraLinear(nn.Module, LoraLayer):
 def check_dense_dtype(dtype) -> None:
     """The dtype a merge or a dequantization writes weights in: a high-precision float ``torch.dtype``. Checked when it
     is chosen, so a wrong one is named there rather than when the merge finally runs."""
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
-        raise ValueError(f"`dtype` must be a floating-point torch.dtype such as torch.bfloat16 or torch.float32, got {dtype!r}.")
+    check_dequantize_dtype(dtype)
 
 
 def _dense_weight(layer: nn.Module) -> torch.Tensor:

@@ -29,7 +29,7 @@ from torch import nn
 from ..registry import ExpertsPlugin, QuantizerPlugin, register_plugin
 from . import formats
 from .experts import FP8_EXPERTS_IMPLEMENTATION, FP8Experts
-from .linear import FP8Linear, FP8TrainingLinear
+from .linear import FP8Linear, FP8TrainingLinear, check_dequantize_dtype
 
 
 ATTENTION_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
@@ -90,6 +90,7 @@ class FP8BlockQuantizer(QuantizerPlugin):
     @staticmethod
     def dequantize(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
         """Undo ``apply``: every FP8 layer back to a plain ``nn.Linear`` (FP8 weights dequantized)."""
+        check_dequantize_dtype(dtype)  # before the first layer is swapped, not halfway through the model
         for name, module in list(model.named_modules()):
             if isinstance(module, (FP8Linear, FP8Experts)):
                 model.set_submodule(name, module.dequantize(dtype))
@@ -126,6 +127,7 @@ def quantize_state_dict(state_dict: dict[str, torch.Tensor], power_of_two_scales
 
 def dequantize_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """Official FP8 layout -> high precision: ``weight * weight_scale_inv`` per 128×128 block, scales dropped."""
+    check_dequantize_dtype(dtype)
     out = {}
     for key, tensor in state_dict.items():
         if key.endswith(".weight_scale_inv"):
