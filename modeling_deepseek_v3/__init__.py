@@ -22,8 +22,11 @@ from .modeling_deepseek_v3 import (
     DeepseekV3Model,
     DeepseekV3PreTrainedModel,
 )
-from .registry import list_plugins, register_plugin
+from .registry import freeze_builtin_names, list_plugins, register_plugin
 from .training import ExpertBiasUpdateCallback, update_expert_bias
+
+# every built-in plugin is registered by now (the imports above): from here on their names cannot be replaced
+freeze_builtin_names()
 
 AutoConfig.register("deepseek_v3", DeepseekV3Config, exist_ok=True)
 AutoModel.register(DeepseekV3Config, DeepseekV3Model, exist_ok=True)

@@ -156,6 +156,10 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
                 kwargs[field] = float(kwargs[field])
         # Check before transformers' own validators run, so that the error names the field the user wrote.
         validate_fields(self._incoming_values(kwargs))
+        scaling = kwargs.get("rope_scaling")
+        if scaling is not None and not isinstance(scaling, dict) and not scaling:
+            # transformers reads `rope_scaling or rope_parameters`: an empty list or string would silently mean plain RoPE
+            raise ConfigFieldTypeError(f"Config field `rope_scaling` must be a dict (or null), got {scaling!r}.")
         for field in ("rope_parameters", "rope_scaling"):
             if isinstance(kwargs.get(field), dict):
                 # transformers writes `rope_theta` and `rope_type` into the dict it is given: a dict reused for a
@@ -163,6 +167,7 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
                 kwargs[field] = dict(kwargs[field])
                 _check_one_rope_theta(field, kwargs[field], kwargs.get("rope_theta"))
             check_rope_parameters(_as_rope_parameters(kwargs.get(field), kwargs.get("rope_theta")))
+        _check_rope_blocks_agree(kwargs.get("rope_scaling"), kwargs.get("rope_parameters"), kwargs.get("rope_theta"))
         if self.experts_backend is not None and kwargs.get("experts_implementation") is None:
             kwargs["experts_implementation"] = self.experts_backend
         with _field_type_errors():
@@ -425,6 +430,10 @@ def check_rope_parameters(rope) -> None:
                 f"Config field `rope_scaling` (or `rope_parameters`) entry `beta_fast` ({beta_fast!r}) must exceed "
                 f"`beta_slow` ({beta_slow!r}) for rope type 'yarn' (e.g. 32 and 1)."
             )
+    truncate = rope.get("truncate")
+    if truncate is not None and not isinstance(truncate, bool):
+        # transformers tests its truth: "false" or 0.0 in a hand-written file would still truncate
+        raise ValueError(f"Config field `rope_scaling` (or `rope_parameters`) entry `truncate` must be true or false, got {truncate!r}.")
     original = rope.get("original_max_position_embeddings")
     if original is not None and (not isinstance(original, int) or isinstance(original, bool) or original <= 0):
         raise ValueError(
@@ -447,6 +456,25 @@ def _check_one_rope_theta(field: str, block: dict, rope_theta) -> None:
         raise ValueError(
             f"Config field `rope_theta` ({rope_theta!r}) differs from the `rope_theta` entry of `{field}` ({inner!r}); "
             "give one value (transformers would use the entry's)."
+        )
+
+
+def _check_rope_blocks_agree(scaling, parameters, rope_theta) -> None:
+    """A config.json we save carries the rope block twice (``rope_parameters``, and the legacy ``rope_scaling`` that vLLM
+    and SGLang read); transformers reads only ``rope_scaling`` when both are set, so an edit of ``rope_parameters``
+    alone, or two different blocks given together, would silently lose one of them."""
+    if not (isinstance(scaling, dict) and scaling and isinstance(parameters, dict) and parameters):
+        return
+    scaling, parameters = (
+        {k: v for k, v in _as_rope_parameters(block, rope_theta).items() if k != "type"} for block in (scaling, parameters)
+    )
+    differ = sorted(key for key in scaling.keys() | parameters.keys() if scaling.get(key) != parameters.get(key))
+    if differ:
+        shown = ", ".join(f"{key}: {scaling.get(key, '<missing>')!r} vs {parameters.get(key, '<missing>')!r}" for key in differ)
+        raise ValueError(
+            f"Config fields `rope_scaling` and `rope_parameters` disagree ({shown}); transformers would read "
+            "`rope_scaling` and drop `rope_parameters`. Give one block, or the same values in both (a config.json we "
+            "save writes both: edit both, or delete `rope_scaling`)."
         )
 
 
@@ -513,6 +541,14 @@ def _check_official_numbers(config) -> None:
     if freq != 1 or isinstance(freq, bool):
         raise ValueError(
             f"Config field `moe_layer_freq` must be 1 (an MoE in every layer from `first_k_dense_replace` on), got {freq!r}."
+        )
+    ep_size = getattr(config, "ep_size", 1)
+    if ep_size != 1 or isinstance(ep_size, bool):
+        # DeepSeek's own inference code reads this field (released configs carry 1); no model here shards by it
+        raise ValueError(
+            f"Config field `ep_size` must be 1 (the released configs' value), got {ep_size!r}: it is not read here. "
+            "Expert parallelism comes from `from_pretrained(..., distributed_config=transformers.DistributedConfig("
+            f"ep_size={ep_size!r}, ...))` under torchrun; drop the field or set it to 1."
         )
     quantization = getattr(config, "quantization_config", None)
     if quantization is not None and not isinstance(quantization, (dict, QuantizationConfigMixin)):

@@ -51,10 +51,43 @@ def as_distributed_config(value):
             f"distributed_config={value}: unknown field(s) {unknown}; DistributedConfig has "
             f"{sorted(DistributedConfig.__dataclass_fields__)}."
         )
+    # transformers compares the sizes with `< 1` (a string fails unnamed) and tests the flags' truth ("no" is true)
+    _check_field_types(value, f"distributed_config={value}")
     try:
-        return DistributedConfig.from_dict(value)
+        config = DistributedConfig.from_dict(value)
     except ValueError as error:
         raise ValueError(f"distributed_config={value}: {error}") from error
+    if value.get("enable_expert_parallel") and config.ep_size == 1:
+        # the deprecated flag takes ep_size from tp_size: without a tensor-parallel size it silently shards nothing
+        raise ValueError(
+            f"distributed_config={value}: enable_expert_parallel without ep_size resolves to ep_size={config.tp_size} "
+            "(the tp_size), i.e. no expert parallelism; give ep_size instead (e.g. {'ep_size': 2, 'fsdp_size': 2})."
+        )
+    return config
+
+
+_SIZE_FIELDS = ("tp_size", "fsdp_size", "dp_replicate_size", "pp_size", "ep_size")
+_FLAG_FIELDS = ("enable_sequence_parallel", "enable_expert_parallel", "fsdp_cpu_offload", "fsdp_mixed_precision")
+
+
+def _check_field_types(fields, where: str) -> None:
+    """The sizes are whole numbers (a bool is not one: ``True`` would silently be 1) and the flags booleans."""
+    get = fields.get if isinstance(fields, dict) else lambda name: getattr(fields, name, None)
+    for name in _SIZE_FIELDS:
+        size = get(name)
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
+            raise ValueError(f"{where}: `{name}` must be a whole number of processes, got {size!r} ({type(size).__name__}).")
+    for name in _FLAG_FIELDS:
+        flag = get(name)
+        if flag is not None and not isinstance(flag, bool):
+            raise ValueError(f"{where}: `{name}` must be true or false, got {flag!r}.")
+    implementation = get("ep_implementation")
+    if implementation is not None and not isinstance(implementation, str):
+        raise ValueError(f"{where}: `ep_implementation` must be a string, got {implementation!r}.")
+    tp_plan = get("tp_plan")
+    if tp_plan is not None and not isinstance(tp_plan, dict) and tp_plan != "auto":
+        # anything but a dict is read as "use the model's plan", so a misspelt value would silently mean "auto"
+        raise ValueError(f"{where}: `tp_plan` must be a dict of rules, 'auto' or None, got {tp_plan!r}.")
 
 
 def resolve_model_config(config_class, pretrained_model_name_or_path, kwargs: dict):
@@ -63,13 +96,20 @@ def resolve_model_config(config_class, pretrained_model_name_or_path, kwargs: di
     if isinstance(config, config_class):
         return config
     hub = {k: kwargs[k] for k in _HUB_KEYWORDS if k in kwargs}
-    return config_class.from_pretrained(config if isinstance(config, (str, os.PathLike)) else pretrained_model_name_or_path, **hub)
+    # the model's own fields given to from_pretrained override the file's, so the layout is checked against the config
+    # the model will be built from (e.g. `n_group=...` for the placement check)
+    from .configuration_deepseek_v3 import _INIT_FIELDS
+
+    overrides = {k: v for k, v in kwargs.items() if k in _INIT_FIELDS}
+    source = config if isinstance(config, (str, os.PathLike)) else pretrained_model_name_or_path
+    return config_class.from_pretrained(source, **hub, **overrides)
 
 
 def check_distributed_config(model_class, config, distributed_config, world: int | None) -> None:
     """Raise ``ValueError`` naming the values when ``distributed_config`` cannot shard ``model_class(config)`` over
     ``world`` processes. Reads nothing from other processes."""
     dc = as_distributed_config(distributed_config)
+    _check_field_types(dc, "DistributedConfig")
     sizes = {"pp_size": dc.pp_size, "dp_replicate_size": dc.dp_replicate_size, "fsdp_size": dc.fsdp_size, "tp_size": dc.tp_size}
     needed = 1
     for size in sizes.values():
@@ -92,6 +132,14 @@ def check_distributed_config(model_class, config, distributed_config, world: int
             raise ValueError(f"DistributedConfig ep_size={dc.ep_size} does not divide the world size {world}.")
     if needed != world:
         raise ValueError(f"DistributedConfig sizes {product} multiply to {needed}, but the world size is {world}.")
+    if dc.tp_size > 1 and config.num_attention_heads % dc.tp_size:
+        # the plan splits the attention projections by heads; an uneven split fails in the first forward, after loading
+        raise ValueError(
+            f"DistributedConfig tp_size={dc.tp_size} does not divide the model's num_attention_heads="
+            f"{config.num_attention_heads}: each tensor-parallel rank computes a whole number of heads."
+        )
+    if dc.ep_size > 1:
+        _check_ep_implementation(dc.ep_implementation)
     grouped = config.topk_method == "noaux_tc"
     if dc.ep_size > 1 and grouped and not expert_placement.groups_align_with_ranks(config.n_group, dc.ep_size):
         warnings.warn(
@@ -103,6 +151,7 @@ def check_distributed_config(model_class, config, distributed_config, world: int
             stacklevel=3,
         )
     overrides = {name: getattr(dc, name) for name in ("ep_plan", "tp_plan", "fsdp_plan") if isinstance(getattr(dc, name), dict)}
+    _check_plan_styles(overrides)
     if overrides:
         names = parallel_plans.wildcard_names(_meta_model(model_class, config))
         for plan_name, plan in overrides.items():
@@ -112,6 +161,33 @@ def check_distributed_config(model_class, config, distributed_config, world: int
                     "(rules name modules or parameters from the top model, `*` for a layer number, e.g. "
                     "'model.layers.*.mlp.experts')."
                 )
+
+
+def _check_ep_implementation(name: str) -> None:
+    """transformers checks the name only when it installs the experts' forward, after the process group and the load."""
+    from transformers.distributed.expert_parallel import EPImplementationInterface
+
+    names = list(EPImplementationInterface())
+    if name not in names:
+        raise ValueError(
+            f"DistributedConfig ep_implementation={name!r} names no registered implementation; the registered ones are "
+            f"{names} (register another with transformers' EPImplementationInterface.register)."
+        )
+
+
+def _check_plan_styles(plans: dict) -> None:
+    """Each rule's style is one transformers knows (it checks them after the process group has started)."""
+    # the styles are registered as their modules are imported, which the engine does only once it runs
+    from transformers.distributed import expert_parallel, tensor_parallel  # noqa: F401
+    from transformers.distributed.fsdp import ALL_FSDP_STYLES
+    from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
+
+    for plan_name, plan in plans.items():
+        styles = ALL_FSDP_STYLES if plan_name == "fsdp_plan" else ALL_PARALLEL_STYLES
+        if unknown := {rule: style for rule, style in plan.items() if not isinstance(style, str) or style not in styles}:
+            raise ValueError(
+                f"DistributedConfig {plan_name} gives unknown style(s) {unknown}; the {plan_name} styles are {sorted(styles)}."
+            )
 
 
 def _meta_model(model_class, config):

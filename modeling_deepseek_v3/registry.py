@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import logging
+import types
 
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
@@ -121,6 +122,11 @@ REQUIRED_METHOD = {"attention": "forward", "router": "forward", "mtp": "forward"
 
 _PLUGINS: dict[str, dict[str, type]] = {kind: {} for kind in PLUGIN_BASES}
 _entry_points_loaded = False
+# The names the package itself registers (and transformers' experts functions), fixed once the package is imported:
+# a saved config.json naming one of them must build the same module in every process, so they cannot be replaced.
+_BUILTIN_NAMES: dict[str, frozenset[str]] = {}
+# "<kind>.<name>" of an entry point -> why it was not registered, for the unknown-name error of that name
+_ENTRY_POINT_PROBLEMS: dict[str, str] = {}
 
 
 def _check_kind(kind: str) -> None:
@@ -133,20 +139,51 @@ def experts_implementations() -> list[str]:
     return sorted({"eager", *ALL_EXPERTS_FUNCTIONS.valid_keys()})
 
 
+def freeze_builtin_names() -> None:
+    """Record the names registered so far as the built-in ones (called once, by the package's ``__init__``)."""
+    if not _BUILTIN_NAMES:
+        _BUILTIN_NAMES.update({kind: frozenset(names) for kind, names in _PLUGINS.items()})
+        _BUILTIN_NAMES[EXPERTS_KIND] = frozenset(experts_implementations())
+
+
+def _check_not_builtin(kind: str, name: str, new) -> None:
+    if name not in _BUILTIN_NAMES.get(kind, ()):
+        return
+    current = _PLUGINS[kind].get(name) if kind in _PLUGINS else ALL_EXPERTS_FUNCTIONS.get(name)
+    if current is new:
+        return  # the same object registered again (a module imported twice): nothing changes
+    field = {"attention": "attention_backend", "router": "topk_method", "mtp": "mtp_backend", "quantizer": "quantizer",
+             EXPERTS_KIND: "experts_backend"}[kind]
+    if kind == EXPERTS_KIND and name == "eager":
+        reason = "'eager' is the experts module's own forward, which never looks a function up"
+    else:
+        reason = ("every config.json naming it, the released checkpoints' included, would silently build the "
+                  "replacement in this process and the original in any other")
+    raise ValueError(
+        f"{kind} plugin {name!r} is built in and cannot be replaced: {reason}. Register "
+        f"{getattr(new, '__qualname__', new)} under a name of its own and set config field `{field}` to it."
+    )
+
+
 def register_plugin(kind: str, name: str):
-    """Decorator registering a plugin of ``kind`` under ``name``. Re-registering a name replaces it.
+    """Decorator registering a plugin of ``kind`` under ``name``. Re-registering a name of one's own replaces it; a
+    built-in name (``mla``, ``noaux_tc``, ``eager``, ``grouped_mm``, ...) cannot be replaced.
 
     For ``kind="experts"`` it decorates a function ``fn(experts_module, hidden, top_k_index, top_k_weights)`` and
     registers it in transformers' experts interface; for the other kinds a subclass of the kind's base class."""
     _check_kind(kind)
     if not isinstance(name, str) or not name:
         raise ValueError(f"A {kind} plugin needs a non-empty string name, got {name!r}.")
+    if name != name.strip():
+        # config values are compared exactly: " mla " would never be the "mla" a config names
+        raise ValueError(f"{kind} plugin name {name!r} has leading or trailing whitespace; register it as {name.strip()!r}.")
     if kind == EXPERTS_KIND:
 
         def register_experts(fn):
             if not callable(fn) or isinstance(fn, type):
                 raise TypeError(f"experts plugin {name!r} must be a function (module, hidden, top_k_index, top_k_weights), got {fn!r}.")
             _check_called_as(kind, name, fn)
+            _check_not_builtin(kind, name, fn)
             ALL_EXPERTS_FUNCTIONS.register(name, fn)
             return fn
 
@@ -160,6 +197,7 @@ def register_plugin(kind: str, name: str):
         if getattr(cls, method) is getattr(nn.Module if method == "forward" else base, method):
             raise TypeError(f"{kind} plugin {name!r} ({cls.__qualname__}) must define {method}() itself.")
         _check_called_as(kind, name, cls)
+        _check_not_builtin(kind, name, cls)
         previous = _PLUGINS[kind].get(name)
         if previous is not None and previous is not cls:
             logger.info("Replacing %s plugin %r (%s) with %s", kind, name, previous.__qualname__, cls.__qualname__)
@@ -191,15 +229,30 @@ def load_entry_point_plugins(reload: bool = False) -> None:
     if _entry_points_loaded and not reload:
         return
     _entry_points_loaded = True
+    _ENTRY_POINT_PROBLEMS.clear()
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        # One broken third-party plugin must neither break the import of ours nor keep the entry points after it
+        # from registering: each problem is logged and remembered for the error of the name it would have provided.
         try:
             obj = entry_point.load()
-        except Exception as error:  # a broken third-party plugin must not break the import of ours
-            logger.warning("Could not load plugin entry point %r: %s", entry_point.value, error)
+        except Exception as error:
+            _entry_point_problem(entry_point, f"it failed to import: {type(error).__name__}: {error}")
             continue
-        kind, _, name = entry_point.name.partition(".")
-        if name and ((kind in PLUGIN_BASES and isinstance(obj, type)) or (kind == EXPERTS_KIND and callable(obj))):
+        kind, dot, name = entry_point.name.partition(".")
+        if not dot or isinstance(obj, types.ModuleType):
+            continue  # a module that registers itself on import
+        if kind not in PLUGIN_KINDS:
+            _entry_point_problem(entry_point, f"{kind!r} is not a plugin kind (the kinds are {sorted(PLUGIN_KINDS)})")
+            continue
+        try:
             register_plugin(kind, name)(obj)
+        except (TypeError, ValueError) as error:
+            _entry_point_problem(entry_point, str(error))
+
+
+def _entry_point_problem(entry_point, why: str) -> None:
+    _ENTRY_POINT_PROBLEMS[entry_point.name] = f"entry point {entry_point.name!r} ({entry_point.value}) was not registered: {why}"
+    logger.warning("Plugin %s", _ENTRY_POINT_PROBLEMS[entry_point.name])
 
 
 def get_plugin(kind: str, name: str, field: str | None = None):
@@ -214,7 +267,17 @@ def get_plugin(kind: str, name: str, field: str | None = None):
         load_entry_point_plugins()
         names = experts_implementations() if kind == EXPERTS_KIND else _PLUGINS[kind]
     if name not in names:
-        raise ValueError(f"Unknown {kind} plugin {name!r} in config field `{field}`; registered {kind} plugins: {sorted(names)}.")
+        # the entry point meant to provide it (one of a misspelt kind, too)
+        problem = _ENTRY_POINT_PROBLEMS.get(f"{kind}.{name}") or next(
+            (why for key, why in _ENTRY_POINT_PROBLEMS.items() if key.partition(".")[2] == name), None
+        )
+        hint = (
+            f" The {problem.rstrip('.')}." if problem else
+            # a config saved in a process that registered its own plugin names it; this process must register it too
+            " A plugin registered in another process (e.g. the one that saved this config) must be registered in "
+            f"this one too: import the module that registers it, or install it under the entry-point group {ENTRY_POINT_GROUP!r}."
+        )
+        raise ValueError(f"Unknown {kind} plugin {name!r} in config field `{field}`; registered {kind} plugins: {sorted(names)}.{hint}")
     if kind == EXPERTS_KIND:
         return None if name == "eager" else ALL_EXPERTS_FUNCTIONS[name]
     return names[name]
