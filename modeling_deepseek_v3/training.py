@@ -233,6 +233,8 @@ class ExpertBiasUpdateCallback(TrainerCallback):
     """
 
     def __init__(self, log_per_layer: bool = False):
+        if not isinstance(log_per_layer, bool):  # a string such as "no" would switch it on
+            raise TypeError(f"ExpertBiasUpdateCallback: `log_per_layer` must be True or False, got {log_per_layer!r}.")
         self.log_per_layer = log_per_layer
         self.history: list[dict[str, float]] = []
         self._pending: list[ExpertBalanceStats] = []

@@ -23,6 +23,11 @@ Needs the ``finetune`` extra. Each trainer is TRL's, plus what TRL does not know
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+
+import torch
 from peft import LoraConfig, PeftModel
 from torch import nn
 from transformers import PreTrainedModel
@@ -157,10 +162,20 @@ class DeepseekV3DPOTrainer(_DeepseekV3Balancing, DPOTrainer):
                 f"`ref_model` must be a model, got {type(ref_model).__name__} {ref_model!r}: load it with "
                 "AutoModelForCausalLM.from_pretrained(...) (after `import modeling_deepseek_v3`), or leave it out."
             )
+        if isinstance(ref_model, PeftModel):
+            # TRL scores the reference through its backbone, which a PeftModel does not expose: it would fail inside
+            # TRL's forward on the model's output
+            raise TypeError(
+                "`ref_model` is a PeftModel: pass its merged weights (modeling_deepseek_v3.lora.merge_and_unload(ref)) "
+                "or, when the reference is the policy's own base, the policy with a `peft_config` and no `ref_model` "
+                "(the reference is then the policy with its adapters disabled)."
+            )
         ref_model = _reference_from_folder(model, ref_model, peft_config,
                                            needed=not getattr(args, "precompute_ref_log_probs", False))
         if ref_model is not None:
             check_reference_model(model, ref_model)
+            # a reference never trains: in training mode its routers would count every reference token as load
+            ref_model.eval()
         self._tap_model(model)
         super().__init__(model, ref_model, args, *rest, peft_config=_prepare_peft(model, peft_config), **kwargs)
         self._finish_setup()
@@ -171,14 +186,59 @@ class DeepseekV3DPOTrainer(_DeepseekV3Balancing, DPOTrainer):
         return self._with_balance_loss(result, 1.0)  # as DPOTrainer adds its MoE term: Trainer scales the sum
 
 
+def _check_rewards(name: str, rewards, count: int) -> None:
+    """What a reward function returned: one real number (or None, which TRL reads as "no reward here") per completion.
+    TRL turns it into a tensor without looking, so a scalar, a string or a [N, 2] tensor failed there with an error
+    that names no function, and an infinite reward made every advantage of its group nan or ±inf."""
+    if isinstance(rewards, torch.Tensor):
+        if rewards.dim() != 1:
+            raise ValueError(f"The reward function {name!r} returned a tensor of shape {list(rewards.shape)}; it must "
+                             f"return one reward per completion ({count}).")
+        rewards = rewards.tolist()
+    if isinstance(rewards, (str, bytes, Mapping)) or not isinstance(rewards, Sequence) and not hasattr(rewards, "__len__"):
+        raise ValueError(f"The reward function {name!r} returned {type(rewards).__name__} {rewards!r}; it must return "
+                         f"a list of {count} rewards, one per completion.")
+    for index, reward in enumerate(rewards):
+        if isinstance(reward, torch.Tensor) and reward.numel() == 1:
+            reward = reward.item()
+        if reward is None:
+            continue
+        if not isinstance(reward, numbers.Real):  # bool included: True/False read as 1/0
+            raise ValueError(f"The reward function {name!r} returned {reward!r} ({type(reward).__name__}) for "
+                             f"completion {index}; a reward is a real number or None.")
+        if math.isinf(reward):
+            raise ValueError(f"The reward function {name!r} returned {reward} for completion {index}: an infinite "
+                             "reward makes the advantages of its whole group nan or infinite. Return a finite reward, "
+                             "or None (nan) where none applies.")
+
+
+def _checked_reward(func, name: str):
+    """``func`` with its return value checked (``_check_rewards``); TRL calls reward functions by keyword."""
+    def checked(*args, **kwargs):
+        rewards = func(*args, **kwargs)
+        _check_rewards(name, rewards, len(kwargs.get("completions", args[1] if len(args) > 1 else ())))
+        return rewards
+
+    checked.__name__ = getattr(func, "__name__", name)
+    checked.__wrapped__ = func
+    return checked
+
+
 class DeepseekV3GRPOTrainer(_DeepseekV3Balancing, GRPOTrainer):
-    """``trl.GRPOTrainer`` with DeepSeek-V3's balancing (see the module doc)."""
+    """``trl.GRPOTrainer`` with DeepSeek-V3's balancing (see the module doc); what a reward function returns is
+    checked, naming the function (one real number or None per completion, none infinite)."""
 
     def __init__(self, model, reward_funcs=None, args=None, *rest, peft_config=None, **kwargs):
         _refuse_rebuilt_reference(model, peft_config, getattr(args, "beta", 0.0))
         self._tap_model(model)
         super().__init__(model, reward_funcs, args, *rest, peft_config=_prepare_peft(model, peft_config), **kwargs)
         self._finish_setup()
+        from trl.trainer.utils import is_async_callable  # noqa: PLC0415 (TRL's own test for an async reward)
+
+        self.reward_funcs = [
+            func if isinstance(func, nn.Module) or is_async_callable(func) else _checked_reward(func, name)
+            for func, name in zip(self.reward_funcs, self.reward_func_names)
+        ]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._tap.pop()
