@@ -62,8 +62,10 @@ from . import model_card
 from .fp8_config import QUANT_METHOD, DeepseekV3FP8Config, as_quantization_config
 from .checkpoint_io import (
     INDEX_NAME,
+    SINGLE_NAME,
     CheckpointError,
     atomic_save,
+    check_index_matches,
     check_scale_values,
     load_index,
     read_safetensors_header,
@@ -332,7 +334,15 @@ def check_every_expert(model: nn.Module, headers: dict) -> None:
         if both:
             # which of the two copies the loader keeps is arbitrary
             raise CheckpointError(f"The checkpoint holds {name!r} both per expert ({name}.0.gate_proj.weight, ...) and stacked ({both[0]}): keep one layout.")
-        stored = {int(m[1]) for k in headers if k.startswith(f"{name}.") and (m := _EXPERT_INDEX.match(k[len(name) + 1:]))}
+        numbers = {m[1]: k for k in headers if k.startswith(f"{name}.") and (m := _EXPERT_INDEX.match(k[len(name) + 1:]))}
+        odd = next((key for number, key in sorted(numbers.items()) if number != str(int(number))), None)
+        if odd is not None:
+            # `experts.03` and `experts.3` would be one expert to us but two tensors to the loader's stacking
+            raise CheckpointError(
+                f"The checkpoint's tensor {odd!r} numbers its expert with a leading zero: expert numbers are plain "
+                f"integers ({name}.3.gate_proj.weight, not {name}.03.gate_proj.weight)."
+            )
+        stored = {int(number) for number in numbers}
         if max(stored) >= num_experts:
             raise CheckpointError(
                 f"The checkpoint holds {max(stored) + 1} routed experts for {name!r} (e.g. {name}.{max(stored)}), but the "
@@ -375,6 +385,21 @@ def check_tensor(name: str, expected: tuple, dtype: torch.dtype, headers: dict, 
         raise CheckpointError(
             f"Tensor {name!r} in {path} is {info['dtype']}, but the model holds it in {dtype}: a weight is never an "
             "integer tensor (casting it would load garbage)."
+        )
+    if info["dtype"].startswith("F8") and not is_fp8:
+        # E5M2 and the other 8-bit floats: the official FP8 checkpoint (and FP8Linear) is E4M3 only
+        target = "an FP8 layer, which reads F8_E4M3" if dtype == FP8_DTYPE else f"{dtype}"
+        raise CheckpointError(
+            f"Tensor {name!r} in {path} is {info['dtype']}, but the model holds it in {target}: the official FP8 "
+            "format stores weights as F8_E4M3 (quantization_config fmt 'e4m3'); re-quantize the weight from high "
+            "precision (`deepseek-v3-convert`)."
+        )
+    if is_fp8 and dtype != FP8_DTYPE and not (name.endswith(".weight") and len(shape) == 2):
+        # only 2-D projection weights have a scale grid; cast without one, the FP8 codes would load at the wrong scale
+        raise CheckpointError(
+            f"Tensor {name!r} in {path} is F8_E4M3, but the model holds it in {dtype}: the official FP8 layout stores "
+            "only 2-D projection weights in FP8, each with its `weight_scale_inv` (norms, router biases and scales "
+            "stay high precision): cast without a scale, its FP8 codes would load as wrong values."
         )
     if is_fp8 and name.endswith(".weight") and len(shape) == 2:
         scale_name = owner + ".weight_scale_inv"
@@ -426,7 +451,8 @@ def validate_checkpoint_files(model: nn.Module, files, ignore_mismatched_sizes: 
     """Check, from the headers alone, that ``files`` can load into ``model`` (built, possibly on meta, and prepared
     by ``hf_quantizer`` if the folder is quantized). With ``ignore_mismatched_sizes`` a shape mismatch is left to
     transformers, which re-initialises the tensor and says so. (The index was checked before transformers read it:
-    ``check_index_of``.) Layers the checkpoint has beyond the built ones are reported (``report_unbuilt_layers``)."""
+    ``check_index_of``.) Layers the checkpoint has beyond the built ones are reported (``report_unbuilt_layers``).
+    Returns ``{tensor name: (file, header entry)}``."""
     headers = checkpoint_headers([os.fspath(f) for f in files])
     report_unbuilt_layers(model, headers)
     check_every_expert(model, headers)
@@ -439,6 +465,26 @@ def validate_checkpoint_files(model: nn.Module, files, ignore_mismatched_sizes: 
         if name.endswith(".weight_scale_inv") and name not in headers and name[: -len("_scale_inv")] in headers:
             weight_path = headers[name[: -len("_scale_inv")]][0]
             raise CheckpointError(f"FP8 weight {name[: -len('_scale_inv')]!r} in {weight_path} has no {name!r} in any checkpoint file.")
+    check_no_stale_scales(headers, expected)
+    return headers
+
+
+def check_no_stale_scales(headers: dict, expected: dict) -> None:
+    """A ``weight_scale_inv`` beside a high-precision weight of a layer the model builds is a weight replaced
+    without its scale (e.g. FP8 codes cast to bf16 and stored without applying the grid): nothing says which of the
+    two is right, so the folder is refused, as the converter refuses it, instead of loading the weight and dropping
+    the scale as an unexpected key."""
+    for name, (path, _) in headers.items():
+        weight = name.removesuffix("_scale_inv")
+        if not name.endswith(".weight_scale_inv") or name in expected or weight not in expected or weight not in headers:
+            continue
+        weight_path, info = headers[weight]
+        if not info["dtype"].startswith("F8"):
+            raise CheckpointError(
+                f"{weight!r} in {weight_path} is {info['dtype']}, not FP8, but the checkpoint also holds its FP8 scale grid "
+                f"{name!r} (in {path}): a weight replaced without its scale. Store the weight in FP8 with its scale, or "
+                "remove the stale scale."
+            )
 
 
 _LAYER_KEY = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
@@ -548,7 +594,7 @@ def save_pretrained(model, base_save, save_directory, *args, state_dict=None, pu
     model.barrier_after_gathered_checkpoint_save(distributed_config)
 
 
-_DECODER_TENSOR = re.compile(r"^(?:model\.)?(?:layers\.(?P<layer>\d+)\.|norm\.weight$)")
+_DECODER_TENSOR = re.compile(r"^(?:model\.)?(?:layers\.(?P<layer>\d+)\.|norm\.weight$|embed_tokens\.weight$)")
 
 
 def check_local_source(source) -> None:
@@ -561,7 +607,10 @@ def check_local_source(source) -> None:
     if os.path.isfile(path):
         raise NotADirectoryError(f"{path} is a file; from_pretrained takes the folder holding config.json and the weights.")
     if os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path:
-        raise FileNotFoundError(f"No checkpoint folder at {path} (from_pretrained takes a local folder or a Hub repo id).")
+        hint = ""
+        if path.startswith("~") and os.path.isdir(os.path.expanduser(path)):
+            hint = f" `~` is not expanded: pass os.path.expanduser({path!r})."
+        raise FileNotFoundError(f"No checkpoint folder at {path} (from_pretrained takes a local folder or a Hub repo id).{hint}")
 
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -578,6 +627,15 @@ def check_index_of(folder) -> None:
         check_safetensors_only(folder)
         return
     content = load_index(index)
+    single = folder / SINGLE_NAME
+    other_shards = sorted(set(content["weight_map"].values()) - {SINGLE_NAME})
+    if single.is_file() and other_shards:
+        # transformers takes model.safetensors when it exists and never opens the index: which one is stale is unknown
+        raise CheckpointError(
+            f"{folder} holds both {SINGLE_NAME} and the index {INDEX_NAME} naming {len(other_shards)} other shard(s) "
+            f"(e.g. {other_shards[0]}): a loader would read {SINGLE_NAME} and ignore the index. Remove the one that is "
+            "stale."
+        )
     if not isinstance(content.get("metadata"), dict):
         raise CheckpointError(
             f"The index {index} has no `metadata` object, which transformers' loader reads; add "
@@ -628,8 +686,8 @@ def check_load_arguments(config_class, kwargs: dict) -> None:
 
 
 def check_no_missing_weights(model: nn.Module, missing_keys, source) -> None:
-    """Raise a ``CheckpointError`` naming the tensors of the decoder stack (attention, router and its bias, experts,
-    norms of the ``num_hidden_layers`` layers, and the final norm) that ``source`` did not provide, when it provided
+    """Raise a ``CheckpointError`` naming the tensors of the decoder stack (the embedding, attention, router and its
+    bias, experts, norms of the ``num_hidden_layers`` layers, and the final norm) that ``source`` did not provide, when it provided
     others: a misnamed or dropped tensor would otherwise stay randomly initialised behind a load-report line. A
     checkpoint holding none of them is not one of this model's (transformers' load report lists every tensor then,
     and its tests load such folders on purpose). What transformers conventionally initialises stays a warning:
@@ -658,12 +716,53 @@ def load_pretrained_model(base_load, model, state_dict, checkpoint_files, load_c
         if pickled:  # a Hub repo without safetensors (local folders were checked before: check_index_of)
             raise CheckpointError(f"The checkpoint's weights are pickled ({pickled[0]}): " + _SAFETENSORS_ONLY)
         ignore = bool(getattr(load_config, "ignore_mismatched_sizes", False))
-        validate_checkpoint_files(model, checkpoint_files, ignore_mismatched_sizes=ignore,
-                                  hf_quantizer=getattr(load_config, "hf_quantizer", None))
+        headers = validate_checkpoint_files(model, checkpoint_files, ignore_mismatched_sizes=ignore,
+                                            hf_quantizer=getattr(load_config, "hf_quantizer", None))
+        check_index_against_files(getattr(load_config, "sharded_metadata", None), checkpoint_files, headers)
+    else:
+        headers = None
     result = base_load(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
     info = result[0] if isinstance(result, tuple) else result
     report_missing_mtp(model, getattr(info, "missing_keys", ()))
+    if headers is not None:
+        check_router_biases_finite(model, headers)
     return result
+
+
+def check_index_against_files(sharded_metadata, checkpoint_files, headers) -> None:
+    """The index's ``weight_map`` (which transformers hands over as ``sharded_metadata``) against the shards'
+    headers (``checkpoint_io.check_index_matches``). transformers resolves the index's sorted shard names to
+    ``checkpoint_files`` in the same order, which names each file as the index does."""
+    weight_map = (sharded_metadata or {}).get("weight_map") if isinstance(sharded_metadata, dict) else None
+    if not weight_map:
+        return
+    shards = sorted(set(weight_map.values()))
+    if len(shards) != len(checkpoint_files):
+        return
+    shard_of_file = {os.fspath(f): shard for f, shard in zip(checkpoint_files, shards)}
+    location = {name: shard_of_file[path] for name, (path, _) in headers.items() if path in shard_of_file}
+    index = Path(os.fspath(checkpoint_files[0])).parent / INDEX_NAME
+    check_index_matches(index if index.is_file() else "of the checkpoint", weight_map, location)
+
+
+def check_router_biases_finite(model: nn.Module, headers: dict) -> None:
+    """After loading: every router's ``e_score_correction_bias`` the checkpoint provided is finite. A nan or inf
+    bias makes the router's top-k pick arbitrary experts for every token without any error (the bias step refuses
+    to produce one; a corrupt file still can). The biases are tiny: all are checked with one host read."""
+    stored = {name.removeprefix("model."): name for name in headers}  # a base model's names lack the prefix
+    biases = {stored.get(name, name): b for name, b in model.named_buffers()
+              if name.endswith("e_score_correction_bias") and (name in headers or name in stored)
+              and b.device.type != "meta" and type(b) is torch.Tensor}
+    if not biases:
+        return
+    counts = torch.stack([(~torch.isfinite(b)).sum().to("cpu") for b in biases.values()]).tolist()
+    for (name, bias), count in zip(biases.items(), counts):
+        if count:
+            values = bias[~torch.isfinite(bias)][:4].tolist()
+            raise CheckpointError(
+                f"Router bias {name!r} in {headers[name][0]} holds {count} of {bias.numel()} values that are not finite "
+                f"(e.g. {values}): the router would pick arbitrary experts. The checkpoint is corrupt."
+            )
 
 
 __all__ = [

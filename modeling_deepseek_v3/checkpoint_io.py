@@ -20,6 +20,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -87,7 +88,7 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
         if header_len > size - 8 or header_len > 100_000_000:
             raise CheckpointError(f"{path} is truncated or corrupt: its header claims {header_len} bytes, the file has {size}.")
         try:
-            header = json.loads(f.read(header_len))
+            header = json.loads(f.read(header_len), object_pairs_hook=_unique_keys(path))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise CheckpointError(f"{path} is corrupt: its safetensors header is not valid JSON ({error}).") from None
     if not isinstance(header, dict):
@@ -98,7 +99,44 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
     data_size = size - 8 - header_len
     for name, info in header.items():
         _check_header_entry(name, info, path, data_size)
+    _check_data_layout(header, path, data_size)
     return header
+
+
+def _unique_keys(path: str):
+    """A ``json.loads`` hook refusing a key given twice in one object: Python would keep the last entry silently,
+    while safetensors rejects the file later with an offset error that names neither the file nor the cause."""
+
+    def pairs_to_dict(pairs):
+        out = {}
+        for key, value in pairs:
+            if key in out:
+                raise CheckpointError(f"{path} is corrupt: its safetensors header lists tensor {key!r} twice.")
+            out[key] = value
+        return out
+
+    return pairs_to_dict
+
+
+def _check_data_layout(header: dict, path: str, data_size: int) -> None:
+    """The tensors must tile the data section exactly, in offset order, as safetensors requires when it opens the
+    file (it refuses gaps, overlaps and trailing bytes with "invalid offset" / "file not fully covered", naming no
+    file): checked here so the error names the file and the tensor."""
+    end, previous = 0, None
+    for name, info in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+        begin, stop = info["data_offsets"]
+        if begin != end:
+            after = f"tensor {previous!r} ends at byte {end}" if previous is not None else "the data section starts at byte 0"
+            problem = "overlaps the tensor before it" if begin < end else f"leaves {begin - end} bytes unused before it"
+            raise CheckpointError(
+                f"{path} is corrupt: tensor {name!r} starts at byte {begin} of the data section where {after}: it {problem}."
+            )
+        end, previous = stop, name
+    if end != data_size:
+        raise CheckpointError(
+            f"{path} is corrupt: its tensors end at byte {end} of the data section, but the file holds {data_size - end} "
+            "more bytes after them (safetensors refuses a file its tensors do not fully cover)."
+        )
 
 
 def tensor_locations(headers: dict[str, dict]) -> dict[str, str]:
@@ -111,6 +149,27 @@ def tensor_locations(headers: dict[str, dict]) -> dict[str, str]:
                 raise CheckpointError(f"Tensor {name!r} is stored twice, in {location[name]} and in {path}: keep one copy.")
             location[name] = path
     return location
+
+
+def check_index_matches(index, weight_map: dict[str, str], location: dict[str, str]) -> None:
+    """The index's ``weight_map`` (tensor -> shard) against where the shards' headers put each tensor (``location``,
+    shards named as in the index). transformers reads every tensor of every shard the index lists, whatever shard
+    the index names for it, so a tensor the index lists but no shard holds would silently stay randomly initialised,
+    and one listed under another shard means the index describes other files (stale, or a shard replaced): either
+    is a ``CheckpointError`` naming the tensor and both files."""
+    for name, shard in weight_map.items():
+        held = location.get(name)
+        if held == shard:
+            continue
+        if held is None:
+            raise CheckpointError(
+                f"The index {index} maps tensor {name!r} to {shard}, but no shard holds it: the index does not describe "
+                "these files (a stale index, or a shard replaced); the tensor would be missing from the model."
+            )
+        raise CheckpointError(
+            f"The index {index} maps tensor {name!r} to {shard}, but it is stored in {held}: the index does not "
+            "describe these files (a stale index, or shards replaced)."
+        )
 
 
 def load_index(index: str | os.PathLike) -> dict:
@@ -167,9 +226,18 @@ def check_save_target(save_directory) -> Path:
     working directory), neither a file nor under one."""
     if not isinstance(save_directory, (str, os.PathLike)):
         raise TypeError(f"The save folder must be a path, got {save_directory!r} ({type(save_directory).__name__}).")
-    if os.fspath(save_directory) == "":
+    text = os.fspath(save_directory)
+    if text == "":
         raise ValueError("The save folder is an empty path; pass the folder to write (\".\" for the working directory).")
+    if text.startswith("~") and os.path.expanduser(text) != text:
+        # Python does not expand `~`: the save would create a folder literally named `~` in the working directory
+        raise ValueError(
+            f"The save folder {text!r} starts with '~', which is not expanded: the save would write into a folder named "
+            f"{Path(text).parts[0]!r} in the working directory. Pass os.path.expanduser({text!r}) for the home folder."
+        )
     target = Path(save_directory)
+    if target.is_symlink() and not target.exists():
+        raise FileNotFoundError(f"Cannot save into {target}: it is a symbolic link to {os.readlink(target)}, which does not exist.")
     for path in (target, *target.parents):
         if path.exists() and not path.is_dir():
             what = "it" if path == target else str(path)
@@ -188,16 +256,37 @@ def _move_order(entry: Path) -> int:
     return 0 if entry.suffix == ".safetensors" or entry.is_dir() else 2
 
 
-def _move_into(source: Path, target: Path) -> list[str]:
+def _check_no_kind_clash(source: Path, target: Path) -> None:
+    """Before anything moves: an entry of the save whose name the target holds as the other kind (a folder named
+    ``config.json`` or ``model.safetensors``, a file where the save has a sub-folder) would stop the move half-way,
+    with some files replaced and others not, so it is named first."""
+    for entry in source.iterdir():
+        existing = target / entry.name
+        if not os.path.lexists(existing):
+            continue
+        if entry.is_dir() and existing.is_dir():
+            _check_no_kind_clash(entry, existing)
+        elif entry.is_dir() != existing.is_dir():
+            there, here = ("a folder", "a file") if existing.is_dir() else ("a file", "a folder")
+            raise FileExistsError(
+                f"Cannot save into {target}: it holds {there} {existing} where the save writes {here} of that name; "
+                "move it away (nothing was written)."
+            )
+
+
+def _move_into(source: Path, target: Path, prefix: str = "") -> set[str]:
     """Move every entry of ``source`` into the existing folder ``target`` by ``os.replace`` (atomic per file), merging
-    sub-folders (an index may place shards in one); returns the names moved."""
-    names = [p.name for p in sorted(source.iterdir(), key=lambda p: (_move_order(p), p.name))]
-    for name in names:
-        if (source / name).is_dir() and (target / name).is_dir():
-            _move_into(source / name, target / name)
+    sub-folders (an index may place shards in one); returns the paths moved, relative to the top target."""
+    moved = set()
+    for entry in sorted(source.iterdir(), key=lambda p: (_move_order(p), p.name)):
+        name = entry.name
+        if entry.is_dir() and (target / name).is_dir():
+            moved |= _move_into(entry, target / name, f"{prefix}{name}/")
         else:
-            os.replace(source / name, target / name)
-    return names
+            moved |= {f"{prefix}{name}"} | ({f"{prefix}{name}/{p.relative_to(entry).as_posix()}" for p in entry.rglob("*")}
+                                            if entry.is_dir() else set())
+            os.replace(entry, target / name)
+    return moved
 
 
 def _make_temporary_folder(target: Path) -> tuple[Path, bool]:
@@ -235,15 +324,73 @@ def _make_temporary_folder(target: Path) -> tuple[Path, bool]:
     ) from None
 
 
+# A shard's number in a weight file's name: ``model-00001-of-00009.safetensors``, ``model.fp16-00001-of-00002.safetensors``.
+_SHARD_NUMBER = re.compile(r"-\d{5}-of-\d{5}(?=\.)")
+# An index: ``model.safetensors.index.json``, or with a variant ``model.safetensors.index.fp16.json``.
+_INDEX_FILE = re.compile(r"^(?P<stem>.+)\.safetensors\.index(?:\.(?P<variant>[^.]+))?\.json$")
+
+
+def _weights_family(name: str) -> str:
+    """The file a weight file's name belongs with: a shard's single-file name (``model-00001-of-00009.safetensors``
+    -> ``model.safetensors``), a single file itself. Weight files of one family are one save's; other families (a
+    variant ``model.fp16.safetensors``, ``model_ema.safetensors``) are other checkpoints sharing the folder."""
+    return _SHARD_NUMBER.sub("", name, count=1)
+
+
+def _single_file_of(index_name: str) -> str:
+    """The single weight file a loader prefers over ``index_name`` (``model.safetensors.index.fp16.json`` ->
+    ``model.fp16.safetensors``), which therefore must not survive beside a newly written index."""
+    match = _INDEX_FILE.match(index_name)
+    return f"{match['stem']}{'.' + match['variant'] if match['variant'] else ''}.safetensors"
+
+
+def _shards_named_by(index: Path) -> set[str]:
+    """The shard paths an existing index names (relative, inside its folder), or none if it cannot be read."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            shards = json.load(f)["weight_map"].values()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return {s for s in shards if isinstance(s, str) and s.endswith(".safetensors") and not Path(s).is_absolute()
+            and ".." not in Path(s).parts}
+
+
+def _stale_weight_files(target: Path, moved: set[str], replaced_indexes: dict[str, set[str]]) -> list[Path]:
+    """The weight files and indexes of ``target`` that an earlier save of the same checkpoint left and the save just
+    moved in (``moved``: paths relative to ``target``) does not have: shards of the same family, the shards an index
+    it replaced named, the single file a new index would lose to, and an index (with its shards) that a new single
+    file replaces. Other weight files (another variant, ``model_ema.safetensors``, an adapter) are left alone."""
+    top = {m for m in moved if "/" not in m}
+    families = {_weights_family(n) for n in top if n.endswith(".safetensors")}
+    preferred = {_single_file_of(n) for n in top if _INDEX_FILE.match(n)}
+    stale = set()
+    for old in target.iterdir():
+        name = old.name
+        if name in top or not old.is_file():
+            continue
+        if name.endswith(".safetensors") and (_weights_family(name) in families or name in preferred):
+            stale.add(name)
+        elif _INDEX_FILE.match(name) and _single_file_of(name) in top:
+            stale.add(name)  # the new save is one file: this index names shards of an earlier one
+            stale |= _shards_named_by(old)
+    for shards in replaced_indexes.values():
+        stale |= shards
+    return [target / rel for rel in sorted(stale - moved) if (target / rel).is_file()]
+
+
 def atomic_save(save_directory: str | os.PathLike, write) -> None:
     """Run ``write(tmp_dir)`` in a temporary folder, then move its files into ``save_directory``.
 
     A fresh or empty target with a writable parent is a single directory rename. Otherwise (an existing target, or
     a parent that is read-only) each file arrives by ``os.replace`` (atomic per file), shards first, then the index,
-    ``config.json`` last; the target loses the weight files of an earlier save that the new one does not have. If
-    ``write`` fails, the target is untouched.
+    ``config.json`` last; the target loses the weight files of an earlier save of the same checkpoint that the new one
+    does not have (see ``_stale_weight_files``: other variants and other weight files stay). If ``write`` fails, or
+    the target holds a folder where the save writes a file (or the reverse), the target is untouched.
     """
     target = check_save_target(save_directory)
+    if target.is_symlink():
+        # a link to a folder: write beside the folder it names (same file system), and leave the link in place
+        target = target.resolve()
     tmp, inside = _make_temporary_folder(target)
     try:
         write(str(tmp))
@@ -252,14 +399,13 @@ def atomic_save(save_directory: str | os.PathLike, write) -> None:
                 target.rmdir()
             os.replace(tmp, target)
             return
-        new = _move_into(tmp, target)
-        for old in target.iterdir():
-            if old.name not in new and old.suffix == ".safetensors" and old.name.startswith("model"):
-                old.unlink()
-        if INDEX_NAME not in new:
-            stale_index = target / INDEX_NAME
-            if stale_index.exists() and (target / SINGLE_NAME).exists():
-                stale_index.unlink()
+        _check_no_kind_clash(tmp, target)
+        # the indexes this save replaces, read before they are: the shards they named are the earlier save's
+        replaced = {p.name: _shards_named_by(target / p.name) for p in tmp.iterdir()
+                    if _INDEX_FILE.match(p.name) and (target / p.name).is_file()}
+        moved = _move_into(tmp, target)
+        for old in _stale_weight_files(target, moved, replaced):
+            old.unlink()
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -272,6 +418,7 @@ __all__ = [
     "SINGLE_NAME",
     "atomic_save",
     "check_save_target",
+    "check_index_matches",
     "check_scale_values",
     "load_index",
     "read_index",

@@ -15,6 +15,8 @@ import re
 from importlib.resources import files
 from pathlib import Path
 
+import torch
+
 from .quantization.linear import FP8Linear
 
 # The closing line of a card this package generated, with the digest of the card above it.
@@ -158,12 +160,22 @@ def build_model_card(model, repo_id: str | None = None, extra_tags=()):
     quant = quant.to_dict() if hasattr(quant, "to_dict") else (quant or {})
     is_fp8 = quant.get("quant_method") == "fp8" or any(isinstance(m, FP8Linear) for m in model.modules())
     counts = count_parameters(model)
+    # the dtype the high-precision tensors are saved in: the embedding's (an FP8 folder loaded in fp32 stays fp32)
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embedding, "weight", None)
+    high_precision = {torch.bfloat16: "BF16", torch.float16: "FP16", torch.float32: "FP32", torch.float64: "FP64"}.get(
+        getattr(weight, "dtype", None), "BF16")
     base_model = _hub_id(getattr(config, "name_or_path", None))
     tags = ["deepseek_v3", "modeling_deepseek_v3", "moe", "mla"]
     if config.num_nextn_predict_layers:
         tags.append("mtp")
     if is_fp8:
         tags.append("fp8")
+    if isinstance(extra_tags, str):
+        extra_tags = [extra_tags]  # one tag, not one per character
+    bad = [tag for tag in extra_tags if not isinstance(tag, str) or not tag.strip()]
+    if bad:
+        raise TypeError(f"`extra_tags` must be tag strings, got {bad[0]!r}.")
     tags += [tag for tag in extra_tags if tag not in tags]
     card_data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=tags,
                               base_model=base_model)
@@ -191,8 +203,8 @@ def build_model_card(model, repo_id: str | None = None, extra_tags=()):
         hidden_size=config.hidden_size,
         vocab_size=config.vocab_size,
         context=context,
-        quantization=("FP8 E4M3, 128×128 block scales (`weight_scale_inv`); embeddings, norms, router, head and "
-                      "MTP `eh_proj` in BF16") if is_fp8 else str(getattr(config, "dtype", None) or "float32"),
+        quantization=(f"FP8 E4M3, 128×128 block scales (`weight_scale_inv`); embeddings, norms, router, head and "
+                      f"MTP `eh_proj` in {high_precision}") if is_fp8 else str(getattr(config, "dtype", None) or "float32"),
         is_fp8=is_fp8,
         plugins=[(f, getattr(config, f, None)) for f in plugin_fields],
     )

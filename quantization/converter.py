@@ -46,6 +46,7 @@ from ..checkpoint_io import (
     SINGLE_NAME,
     CheckpointError,
     atomic_save,
+    check_index_matches,
     check_save_target,
     check_scale_values,
     read_index,
@@ -60,9 +61,9 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32}
-# Tensors that keep their dtype when a checkpoint is converted to another one: the router's correction bias is fp32
-# in the released checkpoint, and the model holds it in fp32 at any dtype.
-_KEEP_DTYPE = ("e_score_correction_bias",)
+# Tensors written in fp32 when a checkpoint is converted to a high-precision dtype: the router's correction bias is
+# fp32 in the released checkpoint, and the model holds it in fp32 at any dtype.
+_FP32_TENSORS = ("e_score_correction_bias",)
 
 
 def _as_path(value, name: str):
@@ -95,6 +96,12 @@ def check_scales_belong_to_fp8_weights(folder: Path, headers: dict[str, dict], l
         if weight not in location:
             raise CheckpointError(f"Scale grid {key!r} in {folder / shard} has no weight {weight!r} in any checkpoint file.")
         dtype = headers[location[weight]][weight]["dtype"]
+        if dtype.startswith("F8") and dtype != "F8_E4M3":
+            raise CheckpointError(
+                f"{weight!r} in {folder / location[weight]} is {dtype}, but the official FP8 format (and this converter) "
+                "reads F8_E4M3 weights with their scale grids only (quantization_config fmt 'e4m3'): re-quantize it from "
+                "high precision."
+            )
         if dtype != "F8_E4M3":
             raise CheckpointError(
                 f"{weight!r} in {folder / location[weight]} is {dtype}, not FP8, but the checkpoint also holds its FP8 "
@@ -133,6 +140,12 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
         if hasattr(model_or_path, "save_pretrained"):
             return cls(model_or_path, to=to, **kwargs)
         path = Path(_as_path(model_or_path, "model_or_path"))
+        text = os.fspath(model_or_path)
+        if path.is_file():
+            raise CheckpointError(f"Source {text} is a file; the converter takes the checkpoint folder holding it.")
+        if not path.is_dir() and (path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1):
+            # only a local path can look like this (a Hub id is `name` or `namespace/name`)
+            raise CheckpointError(f"No checkpoint folder at {text}.")
         if not path.is_dir():
             from huggingface_hub import snapshot_download
             from huggingface_hub.errors import HFValidationError
@@ -165,9 +178,11 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
         if leaf == "weight_scale_inv":
             return {}
         if tensor.dtype != formats.FP8_DTYPE:
-            # the output's config.json declares the requested dtype, so its tensors must be in it
-            keep = not tensor.is_floating_point() or leaf in _KEEP_DTYPE
-            return {key: tensor if keep else tensor.to(self.dtype)}
+            # the output's config.json declares the requested dtype, so its tensors must be in it; the router bias is
+            # fp32 whatever that dtype (the model holds it in fp32, and a half-precision copy upcasts losslessly)
+            if not tensor.is_floating_point():
+                return {key: tensor}
+            return {key: tensor.to(torch.float32 if leaf in _FP32_TENSORS else self.dtype)}
         return dequantize_state_dict({key: tensor, f"{module}.weight_scale_inv": scale.float()}, self.dtype)
 
     @staticmethod
@@ -193,11 +208,17 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
         """Convert every shard of the source into ``save_dir``; returns ``save_dir``. ``file_prefix`` prefixes each
         output shard's file name (the output then always has an index naming them)."""
         save_dir = check_save_target(_as_path(save_dir, "save_dir"))
-        if file_prefix is not None and (not isinstance(file_prefix, str) or Path(file_prefix).name != file_prefix):
-            raise ValueError(f"`file_prefix` must be a plain file-name prefix (no folder), got {file_prefix!r}.")
+        if file_prefix is not None and (not isinstance(file_prefix, str) or not file_prefix or Path(file_prefix).name != file_prefix):
+            raise ValueError(f"`file_prefix` must be a plain, non-empty file-name prefix (no folder), got {file_prefix!r}.")
+        for name, value in (("progress", progress), ("overwrite", overwrite)):
+            if not isinstance(value, bool):  # overwrite="no" would be truthy and replace a non-empty folder
+                raise TypeError(f"`{name}` must be True or False, got {value!r}.")
         if self.source is not None and save_dir.resolve() == self.source.resolve():
             # the source's shards would be replaced while they are the only copy of the weights
             raise FileExistsError(f"The destination {save_dir} is the source folder; convert into another folder.")
+        if self.source is not None and save_dir.resolve().is_relative_to(self.source.resolve()):
+            # the source would then hold a second checkpoint; one in the folder its index keeps shards in replaces them
+            raise ValueError(f"The destination {save_dir} is inside the source folder {self.source}; convert into a folder outside it.")
         if save_dir.exists() and any(save_dir.iterdir()) and not overwrite:
             raise FileExistsError(f"{save_dir} is not empty; pass overwrite=True (--overwrite) to replace it.")
         if self._model is None:
@@ -214,6 +235,8 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
         headers = {shard: read_safetensors_header(source / shard) for shard in shards}  # fail before writing
         location = {key: Path(path).relative_to(source).as_posix()
                     for key, path in tensor_locations({str(source / s): h for s, h in headers.items()}).items()}
+        if weight_map is not None:
+            check_index_matches(source / INDEX_NAME, weight_map, location)  # else the output would silently lack tensors
         check_scales_belong_to_fp8_weights(source, headers, location)
         config = self._read_config(source)
 
@@ -250,7 +273,7 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
                 with open(tmp / INDEX_NAME, "w", encoding="utf-8") as f:
                     json.dump({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(new_map.items()))}, f, indent=2)
                     f.write("\n")
-            self._write_side_files(source, tmp, config)
+            self._write_side_files(source, tmp, config, shards)
 
         atomic_save(save_dir, write)  # the same temp-then-rename as save_pretrained
 
@@ -270,6 +293,28 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
             return self._get(f, key, path)
 
     @staticmethod
+    def _check_declared_format(path: Path, config: dict) -> None:
+        """The source's ``quantization_config``, if any, must be the official FP8 block: the converter reads E4M3 weights
+        with 128x128 block scales, so another block size or format would be read with the wrong grid, and another
+        quantization method's tensors (packed integers) are no weights it can convert."""
+        block = config.get("quantization_config")
+        if block is None:
+            return
+        if not isinstance(block, dict):
+            raise CheckpointError(f"{path}: `quantization_config` must be an object, got {block!r}.")
+        if block.get("quant_method") != "fp8":
+            raise CheckpointError(
+                f"{path} declares `quantization_config.quant_method` {block.get('quant_method')!r}: this converter reads "
+                "high-precision folders and the official FP8 format (quant_method 'fp8') only."
+            )
+        for field in ("weight_block_size", "fmt"):
+            if field in block and block[field] != OFFICIAL_FP8_BLOCK[field]:
+                raise CheckpointError(
+                    f"{path} declares `quantization_config.{field}` {block[field]!r}, but the official FP8 format (the one "
+                    f"this converter reads and writes) has {OFFICIAL_FP8_BLOCK[field]!r}."
+                )
+
+    @staticmethod
     def _read_config(source: Path) -> dict | None:
         """The source's config.json (None if it has none), read before anything is written."""
         path = source / "config.json"
@@ -283,10 +328,18 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
             raise CheckpointError(f"{path} is not valid JSON: {error}.") from None
         if not isinstance(config, dict):
             raise CheckpointError(f"{path} must hold a JSON object, got {type(config).__name__}.")
+        DeepseekV3FP8Converter._check_declared_format(path, config)
         return config
 
-    def _write_side_files(self, source: Path, folder: Path, config: dict | None) -> None:
+    def _write_side_files(self, source: Path, folder: Path, config: dict | None, shards=()) -> None:
         """config.json with the quantization block added/removed; every other non-weight file copied."""
+        shard_folders = {Path(s).parts[0] for s in shards if len(Path(s).parts) > 1}
+        skipped = sorted(item.name for item in source.iterdir()
+                         if item.is_dir() and not item.name.startswith(".") and item.name not in shard_folders)
+        if skipped:
+            # sub-folders can be large (another copy of the weights, say): named, so nothing is dropped unseen
+            logger.warning("Not copied: the sub-folder(s) %s of %s (copy them yourself if they belong with the output).",
+                           ", ".join(skipped), source)
         for item in source.iterdir():
             if item.suffix == ".safetensors" or item.name == INDEX_NAME or item.name.startswith(".") or not item.is_file():
                 continue
