@@ -7,8 +7,12 @@ from __future__ import annotations
 import math
 import numbers
 
+import difflib
+
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, StaticLayer, StaticSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicLayer, EncoderDecoderCache, StaticLayer, StaticSlidingWindowLayer
+from transformers.modeling_flash_attention_utils import FlashAttentionKwargs
+from transformers.utils.generic import TransformersKwargs
 
 
 def check_inputs_embeds(inputs_embeds: torch.Tensor, hidden_size: int, model_dtype: torch.dtype | None) -> None:
@@ -42,10 +46,8 @@ def check_position_ids(position_ids, batch_size: int, seq_len: int) -> None:
         )
 
 
-def check_cache(past_key_values, batch_size: int, seq_len: int, widths: tuple[int, int] | None = None) -> None:
-    """``past_key_values`` is a transformers ``Cache`` of this batch, filled by a model of this width (``widths``: the
-    last dims of the cached keys and values, when the attention knows them), and a static one has room for the input.
-    Shapes only (the static layer's allocated size, the cached tensors' shapes): no device read."""
+def check_cache_type(past_key_values) -> None:
+    """``past_key_values`` is a decoder-only transformers ``Cache`` (or None)."""
     if past_key_values is None:
         return
     if not isinstance(past_key_values, Cache):
@@ -53,9 +55,47 @@ def check_cache(past_key_values, batch_size: int, seq_len: int, widths: tuple[in
             f"`past_key_values` must be a transformers Cache (e.g. DynamicCache(config=model.config) or StaticCache), got "
             f"{type(past_key_values).__name__}."
         )
+    if isinstance(past_key_values, EncoderDecoderCache):
+        # it has no `update` of its own for a decoder's layers: it would fail deep inside its self-attention cache
+        raise TypeError(
+            "`past_key_values` is an EncoderDecoderCache, which is for encoder-decoder models: pass a DynamicCache or "
+            "StaticCache built with `config=model.config`."
+        )
+
+
+def check_cache_depth(layers, grows: bool, num_layers: int | None) -> None:
+    """A cache of fixed layers has one for each of the ``num_layers`` decoder layers, and none beyond them filled."""
+    if num_layers is None or not isinstance(layers, list):
+        return
+    if len(layers) < num_layers and not grows:
+        raise ValueError(
+            f"`past_key_values` has {len(layers)} layers, but this model has {num_layers} decoder layers: the cache "
+            "was built for another model (build it with `config=model.config`)."
+        )
+    deeper = next((i for i in range(num_layers, len(layers)) if getattr(layers[i], "is_initialized", False)), None)
+    if deeper is not None:
+        raise ValueError(
+            f"`past_key_values` holds entries for layer {deeper}, but this model has {num_layers} decoder layers: the "
+            "cache was filled by a deeper model."
+        )
+
+
+def check_cache(past_key_values, batch_size: int, seq_len: int, widths: tuple[int, int] | None = None,
+                num_layers: int | None = None, model_dtype: torch.dtype | None = None) -> None:
+    """``past_key_values`` is a transformers ``Cache`` of this batch, filled by a model of this width (``widths``: the
+    last dims of the cached keys and values, when the attention knows them), depth (``num_layers`` decoder layers: a
+    fixed-size cache of fewer layers would fail on the first layer it lacks, entries past them come from a deeper
+    model) and dtype (``model_dtype``, outside autocast: attention refuses keys of another dtype than its queries),
+    and a static one has room for the input. Shapes and dtypes only (the static layer's allocated size, the cached
+    tensors' shapes): no device read."""
+    check_cache_type(past_key_values)
+    if past_key_values is None:
+        return
     layers = getattr(past_key_values, "layers", None)
+    grows = getattr(past_key_values, "layer_class_to_replicate", None) is not None
     layer = layers[0] if layers else None
     if layer is None:
+        check_cache_depth(layers, grows, num_layers)
         return
     keys = getattr(layer, "keys", None) if getattr(layer, "is_initialized", False) else None
     if isinstance(keys, torch.Tensor) and keys.dim() > 0 and keys.shape[0] != batch_size:
@@ -69,6 +109,13 @@ def check_cache(past_key_values, batch_size: int, seq_len: int, widths: tuple[in
             f"`past_key_values` caches keys and values of widths {[keys.shape[-1], values.shape[-1]]}, but this model's "
             f"attention caches {list(widths)}: the cache was filled by a model of another config."
         )
+    if (model_dtype is not None and isinstance(keys, torch.Tensor) and keys.dtype != model_dtype
+            and not torch.is_autocast_enabled(keys.device.type)):
+        raise ValueError(
+            f"`past_key_values` caches {keys.dtype} keys, but the model computes in {model_dtype}: the cache was filled "
+            "by the model in another dtype (a cache belongs to the model and dtype it was filled with)."
+        )
+    check_cache_depth(layers, grows, num_layers)  # after the widths: another config's cache is named by them first
     capacity = static_capacity(past_key_values)
     if capacity is not None and seq_len > capacity:
         raise ValueError(
@@ -107,11 +154,14 @@ def check_static_cache_room(capacity: int, max_length: int) -> None:
         )
 
 
-def check_attention_mask(attention_mask: torch.Tensor | None, shape, past: int | None = None) -> None:
+def check_attention_mask(attention_mask: torch.Tensor | None, shape, past: int | None = None, capacity: int | None = None,
+                         num_heads: int | None = None, model_dtype: torch.dtype | None = None) -> None:
     """A 2-D padding mask is [batch, cached + new tokens]: one row per sequence, exactly as long as the ``past``
     cached positions plus the input where ``past`` is known (see :func:`cached_length`), else at least as long as the
     input; its values (1 or 0) are checked with the other input values. A prepared 4-D mask is [batch (or 1), 1 or
-    heads, seq_len, keys ≥ seq_len], bool (True = attend) or additive float."""
+    ``num_heads``, seq_len, keys], bool (True = attend) or additive float (float32 or ``model_dtype``: the attention
+    kernels take no other); keys are the cached plus new positions where ``past`` is known, the static cache's
+    ``capacity`` over one, else at least seq_len (the attention adds the mask to scores of exactly that width)."""
     if attention_mask is None:
         return
     if not isinstance(attention_mask, torch.Tensor):
@@ -140,19 +190,48 @@ def check_attention_mask(attention_mask: torch.Tensor | None, shape, past: int |
             f"A 4-D `attention_mask` must be bool (True = attend) or float (0 = attend, large negative = masked), got "
             f"dtype {attention_mask.dtype}."
         )
-    if attention_mask.shape[0] not in (1, batch) or attention_mask.shape[2] != seq_len or attention_mask.shape[3] < seq_len:
-        batch_entry = f"batch={batch}" + (" (or 1)" if batch > 1 else "")
+    if (attention_mask.dtype.is_floating_point and model_dtype is not None
+            and attention_mask.dtype not in (torch.float32, model_dtype)
+            and not torch.is_autocast_enabled(attention_mask.device.type)):
+        allowed = "float32" if model_dtype == torch.float32 else f"the model's dtype {model_dtype} (or float32)"
         raise ValueError(
-            f"A 4-D `attention_mask` must have shape [{batch_entry}, 1 or heads, seq_len={seq_len}, keys ≥ "
-            f"{seq_len}] for input of shape {[batch, seq_len]}, got {list(attention_mask.shape)}."
+            f"A float 4-D `attention_mask` must be {allowed}, got {attention_mask.dtype}: SDPA refuses other mask "
+            f"dtypes (`attention_mask.to({model_dtype})`)."
+        )
+    if past is not None:
+        keys = past + seq_len
+        expected_keys = f"keys = past + seq_len = {past} + {seq_len}" if past else f"keys = seq_len = {seq_len}"
+    elif capacity is not None:
+        keys, expected_keys = capacity, f"keys = the static cache's max_cache_len = {capacity}"
+    else:
+        keys, expected_keys = None, f"keys ≥ {seq_len}"
+    wrong_keys = attention_mask.shape[3] < seq_len if keys is None else attention_mask.shape[3] != keys
+    heads = (1,) if num_heads is None else (1, num_heads)
+    if (attention_mask.shape[0] not in (1, batch) or attention_mask.shape[1] not in heads
+            or attention_mask.shape[2] != seq_len or wrong_keys):
+        batch_entry = f"batch={batch}" + (" (or 1)" if batch > 1 else "")
+        heads_note = "" if num_heads is None else f" (heads = {num_heads})"
+        raise ValueError(
+            f"A 4-D `attention_mask` must have shape [{batch_entry}, 1 or heads, seq_len={seq_len}, {expected_keys}]"
+            f"{heads_note} for input of shape {[batch, seq_len]}, got {list(attention_mask.shape)}."
         )
 
 
-def check_logits_to_keep(logits_to_keep) -> None:
-    """An int ``k`` ≥ 0 (the last k positions; 0 = all) or a tensor of positions, as in transformers."""
+def check_logits_to_keep(logits_to_keep, seq_len: int | None = None) -> None:
+    """An int ``k`` ≥ 0 (the last k positions; 0 = all) or a 1-D tensor of positions (or a bool mask over the
+    ``seq_len`` positions), as in transformers. A bool ``True`` is not a count (it would keep one position), and a
+    tensor of another rank would index the logits into another shape."""
     if isinstance(logits_to_keep, torch.Tensor):
+        integer = not (logits_to_keep.dtype.is_floating_point or logits_to_keep.dtype.is_complex)
+        bool_length_ok = logits_to_keep.dtype != torch.bool or seq_len is None or logits_to_keep.shape[0:1] == (seq_len,)
+        if logits_to_keep.dim() != 1 or not integer or not bool_length_ok:
+            raise ValueError(
+                f"A tensor `logits_to_keep` must be 1-D: the integer positions to compute logits for (or a bool mask "
+                f"over the {seq_len if seq_len is not None else 'seq_len'} positions), got dtype {logits_to_keep.dtype} "
+                f"of shape {list(logits_to_keep.shape)}."
+            )
         return
-    if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, numbers.Integral) or logits_to_keep < 0:
         raise ValueError(
             f"`logits_to_keep` must be an int ≥ 0 (the number of last positions to compute logits for, 0 = all) or a "
             f"tensor of positions, got {logits_to_keep!r}."
@@ -198,3 +277,58 @@ def check_return_mtp_loss(return_mtp_loss, has_targets: bool, depth: int) -> Non
         raise ValueError("`return_mtp_loss=True` needs MTP modules: this model has `num_nextn_predict_layers=0`.")
     if not has_targets:
         raise ValueError("`return_mtp_loss=True` needs `labels` (or `shift_labels`): the MTP loss is computed against them.")
+
+
+# What `forward(**kwargs)` passes on: transformers' per-call options (output_*, num_items_in_batch, packed-sequence
+# lengths), and the token_type_ids some tokenizers return (the model has no token types: ignored, as transformers'
+# decoder-only models do).
+FORWARD_KWARGS = frozenset(TransformersKwargs.__annotations__) | frozenset(FlashAttentionKwargs.__annotations__) | {
+    "token_type_ids",
+}
+
+# Arguments transformers' decoder-only models once took and no longer read.
+_RETIRED_KWARGS = {
+    "cache_position": "transformers 5 derives the cache positions from `past_key_values`; pass `position_ids` for "
+                      "other positions",
+    "head_mask": "the model has no head masking",
+}
+
+
+def check_forward_kwargs(kwargs: dict, parameters) -> None:
+    """The extra keyword arguments of ``forward`` are ones it reads: a misspelt argument (``attention_masks``,
+    ``past_key_value``) would otherwise be swallowed by ``**kwargs`` and the forward run without it."""
+    unknown = [name for name in kwargs if name not in FORWARD_KWARGS]
+    if not unknown:
+        return
+    known = sorted(set(parameters) | FORWARD_KWARGS)
+    notes = []
+    for name in unknown:
+        if name in _RETIRED_KWARGS:
+            notes.append(f"`{name}`: {_RETIRED_KWARGS[name]}")
+        elif close := difflib.get_close_matches(name, known, n=1):
+            notes.append(f"`{name}`: did you mean `{close[0]}`?")
+    raise TypeError(
+        f"forward() got unexpected keyword argument(s) {unknown}" + (f" ({'; '.join(notes)})" if notes else "") + "."
+    )
+
+
+def check_generate_kwargs(kwargs: dict, generation_config) -> None:
+    """Generation arguments that transformers' ``generate`` takes without a word and then misreads: a fractional
+    ``max_new_tokens`` (rounded up by its length check), ``num_beams`` < 1 (a ZeroDivisionError deep inside), beam
+    search with ``use_mtp`` (the MTP drafts are dropped with a log line: the beams run without them), and a
+    ``past_key_values`` that is no Cache (an AttributeError on a private attribute)."""
+    def value(name):
+        return kwargs[name] if name in kwargs else getattr(generation_config, name, None)
+
+    max_new_tokens = value("max_new_tokens")
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral)):
+        raise ValueError(f"`max_new_tokens` must be an int > 0 (the number of tokens to generate), got {max_new_tokens!r}.")
+    num_beams = value("num_beams")
+    if num_beams is not None and (isinstance(num_beams, bool) or not isinstance(num_beams, numbers.Integral) or num_beams < 1):
+        raise ValueError(f"`num_beams` must be an int ≥ 1 (1 = no beam search), got {num_beams!r}.")
+    if value("use_mtp") and num_beams is not None and num_beams > 1:
+        raise ValueError(
+            f"`use_mtp=True` drafts for greedy decoding and sampling only; with `num_beams={num_beams}` the drafts would "
+            "be dropped: drop `use_mtp` for beam search, or `num_beams`."
+        )
+    check_cache_type(kwargs.get("past_key_values"))

@@ -37,6 +37,14 @@ from .training import update_expert_bias
 logger = logging.get_logger(__name__)
 
 
+# The named parameters of the forwards (the causal LM's and the base model's), for the hint when a misspelt one
+# comes in through **kwargs.
+_FORWARD_PARAMETERS = (
+    "input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "use_cache", "labels",
+    "logits_to_keep", "return_mtp_loss", "shift_labels", "return_dict",
+)
+
+
 def token_mask_from_attention_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
     """[B, T] bool, True at the real tokens of the current input, from a 2-D padding mask [B, past + T]; None when
     there is no 2-D mask (no padding, or a prepared 4-D mask that no longer says which tokens are padding)."""
@@ -74,6 +82,12 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     def set_experts_implementation(self, experts_implementation: str | dict):
         # Experts stored in FP8 (`FP8Experts`) run their own grouped FP8 GEMMs whatever the setting says: a switch
         # would be recorded in the config and change nothing.
+        if isinstance(experts_implementation, dict) and set(experts_implementation) - {""}:
+            # the keys name sub-configs, and this config has none: any other key would be ignored without a word
+            raise ValueError(
+                f"`experts_implementation` as a dict maps sub-config names to implementations; this model has no "
+                f"sub-configs, so its only key is '' (the model itself), got {sorted(experts_implementation)}."
+            )
         requested = experts_implementation.get("", self.config._experts_implementation) if isinstance(
             experts_implementation, dict) else experts_implementation
         fp8 = next((name for name, m in self.named_modules() if isinstance(m, FP8Experts)), None)
@@ -207,6 +221,10 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         self.norm = DeepseekV3RMSNorm(config.hidden_size, config.rms_norm_eps, config.fused_kernels)
         self.rotary_emb = DeepseekV3RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        # The last dims of the keys and values the attention plugin caches (None: it does not say), so that a cache
+        # filled by a model of other widths is named instead of failing in a concatenation or a matmul.
+        cache_widths = getattr(config.plugin("attention_backend"), "cache_widths", None)
+        self._cache_widths = cache_widths(config) if cache_widths is not None else None
         self.post_init()
 
     @property
@@ -240,7 +258,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
                 "take: `model.set_experts_implementation('eager')` (or 'batched_mm') runs the experts in float64."
             )
 
-    def _check_inputs(self, input_ids, position_ids, attention_mask, past_key_values, decoding: bool) -> None:
+    def _check_inputs(self, input_ids, position_ids, attention_mask, past_key_values, decoding: bool,
+                      inputs_embeds=None) -> None:
         """Clear errors for bad input values. They read the device once, so they are skipped where that would cost a
         host sync per generated token: a one-token step over a cache (``decoding``; its token came from the model's
         own vocabulary) and compiled graphs."""
@@ -250,6 +269,10 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         extremes = {"first_position": position_ids.min(), "last_position": position_ids.max()}
         if input_ids is not None:
             extremes.update(min_id=input_ids.min(), max_id=input_ids.max())
+        if inputs_embeds is not None:
+            # a NaN or inf embedding reaches every later position through attention (a padded one included: its key
+            # scores are NaN before the mask is added), and every output is then NaN without a word why
+            extremes["non_finite_embeds"] = (~inputs_embeds.isfinite()).sum()
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.dtype != torch.bool:
             # transformers reads a 2-D mask as bool: an additive mask (0 / -inf) would silently keep only the padding
             extremes["non_binary_mask_values"] = ((attention_mask != 0) & (attention_mask != 1)).sum()
@@ -262,6 +285,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             raise ValueError(
                 f"`input_ids` must lie in [0, vocab_size={self.config.vocab_size}), got values in [{found['min_id']}, {found['max_id']}]."
             )
+        if found.get("non_finite_embeds", 0):
+            raise ValueError(f"`inputs_embeds` holds {found['non_finite_embeds']} non-finite value(s) (NaN or inf).")
         if found["first_position"] < 0:
             raise ValueError(f"`position_ids` count from 0, got a value of {found['first_position']}.")
         if found.get("non_binary_mask_values", 0):
@@ -301,9 +326,15 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         self._check_input_tensors(input_ids, inputs_embeds)
         inputs = input_ids if input_ids is not None else inputs_embeds
         batch_size, seq_len = inputs.shape[:2]
-        latent_widths = (self.config.kv_lora_rank, self.config.qk_rope_head_dim) if self.config.attention_backend == "mla" else None
-        input_checks.check_cache(past_key_values, batch_size, seq_len, latent_widths)
-        input_checks.check_attention_mask(attention_mask, (batch_size, seq_len), input_checks.cached_length(past_key_values))
+        input_checks.check_forward_kwargs(kwargs, _FORWARD_PARAMETERS)
+        embedding = getattr(self.embed_tokens, "weight", None)
+        model_dtype = None if embedding is None else embedding.dtype
+        input_checks.check_cache(past_key_values, batch_size, seq_len, self._cache_widths, self.config.num_hidden_layers,
+                                 model_dtype)
+        input_checks.check_attention_mask(
+            attention_mask, (batch_size, seq_len), input_checks.cached_length(past_key_values),
+            input_checks.static_capacity(past_key_values), self.config.num_attention_heads, model_dtype,
+        )
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         if position_ids is None:
@@ -311,7 +342,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             position_ids = (torch.arange(seq_len, device=inputs.device) + past_seen).unsqueeze(0)
         input_checks.check_position_ids(position_ids, batch_size, seq_len)
         decoding = past_key_values is not None and (seq_len == 1 or self._verifying_drafts)
-        self._check_inputs(input_ids, position_ids, attention_mask, past_key_values, decoding=decoding)
+        self._check_inputs(input_ids, position_ids, attention_mask, past_key_values, decoding=decoding,
+                           inputs_embeds=inputs_embeds)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
 
@@ -366,6 +398,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         # transformers' generate reads the prompt's shape (and derives positions from the mask) before our forward
         # sees them, so a prompt that is not [batch, seq_len] would fail inside it with an IndexError
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        input_checks.check_generate_kwargs(kwargs, kwargs.get("generation_config") or self.generation_config)
         if prompt is not None and not isinstance(prompt, torch.Tensor):
             raise TypeError(f"`generate` takes the prompt as a tensor of token ids [batch, seq_len], got {type(prompt).__name__}.")
         if isinstance(prompt, torch.Tensor) and not prompt.dtype.is_floating_point:
@@ -468,7 +501,11 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         whole batch. ``mtp_loss`` and ``aux_loss`` are reported unweighted.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        input_checks.check_logits_to_keep(logits_to_keep)
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        seq_len = inputs.shape[1] if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else None
+        input_checks.check_logits_to_keep(logits_to_keep, seq_len)
+        if not isinstance(logits_to_keep, torch.Tensor):
+            logits_to_keep = int(logits_to_keep)  # a NumPy integer reads as the int it is
         input_checks.check_num_items_in_batch(num_items_in_batch)
         targets = _NextTokenTargets.build(labels, shift_labels, input_ids, inputs_embeds)
         input_checks.check_logits_to_keep_with_targets(logits_to_keep, targets is not None)
@@ -477,6 +514,13 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         run_mtp = targets is not None and depth > 0 and (self.training if return_mtp_loss is None else return_mtp_loss)
         if run_mtp:
             input_checks.check_loss_weight(self.config.mtp_loss_weight, "mtp_loss_weight")
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+                # the MTP modules build their own causal mask from a 2-D padding mask: a prepared one (packed
+                # documents) would hold for the main model only, and the MTP modules would attend across it
+                raise ValueError(
+                    "The MTP loss needs a 2-D padding `attention_mask` (or none): the MTP modules build their own "
+                    "causal mask and cannot apply a 4-D one; pass `return_mtp_loss=False` with a 4-D mask."
+                )
             if input_checks.cached_length(past_key_values):
                 # the MTP modules run over this forward's positions without a cache: they would not see the prefix
                 raise ValueError(
@@ -505,12 +549,11 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         loss = mtp_loss = None
         aux_loss = outputs.aux_loss
         if targets is not None:
-            targets.check_vocabulary(self.config.vocab_size)
             token_mask = token_mask_from_attention_mask(attention_mask, targets.aligned.shape[1])
+            main_targets = targets.at_depth(0, token_mask)
+            targets.check_values(self.config.vocab_size, main_targets, num_items_in_batch)
             fused = self.config.fused_kernels
-            loss, num_targets = _cross_entropy(
-                logits, targets.at_depth(0, token_mask)[:, slice_indices], num_items_in_batch, fused
-            )
+            loss, num_targets = _cross_entropy(logits, main_targets[:, slice_indices], num_items_in_batch, fused)
             extra = None  # the per-micro-batch means added to CE
             if run_mtp:
                 embeds = inputs_embeds if inputs_embeds is not None else self.model.embed_tokens(input_ids)
@@ -645,18 +688,32 @@ class _NextTokenTargets:
             return cls(shift_labels.long(), window=1)
         return cls(nn.functional.pad(labels[:, 1:].long(), (0, 1), value=-100), window=2)
 
-    def check_vocabulary(self, vocab_size: int) -> None:
-        """Every target is -100 or a token id in ``[0, vocab_size)``. One host read per training forward (a GPU's
+    def check_values(self, vocab_size: int, main_targets: torch.Tensor, num_items_in_batch=None) -> None:
+        """Every target is -100 or a token id in ``[0, vocab_size)``, and ``num_items_in_batch`` (the targets of the
+        whole accumulated batch) is not fewer than the ``main_targets`` (this micro-batch's, padding left out) alone:
+        fewer would scale the loss up (0 made the loss a sum). One host read per training forward (a GPU's
         cross-entropy would otherwise stop on a device-side assert that names nothing); skipped in compiled graphs."""
         if torch.compiler.is_compiling():
             return
         bad = ((self.aligned < 0) & (self.aligned != -100)) | (self.aligned >= vocab_size)
+        wrong = bad.any()
+        if num_items_in_batch is not None:
+            count = (main_targets != -100).sum()
+            given = num_items_in_batch.detach().to(count.device) if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch
+            wrong = wrong | (count > given)
+        if not wrong:  # the one read; the error paths below read again to say what is wrong
+            return
         if bad.any():
             values = self.aligned[bad]
             raise ValueError(
                 f"`labels` (or `shift_labels`) must be -100 or token ids in [0, vocab_size={vocab_size}), got "
                 f"{values.numel()} value(s) outside, e.g. {values[:4].tolist()}."
             )
+        given = given.item() if isinstance(given, torch.Tensor) else given
+        raise ValueError(
+            f"`num_items_in_batch` ({given:g}) is fewer than the {int(count)} targets of this micro-batch alone: it must "
+            "count the targets (labels other than -100, padding left out) of the whole accumulated batch."
+        )
 
     def at_depth(self, k: int, token_mask: torch.Tensor | None) -> torch.Tensor:
         """Targets [B, T−k] of MTP depth k (0 = the main head): position i predicts ``aligned[i + k]``

@@ -24,6 +24,11 @@ class MultiHeadAttention(AttentionPlugin):
     def check_config(cls, config) -> None:
         check_one_key_value_head_per_head(config, "mha")
 
+    @staticmethod
+    def cache_widths(config) -> tuple[int, int]:
+        """The last dims of what this attention caches as keys and values: per-head keys and values."""
+        return config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim
+
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.config = config

@@ -94,7 +94,7 @@ class MultiHeadLatentAttention(AttentionPlugin):
         self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
         self.v_head_dim = config.v_head_dim
         self.attention_dropout = config.attention_dropout
-        self.mode = config.mla_mode
+        self._mode = None  # set `mode` on one module to override the config's `mla_mode` there
         self.is_causal = True
         self._absorbed_cache = None  # (key, W_uk, W_uv) of a quantized kv_b_proj, dequantized once
         self.scaling = yarn_softmax_scale(config, self.qk_head_dim)
@@ -117,9 +117,28 @@ class MultiHeadLatentAttention(AttentionPlugin):
         if config.mla_mode not in MLA_MODES:
             raise ValueError(f"Config field `mla_mode` must be one of {list(MLA_MODES)}, got {config.mla_mode!r}.")
 
+    @staticmethod
+    def cache_widths(config) -> tuple[int, int]:
+        """The last dims of what this attention caches as keys and values: the latent ``c_kv`` and ``k_rope``."""
+        return config.kv_lora_rank, config.qk_rope_head_dim
+
+    @property
+    def mode(self) -> str:
+        """The execution mode: this module's own if one was set, else the config's ``mla_mode``, read at every
+        forward (so a mode set on the config after the model was built takes effect)."""
+        return self.config.mla_mode if self._mode is None else self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self._mode = value
+
     def _use_absorbed(self, query_len: int, key_len: int) -> bool:
-        if self.mode != "auto":
-            return self.mode == "absorbed"
+        mode = self.mode
+        if mode not in MLA_MODES:
+            where = "Config field `mla_mode`" if self._mode is None else f"`mode` of attention layer {self.layer_idx}"
+            raise ValueError(f"{where} must be one of {list(MLA_MODES)}, got {mode!r}.")
+        if mode != "auto":
+            return mode == "absorbed"
         return absorbed_is_cheaper(query_len, key_len, self.kv_lora_rank, self.qk_nope_head_dim, self.v_head_dim)
 
     def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
