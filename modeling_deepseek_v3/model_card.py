@@ -220,7 +220,9 @@ def prepare_push(model, working_dir: str, repo_id: str) -> None:
     readme = Path(working_dir) / "README.md"
     if not may_replace_card(readme):
         return  # the repository already has a card someone wrote
-    extra_tags = list(ModelCard.load(readme).data.tags or []) if readme.exists() else []
+    tags = ModelCard.load(readme).data.tags if readme.exists() else None
+    # push_to_hub(tags=[2024]) puts a number in the placeholder's YAML: it is a tag all the same
+    extra_tags = [tags] if isinstance(tags, str) else [str(tag) for tag in tags or () if tag is not None]
     build_model_card(model, repo_id=repo_id, extra_tags=extra_tags).save(readme)
 
 

@@ -145,7 +145,8 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
             raise CheckpointError(f"Source {text} is a file; the converter takes the checkpoint folder holding it.")
         if not path.is_dir() and (path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1):
             # only a local path can look like this (a Hub id is `name` or `namespace/name`)
-            raise CheckpointError(f"No checkpoint folder at {text}.")
+            hint = " (`~` is not expanded: pass os.path.expanduser(path))" if os.path.isdir(os.path.expanduser(text)) else ""
+            raise CheckpointError(f"No checkpoint folder at {text}{hint}.")
         if not path.is_dir():
             from huggingface_hub import snapshot_download
             from huggingface_hub.errors import HFValidationError

@@ -390,3 +390,22 @@ def test_card_of_an_fp8_model_names_the_dtype_of_its_other_tensors(folders):
     text = model_card.build_model_card(load(folders / "fp8", dtype=torch.bfloat16,
                                             quantization_config=DeepseekV3FP8Config(dequantize=False))).text
     assert "MTP `eh_proj` in BF16" in text
+
+
+def test_pushed_card_keeps_a_numeric_tag_as_a_tag(model, tmp_path):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    placeholder = ModelCard.from_template(ModelCardData(tags=[2024], library_name="transformers"), model_description=(
+        "This is the model card of a 🤗 transformers model that has been pushed on the Hub. "
+        "This model card has been automatically generated."))
+    placeholder.save(tmp_path / "README.md")  # what push_to_hub(tags=[2024]) leaves before the upload
+    model_card.prepare_push(model, str(tmp_path), "me/model")  # raised once tags had to be strings
+    card = ModelCard.load(tmp_path / "README.md")
+    assert "2024" in card.data.tags and "import modeling_deepseek_v3" in card.text
+
+
+def test_converter_says_a_home_path_is_not_expanded(folders, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(folders / "single", tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match=r"No checkpoint folder at ~/ckpt \(`~` is not expanded"):
+        DeepseekV3FP8Converter.from_pretrained("~/ckpt")
