@@ -26,8 +26,9 @@ Loading
 
     Before any tensor is read, every checkpoint file is checked from its header (:func:`validate_checkpoint_files`):
     truncated/corrupt files, shards the index names but that do not exist, FP8 weights without
-    ``weight_scale_inv``, scale grids of the wrong shape, tensors whose shape differs from the model's — each is a
-    ``CheckpointError`` naming the tensor and the file.
+    ``weight_scale_inv``, scale grids of the wrong shape, tensors whose shape differs from the model's, FP8 tensors
+    that cannot be FP8 storage, an index that does not describe its shards — each is a ``CheckpointError`` naming the
+    tensor and the file. After loading, the router biases must be finite.
 
     MTP modules load from layer ``num_hidden_layers + k``. The copies of ``embed_tokens`` / ``shared_head.head``
     that official checkpoints carry there are not parameters of ours (the MTP modules use the main model's

@@ -3,9 +3,11 @@
 
 * :class:`CheckpointError` — a checkpoint that cannot be read as is; the message names the tensor and the file;
 * :func:`read_safetensors_header` — a file's tensor names, dtypes and shapes without reading data (truncated or
-  corrupt files named);
+  corrupt files named, and headers safetensors would refuse: a tensor listed twice, tensors that overlap, leave gaps
+  or do not reach the end of the file);
 * :func:`tensor_locations` — which file holds each tensor (a tensor stored twice named);
 * :func:`read_index` — ``model.safetensors.index.json``: valid JSON, every shard it names present;
+* :func:`check_index_matches` — the index's ``weight_map`` against where the shards' headers put each tensor;
 * :func:`check_scale_values` — FP8 block scales finite and positive;
 * :func:`atomic_save` — write a folder into a temporary sibling, then move it into place (:func:`check_save_target`
   first: not a file, not under one);
