@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from modeling_deepseek_v3.cli import positive
+from modeling_deepseek_v3.cli import non_negative, positive
 
 FULL_CONFIG = dict(
     vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=8,
@@ -132,11 +132,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny config on whatever device (CPU: seconds)")
     parser.add_argument("--out", help="path prefix: writes PREFIX.md and PREFIX.json")
-    parser.add_argument("--prompt", type=int, default=None, help="prompt length (512; tiny 16)")
+    parser.add_argument("--prompt", type=positive(int), default=None, help="prompt length (512; tiny 16)")
     parser.add_argument("--new-tokens", type=positive(int), default=None, help="tokens generated per timing (64; tiny 6)")
-    parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (1 32; tiny 1 3)")
-    parser.add_argument("--contexts", type=int, nargs="+", default=None, help="scaling contexts (1024 8192 32768)")
-    parser.add_argument("--mtp-steps", type=int, default=None, help="MTP self-distillation steps (300; tiny 40)")
+    parser.add_argument("--batches", type=positive(int), nargs="+", default=None, help="batch sizes (1 32; tiny 1 3)")
+    parser.add_argument("--contexts", type=positive(int), nargs="+", default=None, help="scaling contexts (1024 8192 32768)")
+    parser.add_argument("--mtp-steps", type=non_negative(int), default=None, help="MTP self-distillation steps (300; tiny 40)")
     parser.add_argument("--experts-backend", default=None, help="experts_backend for ours (default: the config's)")
     args = parser.parse_args(argv)
 

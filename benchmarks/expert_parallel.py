@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from modeling_deepseek_v3.cli import non_negative, positive
+
 CONFIG = dict(
     vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
     first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=64,
@@ -200,13 +202,22 @@ def markdown(rows: list[dict], environment: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated positive ints (``1,2,4``)."""
+    parse = positive(int)
+    try:
+        return [parse(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive ints (e.g. 1,2,4), got {text}") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ep-sizes", default="1,2,4")
-    parser.add_argument("--batch", type=int, default=8, help="global batch (sequences), split over the ranks")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--ep-sizes", type=positive_ints, default=positive_ints("1,2,4"))
+    parser.add_argument("--batch", type=positive(int), default=8, help="global batch (sequences), split over the ranks")
+    parser.add_argument("--seq-len", type=positive(int), default=128)
+    parser.add_argument("--steps", type=positive(int), default=5)
+    parser.add_argument("--warmup", type=non_negative(int), default=2)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", type=Path)
     # worker side
@@ -222,7 +233,7 @@ def main() -> None:
 
     from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    ep_sizes = [int(s) for s in args.ep_sizes.split(",")]
+    ep_sizes = args.ep_sizes
     for ep in ep_sizes:
         if args.batch % ep or CONFIG["n_routed_experts"] % ep:
             sys.exit(f"--ep-sizes: {ep} must divide --batch {args.batch} and n_routed_experts {CONFIG['n_routed_experts']}")

@@ -26,6 +26,8 @@ import sys
 
 import torch
 
+from modeling_deepseek_v3.cli import positive
+
 
 SHAPES_NK = [(2112, 7168), (24576, 1536), (7168, 16384), (4096, 7168), (7168, 2048)]
 M_VALUES = [128, 4096]
@@ -139,8 +141,8 @@ def render(rows: list[dict], header: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="write the markdown table to this file")
-    parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up time (ms)")
-    parser.add_argument("--rep", type=int, default=100, help="do_bench measuring time (ms)")
+    parser.add_argument("--warmup", type=positive(int), default=25, help="do_bench warm-up time (ms)")
+    parser.add_argument("--rep", type=positive(int), default=100, help="do_bench measuring time (ms)")
     parser.add_argument("--quick", action="store_true", help="only M=128 and 4096 with (N, K) = (2112, 7168)")
     args = parser.parse_args(argv)
 

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from modeling_deepseek_v3.cli import positive
+
 SIZES = dict(
     vocab_size=8192, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=512, num_hidden_layers=3,
     first_k_dense_replace=1, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=384, kv_lora_rank=256,
@@ -133,9 +135,9 @@ def _mib(value) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=positive(int), default=3)
+    parser.add_argument("--batch", type=positive(int), default=2)
+    parser.add_argument("--seq-len", type=positive(int), default=256)
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from modeling_deepseek_v3.cli import positive
+
 # a model whose bytes are mostly routed experts (as the real one's are): 3 MoE layers + 1 MTP module of 16 experts
 CONFIG = dict(
     vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_hidden_layers=4,
@@ -163,12 +165,21 @@ def markdown(rows: list[dict], environment: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated positive ints (``1,2,4``)."""
+    parse = positive(int)
+    try:
+        return [parse(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive ints (e.g. 1,2,4), got {text}") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ranks", default="1,2,4", help="rank counts to load with (each divides the expert count)")
+    parser.add_argument("--ranks", type=positive_ints, default=positive_ints("1,2,4"), help="rank counts to load with (each divides the expert count)")
     parser.add_argument("--implementations", default=";".join(IMPLEMENTATIONS), help="';'-separated rows")
-    parser.add_argument("--hidden-size", type=int, default=CONFIG["hidden_size"])
-    parser.add_argument("--n-routed-experts", type=int, default=CONFIG["n_routed_experts"])
+    parser.add_argument("--hidden-size", type=positive(int), default=CONFIG["hidden_size"])
+    parser.add_argument("--n-routed-experts", type=positive(int), default=CONFIG["n_routed_experts"])
     parser.add_argument("--max-shard-size", default="4MB")
     parser.add_argument("--out", type=Path)
     # worker side
@@ -186,7 +197,7 @@ def main() -> None:
 
     config = dict(CONFIG, hidden_size=args.hidden_size, moe_intermediate_size=args.hidden_size,
                   n_routed_experts=args.n_routed_experts)
-    rank_counts = [int(s) for s in args.ranks.split(",")]
+    rank_counts = args.ranks
     implementations = args.implementations.split(";")
     for ranks in rank_counts:
         if config["n_routed_experts"] % ranks:

@@ -50,6 +50,9 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from modeling_deepseek_v3.cli import positive
+from modeling_deepseek_v3.demo import seed
+
 # 4 layers (1 dense + 3 MoE), 16 routed experts: the shapes of train_step.py's full-size config, short enough for a CPU.
 DEFAULT_CONFIG = dict(
     vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=4,
@@ -511,17 +514,17 @@ def main(argv=None) -> int:
                         help="comma-separated experts_implementation names for our rows (default: eager,grouped_mm)")
     parser.add_argument("--mla-modes", type=names, default=names("expanded,absorbed"),
                         help="comma-separated mla_mode values for extra rows of ours ('' for none; default: expanded,absorbed)")
-    parser.add_argument("--batch", type=int, default=1, help="sequences in the profiled decode step (default 1)")
-    parser.add_argument("--prompt", type=int, default=None, help="prefill length before the profiled decode step (32; tiny 8)")
-    parser.add_argument("--context", type=int, default=None, help="context of the timed decode step (1024; tiny 64)")
-    parser.add_argument("--train-batch", type=int, default=1)
-    parser.add_argument("--train-seq", type=int, default=None, help="training-step sequence length (256; tiny 16)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds, best reported (5; tiny 2)")
-    parser.add_argument("--gpu-batches", type=int, nargs="+", default=[1, 32], help="GPU decode batch sizes (1 32)")
-    parser.add_argument("--gpu-prompt", type=int, default=128, help="GPU decode prompt length (128)")
-    parser.add_argument("--gpu-new-tokens", type=int, default=64, help="GPU decode tokens per timing (64)")
+    parser.add_argument("--batch", type=positive(int), default=1, help="sequences in the profiled decode step (default 1)")
+    parser.add_argument("--prompt", type=positive(int), default=None, help="prefill length before the profiled decode step (32; tiny 8)")
+    parser.add_argument("--context", type=positive(int), default=None, help="context of the timed decode step (1024; tiny 64)")
+    parser.add_argument("--train-batch", type=positive(int), default=1)
+    parser.add_argument("--train-seq", type=positive(int), default=None, help="training-step sequence length (256; tiny 16)")
+    parser.add_argument("--repeats", type=positive(int), default=None, help="timed rounds, best reported (5; tiny 2)")
+    parser.add_argument("--gpu-batches", type=positive(int), nargs="+", default=[1, 32], help="GPU decode batch sizes (1 32)")
+    parser.add_argument("--gpu-prompt", type=positive(int), default=128, help="GPU decode prompt length (128)")
+    parser.add_argument("--gpu-new-tokens", type=positive(int), default=64, help="GPU decode tokens per timing (64)")
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU decode part even on a CUDA machine")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     args = parser.parse_args(argv)
 
     import transformers

@@ -23,6 +23,9 @@ import tempfile
 import time
 
 import torch
+
+from modeling_deepseek_v3.cli import positive
+from modeling_deepseek_v3.demo import seed
 import transformers
 
 import modeling_deepseek_v3
@@ -165,12 +168,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny config on the CPU (seconds): smoke test")
     parser.add_argument("--out", help="folder for train_step.md and train_step.json")
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--seq", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (at least 1)")
+    parser.add_argument("--batch", type=positive(int), default=None)
+    parser.add_argument("--seq", type=positive(int), default=None)
+    parser.add_argument("--steps", type=positive(int), default=None)
+    parser.add_argument("--warmup", type=positive(int), default=None, help="untimed steps first (at least 1)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     args = parser.parse_args(argv)
 
     threads = torch.get_num_threads()

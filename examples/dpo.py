@@ -17,6 +17,7 @@ from finetune_common import dataset, load, logged, lora_config, save_tiny_base, 
 from trl import DPOConfig
 
 from modeling_deepseek_v3.cli import positive
+from modeling_deepseek_v3.demo import seed
 from modeling_deepseek_v3.trl_trainers import DeepseekV3DPOTrainer
 
 
@@ -27,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=positive(int), default=20)
     parser.add_argument("--learning-rate", type=positive(float), default=None, help="default 1e-3 (adapter) or 5e-4 (folder)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/dpo"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     return parser.parse_args(argv)
 
 

@@ -117,7 +117,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=positive(int), default=4)
     parser.add_argument("--grad-accum", type=positive(int), default=2)
     parser.add_argument("--bias-update-speed", type=non_negative(float), default=0.01, help="γ; the paper uses 0.001 over many more steps")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    tokens = len(resources.files(modeling_deepseek_v3).joinpath("defaults/tiny_corpus.txt").read_bytes())
+    if not 2 <= args.seq_len < tokens:
+        # a window advances by seq_len // 2 and must leave a token after it (else no window at all)
+        parser.error(f"argument --seq-len: must be at least 2 and below the embedded text's {tokens} tokens, got {args.seq_len}")
+    return args
 
 
 def main(argv=None) -> None:

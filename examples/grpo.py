@@ -17,6 +17,7 @@ from finetune_common import dataset, load, logged, lora_config, save_tiny_base, 
 from trl import GRPOConfig
 
 from modeling_deepseek_v3.cli import positive
+from modeling_deepseek_v3.demo import seed
 from modeling_deepseek_v3.trl_trainers import DeepseekV3GRPOTrainer
 
 
@@ -31,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=positive(int), default=10)
     parser.add_argument("--generations", type=positive(int), default=4)
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/grpo"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     return parser.parse_args(argv)
 
 

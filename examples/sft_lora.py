@@ -21,6 +21,7 @@ from trl import SFTConfig
 
 from modeling_deepseek_v3 import DeepseekV3FP8Config
 from modeling_deepseek_v3.cli import positive
+from modeling_deepseek_v3.demo import seed
 from modeling_deepseek_v3.lora import merge_and_unload
 from modeling_deepseek_v3.quantization.lora import FP8LoraLinear
 from modeling_deepseek_v3.trl_trainers import DeepseekV3SFTTrainer
@@ -39,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="FP8 base only: merge back into FP8, or into a plain fp32 checkpoint")
     parser.add_argument("--steps", type=positive(int), default=20)
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/sft_lora"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     return parser.parse_args(argv)
 
 

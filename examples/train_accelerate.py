@@ -21,11 +21,21 @@ from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM, update
 from modeling_deepseek_v3.cli import positive
 
 
+def _corpus_ids() -> torch.Tensor:
+    text = resources.files(modeling_deepseek_v3).joinpath("defaults/tiny_corpus.txt").read_bytes()
+    return torch.tensor(list(text)) + 2
+
+
 def batches(seq_len: int, batch_size: int):
     """Endless batches of byte tokens (+2: ids 0 and 1 are pad and eos) from the embedded text."""
-    text = resources.files(modeling_deepseek_v3).joinpath("defaults/tiny_corpus.txt").read_bytes()
-    ids = torch.tensor(list(text)) + 2
+    ids = _corpus_ids()
     windows = torch.stack([ids[i : i + seq_len] for i in range(0, len(ids) - seq_len, seq_len // 2)])
+    if len(windows) < batch_size:
+        # only whole batches are drawn: with fewer windows than one batch the loop below would wait forever
+        raise ValueError(
+            f"--batch-size × processes = {batch_size} sequences, but the embedded text gives only {len(windows)} "
+            f"windows of --seq-len {seq_len}; lower either."
+        )
     generator = torch.Generator().manual_seed(0)
     while True:
         for order in torch.randperm(len(windows), generator=generator).split(batch_size):
@@ -39,7 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=positive(int), default=64)
     parser.add_argument("--batch-size", type=positive(int), default=4, help="per process and micro-batch")
     parser.add_argument("--grad-accum", type=positive(int), default=2)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    tokens = len(_corpus_ids())
+    if not 2 <= args.seq_len < tokens:
+        # a window advances by seq_len // 2 and must leave a token after it
+        parser.error(f"argument --seq-len: must be at least 2 and below the embedded text's {tokens} tokens, got {args.seq_len}")
+    return args
 
 
 def main(argv=None) -> None:

@@ -32,6 +32,9 @@ from modeling_deepseek_v3.cli import non_negative, positive
 from modeling_deepseek_v3.demo import DEFAULTS, TextBlocks
 
 
+DEFAULT_BIAS_UPDATE_SPEED = 0.01
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="model folder (default: the embedded tiny model, built under --output-dir/init)")
@@ -45,8 +48,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--grad-accum", type=positive(int), default=1)
     parser.add_argument("--block-size", type=positive(int), default=64)
     parser.add_argument("--learning-rate", type=positive(float), default=1e-3)
-    parser.add_argument("--bias-update-speed", type=non_negative(float), default=0.01, help="γ; the paper uses 0.001 over many more steps")
-    return parser.parse_args(argv)
+    parser.add_argument("--bias-update-speed", type=non_negative(float), default=None,
+                        help="γ (default: the --checkpoint's router_bias_update_speed; 0.01 for the embedded model, the "
+                             "paper uses 0.001 over many more steps)")
+    args = parser.parse_args(argv)
+    tokens = len(ByT5Tokenizer()((DEFAULTS / "tiny_corpus.txt").read_text(encoding="utf-8"))["input_ids"])
+    if not 2 <= args.block_size < tokens:
+        parser.error(f"argument --block-size: must be at least 2 (a block predicts each next token) and below the "
+                     f"embedded text's {tokens} tokens, got {args.block_size}")
+    # named here, before a process group and a sharded load, rather than after them
+    dp_size = args.dp_replicate_size * args.fsdp_size
+    if args.global_batch_size % dp_size:
+        parser.error(
+            f"argument --global-batch-size: {args.global_batch_size} must split evenly over the {dp_size} data-parallel "
+            f"ranks (--dp-replicate-size {args.dp_replicate_size} × --fsdp-size {args.fsdp_size})"
+        )
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        parser.error(f"argument --output-dir: {args.output_dir} is a file, not a folder")
+    return args
 
 
 def start_processes(backend: str | None = None) -> int:
@@ -71,19 +90,22 @@ def initial_checkpoint(folder: Path, bias_update_speed: float) -> str:
     return str(folder)
 
 
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The config fields the command line sets on the loaded checkpoint. A γ given overrides the checkpoint's (a
+    --checkpoint of one's own, or an init folder an earlier run built): the bias callback reads the config's value."""
+    return {} if args.bias_update_speed is None else {"router_bias_update_speed": args.bias_update_speed}
+
+
 def main() -> None:
     args = parse_args()
     world = start_processes()
     sizes = dict(ep_size=args.ep_size, fsdp_size=args.fsdp_size, dp_replicate_size=args.dp_replicate_size, tp_size=args.tp_size)
     distributed_config = DistributedConfig(ep_implementation="all_to_all", **sizes)
-    checkpoint = args.checkpoint or initial_checkpoint(args.output_dir / "init", args.bias_update_speed)
+    speed = DEFAULT_BIAS_UPDATE_SPEED if args.bias_update_speed is None else args.bias_update_speed
+    checkpoint = args.checkpoint or initial_checkpoint(args.output_dir / "init", speed)
     # all sizes 1: one unsharded process; sizes that do not fit the launch fail here, naming them
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, distributed_config=distributed_config, dtype=torch.float32)
-    if args.global_batch_size % distributed_config.dp_size:
-        raise ValueError(
-            f"--global-batch-size {args.global_batch_size} must split evenly over the {distributed_config.dp_size} "
-            "data-parallel ranks (dp_replicate_size × fsdp_size)."
-        )
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, distributed_config=distributed_config, dtype=torch.float32,
+                                                 **config_overrides(args))
     text = (DEFAULTS / "tiny_corpus.txt").read_text(encoding="utf-8")
     dataset = TextBlocks(ByT5Tokenizer()(text)["input_ids"], args.block_size, args.block_size // 2)
     training_args = TrainingArguments(

@@ -9,6 +9,7 @@ files. Exits non-zero if the reloaded model does not generate exactly what the t
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from importlib import resources
 from pathlib import Path
@@ -26,6 +27,10 @@ class TextBlocks(torch.utils.data.Dataset):
     """Overlapping fixed-length token blocks of one text, for causal LM training."""
 
     def __init__(self, ids: list[int], block_size: int, stride: int):
+        if block_size < 2:
+            raise ValueError(f"block_size={block_size}: a causal LM block needs at least 2 tokens (one to predict the next).")
+        if stride < 1:
+            raise ValueError(f"stride={stride}: the blocks must advance by at least one token.")
         if len(ids) <= block_size:
             raise ValueError(f"The text has {len(ids)} tokens; need more than block_size={block_size}.")
         self.blocks = [ids[i : i + block_size] for i in range(0, len(ids) - block_size + 1, stride)]
@@ -36,6 +41,17 @@ class TextBlocks(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         block = torch.tensor(self.blocks[index])
         return {"input_ids": block, "labels": block.clone()}
+
+
+def seed(text: str) -> int:
+    """An argparse type: a random seed, in [0, 2**32) as NumPy's generator (set by ``set_seed``) takes it."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an int in [0, 2**32), got {text}")
+    return value
+
+
+seed.__name__ = "int"  # argparse's message for an unparsable value names the type
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,10 +67,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=positive(float), default=3e-3)
     parser.add_argument("--prompt", default="The router ")
     parser.add_argument("--max-new-tokens", type=positive(int), default=48)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     args = parser.parse_args(argv)
     if not args.prompt:
         parser.error("argument --prompt: must not be empty (generation starts from it)")
+    if args.block_size < 2:
+        parser.error(f"argument --block-size: must be at least 2 (a block predicts each next token), got {args.block_size}")
+    # The files are read here, so that a bad one is named before a model is built and trained.
+    try:
+        args.model_config = DeepseekV3Config(**_json_object(args.config))
+    except (ValueError, TypeError) as error:
+        parser.error(f"argument --config: {args.config}: {error}")
+    try:
+        args.text_content = Path(args.text).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        parser.error(f"argument --text: {args.text} is not UTF-8 text ({error.reason} at byte {error.start})")
+    tokens = len(ByT5Tokenizer()(args.text_content).input_ids)
+    if tokens <= args.block_size:
+        parser.error(f"argument --block-size: {args.block_size} needs a text of more tokens; --text {args.text} has {tokens}")
     try:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -62,19 +92,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _json_object(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            fields = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"not a JSON file: {error}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"must hold a JSON object of config fields, got a {type(fields).__name__}")
+    return fields
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     set_seed(args.seed)
     tokenizer = ByT5Tokenizer()
-    config = DeepseekV3Config.from_json_file(args.config)
+    config = args.model_config
     model = DeepseekV3ForCausalLM(config)
     total = sum(p.numel() for p in model.parameters())
     print(f"Built DeepSeek-V3: {total / 1e6:.2f}M parameters, {config.num_hidden_layers} layers, "
           f"{config.n_routed_experts} routed experts (top-{config.num_experts_per_tok}), attention={config.attention_backend}, "
           f"router={config.topk_method}, MTP depth={config.num_nextn_predict_layers}")
 
-    text = Path(args.text).read_text(encoding="utf-8")
-    dataset = TextBlocks(tokenizer(text).input_ids, args.block_size, stride=args.block_size // 4)
+    dataset = TextBlocks(tokenizer(args.text_content).input_ids, args.block_size, stride=max(1, args.block_size // 4))
     output_dir = Path(args.output_dir)
     training_args = TrainingArguments(
         output_dir=str(output_dir / "trainer"),

@@ -238,3 +238,124 @@ def test_the_layout_is_checked_against_the_from_pretrained_overrides(tmp_path, l
             folder, n_group=3, distributed_config=DistributedConfig(ep_size=2, fsdp_size=2, ep_plan={"nothing": "grouped_gemm"})
         )
     assert not dist.is_initialized()
+
+
+# ---------------------------------------------------------------------------------------------------
+# command lines: the demo, the examples and the benchmarks
+# ---------------------------------------------------------------------------------------------------
+
+
+def _script(folder: str, name: str, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / folder))  # the fine-tuning examples import finetune_common beside them
+    spec = importlib.util.spec_from_file_location(f"round4_{folder}_{name}", ROOT / folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _argparse_error(call, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad_files")
+    (folder / "list.json").write_text("[1, 2]")
+    (folder / "broken.json").write_text("{broken")
+    (folder / "zero_hidden.json").write_text('{"hidden_size": 0}')
+    (folder / "latin1.txt").write_bytes(b"caf\xe9 " * 400)
+    (folder / "a_file").write_text("not a folder")
+    return folder
+
+
+@pytest.mark.parametrize("argv, message", [
+    # a block of 1 to 3 tokens made the stride 0: range() failed after the model was built
+    (["--block-size", "1"], r"argument --block-size: must be at least 2 \(a block predicts each next token\), got 1"),
+    (["--block-size", "100000"], r"argument --block-size: 100000 needs a text of more tokens; --text .*tiny_corpus.txt has 2322"),
+    (["--config", "{f}/list.json"], r"argument --config: .*list.json: must hold a JSON object of config fields, got a list"),
+    (["--config", "{f}/broken.json"], r"argument --config: .*broken.json: not a JSON file: Expecting property name"),
+    (["--config", "{f}/zero_hidden.json"], r"argument --config: .*zero_hidden.json: Config field `hidden_size` must be a positive integer, got 0"),
+    (["--text", "{f}/latin1.txt"], r"argument --text: .*latin1.txt is not UTF-8 text \(invalid continuation byte at byte 3\)"),
+    (["--seed", "-1"], r"argument --seed: must be an int in \[0, 2\*\*32\), got -1"),
+    (["--seed", "4294967296"], r"argument --seed: must be an int in \[0, 2\*\*32\), got 4294967296"),
+])
+def test_demo_names_a_bad_argument_before_building_a_model(argv, message, bad_files, tmp_path, capsys):
+    from modeling_deepseek_v3 import demo
+
+    argv = [arg.replace("{f}", str(bad_files)) for arg in argv] + ["--output-dir", str(tmp_path / "out")]
+    assert re.search(message, _argparse_error(lambda: demo.parse_args(argv), capsys))
+
+
+def test_demo_text_blocks_refuse_a_zero_stride():
+    from modeling_deepseek_v3.demo import TextBlocks
+
+    with pytest.raises(ValueError, match=r"stride=0: the blocks must advance"):
+        TextBlocks(list(range(10)), 3, 0)
+    with pytest.raises(ValueError, match=r"block_size=1: a causal LM block needs at least 2 tokens"):
+        TextBlocks(list(range(10)), 1, 1)
+
+
+@pytest.mark.parametrize("name, argv, message", [
+    ("train_distributed", ["--global-batch-size", "3", "--fsdp-size", "2"],
+     r"argument --global-batch-size: 3 must split evenly over the 2 data-parallel ranks"),
+    ("train_distributed", ["--block-size", "1"], r"argument --block-size: must be at least 2"),
+    ("train_distributed", ["--block-size", "5000"], r"argument --block-size: .*below the embedded text's 2322 tokens, got 5000"),
+    ("train_distributed", ["--output-dir", "{f}/a_file"], r"argument --output-dir: .*a_file is a file, not a folder"),
+    ("train_accelerate", ["--seq-len", "1"], r"argument --seq-len: must be at least 2 and below the embedded text's \d+ tokens, got 1"),
+    ("finetune_trainer", ["--seq-len", "99999"], r"argument --seq-len: must be at least 2 and below .*got 99999"),
+    ("dpo", ["--seed", "-3"], r"argument --seed: must be an int in \[0, 2\*\*32\), got -3"),
+    ("grpo", ["--seed", "-3"], r"argument --seed: must be an int"),
+    ("sft_lora", ["--seed", "-3"], r"argument --seed: must be an int"),
+])
+def test_examples_name_a_bad_argument(name, argv, message, bad_files, monkeypatch, capsys):
+    module = _script("examples", name, monkeypatch)
+    argv = [arg.replace("{f}", str(bad_files)) for arg in argv]
+    assert re.search(message, _argparse_error(lambda: module.parse_args(argv), capsys))
+
+
+def test_train_accelerate_names_a_batch_larger_than_the_text_instead_of_waiting_forever(monkeypatch):
+    module = _script("examples", "train_accelerate", monkeypatch)
+    with pytest.raises(ValueError, match=r"--batch-size × processes = 1000 sequences, but the embedded text gives only \d+ windows of --seq-len 64"):
+        next(module.batches(64, 1000))
+    assert next(module.batches(64, 4)).shape == (4, 64)
+
+
+def test_train_distributed_applies_a_given_bias_update_speed_to_a_checkpoint_of_ones_own(monkeypatch, tmp_path):
+    module = _script("examples", "train_distributed", monkeypatch)
+    # the flag used to apply only when the embedded model was first built; unset, the checkpoint's own value stays
+    assert module.config_overrides(module.parse_args([])) == {}
+    overrides = module.config_overrides(module.parse_args(["--bias-update-speed", "0.05"]))
+    assert overrides == {"router_bias_update_speed": 0.05}
+    folder = save_checkpoint(tiny_config(router_bias_update_speed=0.001), tmp_path / "own")
+    assert transformers.AutoConfig.from_pretrained(folder, **overrides).router_bias_update_speed == 0.05
+
+
+@pytest.mark.parametrize("name, argv, message", [
+    ("decode", ["--tiny", "--prompt", "0"], "argument --prompt: must be a positive int, got 0"),  # 0 meant the default
+    ("decode", ["--tiny", "--batches", "1", "0"], "argument --batches: must be a positive int, got 0"),
+    ("decode", ["--tiny", "--mtp-steps", "-1"], "argument --mtp-steps: must be a non-negative int, got -1"),
+    ("step_profile", ["--tiny", "--repeats", "0"], "argument --repeats: must be a positive int, got 0"),
+    ("step_profile", ["--tiny", "--seed", "-1"], "argument --seed: must be an int in [0, 2**32), got -1"),
+    ("train_step", ["--tiny", "--warmup", "0"], "argument --warmup: must be a positive int, got 0"),  # silently 1
+    ("fp8_gemm", ["--rep", "-5"], "argument --rep: must be a positive int, got -5"),
+])
+def test_benchmarks_with_argv_name_a_bad_flag(name, argv, message, monkeypatch, capsys):
+    module = _script("benchmarks", name, monkeypatch)
+    assert message in _argparse_error(lambda: module.main(argv), capsys)
+
+
+@pytest.mark.parametrize("name, argv, message", [
+    ("expert_parallel", ["--ep-sizes", "0"], "argument --ep-sizes: must be a positive int, got 0"),  # ZeroDivisionError
+    ("expert_parallel", ["--ep-sizes", "2,x"], "argument --ep-sizes: must be comma-separated positive ints (e.g. 1,2,4), got 2,x"),
+    ("expert_parallel", ["--warmup", "-1"], "argument --warmup: must be a non-negative int, got -1"),
+    ("sharded_loading", ["--ranks", "0,2"], "argument --ranks: must be a positive int, got 0"),
+    ("sharded_loading", ["--hidden-size", "-8"], "argument --hidden-size: must be a positive int, got -8"),
+    ("lora_memory", ["--steps", "0"], "argument --steps: must be a positive int, got 0"),
+])
+def test_benchmarks_with_sys_argv_name_a_bad_flag(name, argv, message, monkeypatch, capsys):
+    module = _script("benchmarks", name, monkeypatch)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
+    assert message in _argparse_error(module.main, capsys)
