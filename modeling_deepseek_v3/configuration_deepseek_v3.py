@@ -255,6 +255,14 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         return config_dict, rest
 
     @classmethod
+    def _dict_from_json_file(cls, json_file):
+        # from_json_file unpacks the file with `**`: a list or a string there failed without naming the file
+        config_dict = super()._dict_from_json_file(json_file)
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"The config file {os.fspath(json_file)} must hold a JSON object, got {type(config_dict).__name__}.")
+        return config_dict
+
+    @classmethod
     def from_dict(cls, config_dict, **kwargs):
         # transformers sets from_pretrained(path, field=value) overrides with setattr after __init__, which would skip
         # what __init__ derives from them (experts_backend -> the experts implementation, a legacy rope block or a
@@ -548,7 +556,8 @@ def _check_official_numbers(config) -> None:
         raise ValueError(
             f"Config field `ep_size` must be 1 (the released configs' value), got {ep_size!r}: it is not read here. "
             "Expert parallelism comes from `from_pretrained(..., distributed_config=transformers.DistributedConfig("
-            f"ep_size={ep_size!r}, ...))` under torchrun; drop the field or set it to 1."
+            f"ep_size={ep_size if type(ep_size) is int and ep_size > 1 else 'N'}, ...))` under torchrun; drop the "
+            "field or set it to 1."
         )
     quantization = getattr(config, "quantization_config", None)
     if quantization is not None and not isinstance(quantization, (dict, QuantizationConfigMixin)):

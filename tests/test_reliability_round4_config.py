@@ -43,6 +43,12 @@ def test_config_ep_size_other_than_1_is_named_not_ignored(value):
         DeepseekV3ForCausalLM(config)
 
 
+def test_from_json_file_of_a_list_names_the_file(tmp_path):
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"The config file .*list.json must hold a JSON object, got list"):
+        DeepseekV3Config.from_json_file(tmp_path / "list.json")
+
+
 def test_released_configs_with_ep_size_1_still_load(tmp_path):
     (tmp_path / "config.json").write_text(OFFICIAL.read_text())
     assert transformers.AutoConfig.from_pretrained(tmp_path).ep_size == 1
