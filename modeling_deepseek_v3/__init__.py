@@ -23,7 +23,7 @@ from .modeling_deepseek_v3 import (
     DeepseekV3PreTrainedModel,
 )
 from .registry import freeze_builtin_names, list_plugins, register_plugin
-from .training import ExpertBiasUpdateCallback, update_expert_bias
+from .training import ExpertBiasUpdateCallback, load_expert_biases, save_expert_biases, update_expert_bias
 
 # every built-in plugin is registered by now (the imports above): from here on their names cannot be replaced
 freeze_builtin_names()
@@ -45,6 +45,8 @@ __all__ = [
     "DeepseekV3PreTrainedModel",
     "ExpertBiasUpdateCallback",
     "list_plugins",
+    "load_expert_biases",
     "register_plugin",
+    "save_expert_biases",
     "update_expert_bias",
 ]

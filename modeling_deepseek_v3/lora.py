@@ -171,7 +171,7 @@ def _check_patterns(model: nn.Module, config: LoraConfig) -> None:
             if not found:
                 raise ValueError(
                     f"LoRA `{field_name}` key {key!r} matches no module or parameter of {type(model).__name__}, so it "
-                    f"would change nothing. Keys end a module name (e.g. 'q_a_proj' or r'layers\.0\..*o_proj'); "
+                    f"would change nothing. Keys end a module name (e.g. 'q_a_proj' or r'layers\\.0\\..*o_proj'); "
                     f"Linear layers it has: {_linear_leaf_names(model)}."
                 )
 

@@ -20,21 +20,38 @@ token's selection scores, so its router sends every token to the same experts, a
 Trainer's logs (and so into ``trainer.state.log_history``). At the start of training it refuses what would make
 those steps or the paper's losses silently wrong: a second bias callback in the same Trainer, and label smoothing
 when the model has an MTP module or a balance loss (see ``_check_label_smoothing``).
+
+The biases are buffers of the base model, so a full save (``save_pretrained``, a Trainer checkpoint of the model)
+holds them, but a PEFT adapter does not: an adapter reloaded over the original base would route with the biases the
+training started from. ``save_expert_biases`` / ``load_expert_biases`` write and read them as one small safetensors
+file (``expert_bias.safetensors``, the checkpoint's own tensor names) beside the adapter. For a PEFT model the
+callback does that itself: it writes the file into every Trainer checkpoint and into ``output_dir`` when training
+ends, and reads it back from the checkpoint a run resumes from.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .distributed import batch_replicas
 from .registry import RouterPlugin
+
+logger = logging.getLogger(__name__)
+
+EXPERT_BIAS_FILE = "expert_bias.safetensors"
+_BIAS = "e_score_correction_bias"
 
 
 @dataclass
@@ -155,6 +172,81 @@ def _update_speed(model: nn.Module, update_speed, found: dict) -> float:
     return float(update_speed)
 
 
+def _base_model(model: nn.Module) -> nn.Module:
+    """The model whose parameter names a checkpoint uses: inside a PEFT model (``get_base_model``) or a DDP wrapper."""
+    model = _unwrap(model)
+    get_base = getattr(model, "get_base_model", None)
+    return _unwrap(get_base()) if callable(get_base) and hasattr(model, "peft_config") else model
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    return hasattr(_unwrap(model), "peft_config") and callable(getattr(_unwrap(model), "get_base_model", None))
+
+
+def _biased_routers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{checkpoint name of the bias: router}`` for every router of ``model`` that has a routing bias."""
+    return {
+        f"{name}.{_BIAS}": router
+        for name, router in routers(_base_model(model)).items()
+        if isinstance(getattr(router, _BIAS, None), torch.Tensor)
+    }
+
+
+def save_expert_biases(model: nn.Module, folder: str | os.PathLike) -> str:
+    """Write every router's ``e_score_correction_bias`` (fp32, under the checkpoint's tensor names) into
+    ``folder/expert_bias.safetensors`` and return its path. The file is replaced atomically (written beside it, then
+    renamed). For a PEFT model, whose adapter files do not hold the biases."""
+    found = _biased_routers(model)
+    if not found:
+        raise ValueError(f"save_expert_biases: {type(_base_model(model)).__name__} has no router with a routing bias ({_BIAS}).")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, EXPERT_BIAS_FILE)
+    tmp = path + ".tmp"
+    try:
+        save_file({name: router.e_score_correction_bias.detach().float().cpu().contiguous() for name, router in found.items()},
+                  tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+@torch.no_grad()
+def load_expert_biases(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Copy the biases of ``folder/expert_bias.safetensors`` (``save_expert_biases``) into ``model``'s routers, e.g.
+    after ``PeftModel.from_pretrained(base, folder)``. The file must name exactly the model's routers, with their
+    shapes and finite values: a ``ValueError`` names the file and the tensor otherwise, and no bias is changed."""
+    path = os.path.join(folder, EXPERT_BIAS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"load_expert_biases: no {EXPERT_BIAS_FILE} in {folder} (save_expert_biases writes it; the bias callback "
+            "writes it into every Trainer checkpoint of a PEFT model and into output_dir when training ends)."
+        )
+    found = _biased_routers(model)
+    with safe_open(path, framework="pt") as file:
+        names = set(file.keys())
+        missing, unexpected = sorted(set(found) - names), sorted(names - set(found))
+        if missing or unexpected:
+            raise ValueError(
+                f"{path} does not hold the routing biases of this model: "
+                + "; ".join(part for part in (
+                    f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}" if missing else "",
+                    f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}" if unexpected else "",
+                ) if part)
+                + " (was it saved from a model of another config?)."
+            )
+        values = {name: file.get_tensor(name) for name in found}
+    for name, value in values.items():
+        bias = found[name].e_score_correction_bias
+        if value.shape != bias.shape:
+            raise ValueError(f"{path}: `{name}` has shape {list(value.shape)}, the model's bias {list(bias.shape)}.")
+        if not value.dtype.is_floating_point or not torch.isfinite(value).all():
+            raise ValueError(f"{path}: `{name}` must hold finite floating-point values (dtype {value.dtype}).")
+    for name, value in values.items():
+        found[name].e_score_correction_bias.copy_(value)
+
+
 # The Trainer makes a new TrainerState at every `train()` call; the first bias callback to see it marks it.
 _STATE_MARK = "_deepseek_v3_expert_bias_callback"
 
@@ -230,6 +322,11 @@ class ExpertBiasUpdateCallback(TrainerCallback):
 
     ``on_train_begin`` raises a ``ValueError`` for a second bias callback in the same Trainer and for
     ``label_smoothing_factor`` on a model with an MTP module or a balance loss (both would go silently wrong).
+
+    For a PEFT model, whose adapter saves do not hold the biases, it writes ``expert_bias.safetensors``
+    (``save_expert_biases``) into every checkpoint the Trainer saves and into ``output_dir`` when training ends, and a
+    run resumed from a checkpoint reads the biases back from it; after ``PeftModel.from_pretrained(base, folder)``,
+    ``load_expert_biases(model, folder)`` restores them (``merge_and_unload`` keeps them in the merged model).
     """
 
     def __init__(self, log_per_layer: bool = False):
@@ -243,6 +340,38 @@ class ExpertBiasUpdateCallback(TrainerCallback):
         _check_one_bias_callback(state)
         if model is not None:
             _check_label_smoothing(args, model)
+            if state.global_step > 0 and _is_peft_model(model) and _biased_routers(model):
+                self._resume_biases(args, state, model)
+        return control
+
+    @staticmethod
+    def _resume_biases(args, state, model) -> None:
+        # A resumed run restored the adapter and the optimizer from the checkpoint, and the state's global_step: the
+        # biases were saved beside them, in the checkpoint of that step.
+        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isfile(os.path.join(checkpoint, EXPERT_BIAS_FILE)):
+            load_expert_biases(model, checkpoint)
+            return
+        logger.warning(
+            "Resuming a PEFT model at step %d, but %s holds no %s: the routers keep the biases of the base model, "
+            "not the ones the earlier steps moved. If the checkpoint is elsewhere, call "
+            "modeling_deepseek_v3.load_expert_biases(model, checkpoint) before trainer.train(resume_from_checkpoint=...).",
+            state.global_step, checkpoint, EXPERT_BIAS_FILE,
+        )
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if model is not None and args.should_save and _is_peft_model(model) and _biased_routers(model):
+            save_expert_biases(model, os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+        return control
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and args.should_save and _is_peft_model(model) and _biased_routers(model):
+            path = save_expert_biases(model, args.output_dir)
+            logger.warning(
+                "The adapter does not hold the routing biases the bias steps moved; they are in %s. After "
+                "PeftModel.from_pretrained(base, folder), call modeling_deepseek_v3.load_expert_biases(model, folder) "
+                "with the folder holding that file (or merge the adapter: merge_and_unload keeps them).", path,
+            )
         return control
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -271,4 +400,12 @@ class ExpertBiasUpdateCallback(TrainerCallback):
         return control
 
 
-__all__ = ["ExpertBalanceStats", "ExpertBiasUpdateCallback", "update_expert_bias", "routers"]
+__all__ = [
+    "EXPERT_BIAS_FILE",
+    "ExpertBalanceStats",
+    "ExpertBiasUpdateCallback",
+    "load_expert_biases",
+    "routers",
+    "save_expert_biases",
+    "update_expert_bias",
+]
