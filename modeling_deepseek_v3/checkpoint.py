@@ -59,6 +59,7 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 from transformers.quantizers.base import HfQuantizer
+from transformers.quantizers.quantizers_utils import should_convert_module
 from . import model_card
 from .fp8_config import QUANT_METHOD, DeepseekV3FP8Config, as_quantization_config
 from .checkpoint_io import (
@@ -136,9 +137,10 @@ class DeepseekV3FP8HfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         self.resolve_dequantize(model.config)
-        skip = set(self.quantization_config.modules_to_not_convert or ())
+        skip = list(self.quantization_config.modules_to_not_convert or ())
+        _warn_unmatched_skips(model, skip)
         for name, module in list(model.named_modules()):
-            if any(name == s or name.startswith(s + ".") for s in skip):
+            if skip and not should_convert_module(name, skip):
                 continue
             # an FP8TrainingLinear of the `fp8_block` plugin too: its checkpoint weights are FP8 like any other's
             if type(module) in (nn.Linear, FP8TrainingLinear) and is_fp8_eligible(name):
@@ -433,6 +435,20 @@ def check_tensor(name: str, expected: tuple, dtype: torch.dtype, headers: dict, 
         )
 
 
+def _warn_unmatched_skips(model: nn.Module, skip: list[str]) -> None:
+    """``modules_to_not_convert`` entries match as transformers' quantizers match them (a module path prefix, a regex
+    or a name suffix: ``should_convert_module``); one that matches no module keeps nothing out of FP8, most likely a
+    misspelling, so it is named."""
+    names = [name for name, _ in model.named_modules() if name]
+    unmatched = [entry for entry in skip if all(should_convert_module(name, [entry]) for name in names)]
+    if unmatched:
+        logger.warning(
+            "`quantization_config.modules_to_not_convert` entries %s match no module of %s, so they keep nothing in "
+            "high precision (entries match a module path from its start, as a regular expression, or as the end of a "
+            "path, e.g. 'lm_head', 'q_a_proj', 'model.layers.3.self_attn').", unmatched, type(model).__name__,
+        )
+
+
 def why_high_precision(owner: str, hf_quantizer) -> str:
     """Why the module ``owner`` is not an FP8 layer, for an FP8 tensor the checkpoint stores for it."""
     if not is_fp8_eligible(owner):
@@ -442,7 +458,7 @@ def why_high_precision(owner: str, hf_quantizer) -> str:
         )
     if hf_quantizer is None:
         return "the checkpoint's config.json needs the official `quantization_config` (quant_method 'fp8')."
-    skip = [s for s in hf_quantizer.quantization_config.modules_to_not_convert or () if owner == s or owner.startswith(s + ".")]
+    skip = [s for s in hf_quantizer.quantization_config.modules_to_not_convert or () if not should_convert_module(owner, [s])]
     if skip:
         return f"`quantization_config.modules_to_not_convert` lists {skip[0]!r}, which keeps it high precision; drop that entry."
     return "it was not converted to an FP8 layer."

@@ -409,3 +409,15 @@ def test_converter_says_a_home_path_is_not_expanded(folders, tmp_path, monkeypat
     shutil.copytree(folders / "single", tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match=r"No checkpoint folder at ~/ckpt \(`~` is not expanded"):
         DeepseekV3FP8Converter.from_pretrained("~/ckpt")
+
+
+def test_modules_to_not_convert_matches_as_transformers_quantizers_do(folders, caplog):
+    # a leaf name (transformers' style) used to match no full path and kept every layer FP8 without a word; it now
+    # keeps every q_a_proj high precision, which this FP8 folder cannot fill
+    with pytest.raises(CheckpointError, match=r"`quantization_config.modules_to_not_convert` lists 'q_a_proj'"):
+        load(folders / "fp8", quantization_config=DeepseekV3FP8Config(dequantize=False, modules_to_not_convert=["q_a_proj"]))
+    # an entry that matches nothing keeps nothing out of FP8: named
+    with caplog.at_level(logging.WARNING, logger="modeling_deepseek_v3.checkpoint"):
+        model = load(folders / "fp8", quantization_config=DeepseekV3FP8Config(dequantize=False, modules_to_not_convert=["q_a_prj"]))
+    assert "['q_a_prj'] match no module" in caplog.text
+    assert type(model.model.layers[1].self_attn.q_a_proj).__name__ == "FP8Linear"
