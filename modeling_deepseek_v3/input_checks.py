@@ -287,11 +287,23 @@ FORWARD_KWARGS = frozenset(TransformersKwargs.__annotations__) | frozenset(Flash
 }
 
 # Arguments transformers' decoder-only models once took and no longer read.
-_RETIRED_KWARGS = {
-    "cache_position": "transformers 5 derives the cache positions from `past_key_values`; pass `position_ids` for "
-                      "other positions",
-    "head_mask": "the model has no head masking",
-}
+_RETIRED_KWARGS = {"head_mask": "the model has no head masking"}
+
+
+def check_cache_position(cache_position, seq_len: int) -> None:
+    """``cache_position`` (which transformers 4 models read, and transformers 5 still passes to remote code) is read by
+    nothing here: the cache is written at its own length. It is accepted where it says just that, the [seq_len]
+    positions after the cached ones (its values are checked with the other input values)."""
+    if cache_position is None:
+        return
+    if not isinstance(cache_position, torch.Tensor):
+        raise TypeError(f"`cache_position` must be a torch.Tensor, got {type(cache_position).__name__}.")
+    if cache_position.dim() != 1 or cache_position.shape[0] != seq_len or cache_position.dtype.is_floating_point:
+        raise ValueError(
+            f"`cache_position` must be the {seq_len} integer positions the input takes after the cached ones, got "
+            f"dtype {cache_position.dtype} of shape {list(cache_position.shape)} (it is not needed: the model writes "
+            "the cache at its own length)."
+        )
 
 
 def check_forward_kwargs(kwargs: dict, parameters) -> None:

@@ -259,7 +259,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             )
 
     def _check_inputs(self, input_ids, position_ids, attention_mask, past_key_values, decoding: bool,
-                      inputs_embeds=None) -> None:
+                      inputs_embeds=None, cache_position=None) -> None:
         """Clear errors for bad input values. They read the device once, so they are skipped where that would cost a
         host sync per generated token: a one-token step over a cache (``decoding``; its token came from the model's
         own vocabulary) and compiled graphs."""
@@ -279,6 +279,9 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         capacity = input_checks.static_capacity(past_key_values)
         if capacity is not None:  # a static layer's length is a device tensor
             extremes["cached"] = torch.as_tensor(past_key_values.get_seq_length())
+        past = input_checks.cached_length(past_key_values)
+        if cache_position is not None and (capacity is not None or past is not None):
+            extremes.update(first_cache_position=cache_position[0], last_cache_position=cache_position[-1])
         values = torch.stack([e.to(position_ids.device, torch.int64) for e in extremes.values()]).tolist()
         found = dict(zip(extremes, values))
         if input_ids is not None and (found["min_id"] < 0 or found["max_id"] >= self.config.vocab_size):
@@ -295,6 +298,16 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
                 "other value(s). (An additive mask of 0 and -inf must be passed as a 4-D mask [batch, 1, seq_len, keys].)"
             )
         seq_len = position_ids.shape[1]
+        if "first_cache_position" in found:
+            cached = found["cached"] if capacity is not None else past
+            if (found["first_cache_position"], found["last_cache_position"]) != (cached, cached + seq_len - 1):
+                # the cache is written at its own length whatever `cache_position` says
+                raise ValueError(
+                    f"`cache_position` ({found['first_cache_position']}..{found['last_cache_position']}) disagrees with "
+                    f"the {cached} positions `past_key_values` holds: the model writes the cache at its own length, "
+                    f"positions {cached}..{cached + seq_len - 1}. Drop `cache_position` (pass `position_ids` for other "
+                    "rotary positions), or crop or reset the cache."
+                )
         if capacity is not None and found["cached"] + seq_len > capacity:
             raise ValueError(
                 f"The static cache holds {found['cached']} of its {capacity} positions: the input's {seq_len} tokens do "
@@ -326,6 +339,9 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         self._check_input_tensors(input_ids, inputs_embeds)
         inputs = input_ids if input_ids is not None else inputs_embeds
         batch_size, seq_len = inputs.shape[:2]
+        # transformers 4's argument, which nothing reads: accepted where it agrees with the cache
+        cache_position = kwargs.pop("cache_position", None)
+        input_checks.check_cache_position(cache_position, seq_len)
         input_checks.check_forward_kwargs(kwargs, _FORWARD_PARAMETERS)
         embedding = getattr(self.embed_tokens, "weight", None)
         model_dtype = None if embedding is None else embedding.dtype
@@ -343,7 +359,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         input_checks.check_position_ids(position_ids, batch_size, seq_len)
         decoding = past_key_values is not None and (seq_len == 1 or self._verifying_drafts)
         self._check_inputs(input_ids, position_ids, attention_mask, past_key_values, decoding=decoding,
-                           inputs_embeds=inputs_embeds)
+                           inputs_embeds=inputs_embeds, cache_position=cache_position)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
 

@@ -129,8 +129,6 @@ def test_unknown_forward_keyword_arguments_are_named(model):
         model(IDS, attention_masks=torch.ones(2, 6))
     with pytest.raises(TypeError, match=r"\['past_key_value'\] \(`past_key_value`: did you mean `past_key_values`\?\)"):
         model(IDS, past_key_value=transformers.DynamicCache())
-    with pytest.raises(TypeError, match=r"\['cache_position'\] \(`cache_position`: transformers 5 derives the cache positions"):
-        model(IDS, cache_position=torch.arange(3, 9))
     with pytest.raises(TypeError, match=r"\['lables'\] \(`lables`: did you mean `labels`\?\)"):
         model.train()(IDS, lables=IDS)
     model.eval()
@@ -139,6 +137,25 @@ def test_unknown_forward_keyword_arguments_are_named(model):
     # transformers' per-call options and the token types some tokenizers return keep working
     out = model(IDS, token_type_ids=torch.zeros_like(IDS), output_router_logits=True, output_hidden_states=True)
     assert len(out.router_logits) == 2 and len(out.hidden_states) == 4
+
+
+@torch.no_grad()
+def test_a_cache_position_the_cache_is_not_written_at_is_named(model):
+    # nothing reads it (the cache is written at its own length): one that says otherwise was ignored without a word
+    with pytest.raises(ValueError, match=r"`cache_position` \(3\.\.8\) disagrees with the 0 positions `past_key_values` holds"):
+        model(IDS, cache_position=torch.arange(3, 9))
+    cache = _filled_dynamic_cache(model, IDS[:, :4])
+    with pytest.raises(ValueError, match=r"`cache_position` \(0\.\.1\) disagrees with the 4 positions .* positions 4\.\.5"):
+        model(IDS[:, 4:], past_key_values=cache, use_cache=True, cache_position=torch.arange(2))
+    static = transformers.StaticCache(config=model.config, max_cache_len=10)
+    model(IDS[:, :4], past_key_values=static, use_cache=True)
+    with pytest.raises(ValueError, match=r"`cache_position` \(5\.\.6\) disagrees with the 4 positions"):
+        model(IDS[:, 4:], past_key_values=static, use_cache=True, cache_position=torch.arange(5, 7))
+    with pytest.raises(ValueError, match=r"`cache_position` must be the 6 integer positions .* got dtype torch.int64 of shape \[1, 6\]"):
+        model(IDS, cache_position=torch.arange(6)[None])
+    # the positions it should hold keep working, as they do in transformers' class
+    torch.testing.assert_close(model(IDS, cache_position=torch.arange(6)).logits, model(IDS).logits)
+    model(IDS[:, 4:], past_key_values=static, use_cache=True, cache_position=torch.arange(4, 6))
 
 
 def test_mla_mode_set_on_the_config_takes_effect_or_is_named():
