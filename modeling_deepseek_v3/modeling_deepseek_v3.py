@@ -138,7 +138,11 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
             checkpoint.check_local_source(pretrained_model_name_or_path)
             if os.path.isdir(pretrained_model_name_or_path):
-                checkpoint.check_index_of(pretrained_model_name_or_path)  # transformers would fail on a bare JSON error
+                # the checkpoint itself is in `subfolder` when one is given (transformers reads config and weights there)
+                folder = os.path.join(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+                if not os.path.isdir(folder):
+                    raise FileNotFoundError(f"No folder {kwargs['subfolder']!r} in {pretrained_model_name_or_path} (`subfolder`).")
+                checkpoint.check_index_of(folder)  # transformers would fail on a bare JSON error
         # A decoder-layer tensor the checkpoint lacks is an error naming it, unless `allow_missing_weights=True`
         # (transformers would initialise it at random and only mention it in the load report).
         allow_missing = kwargs.pop("allow_missing_weights", False)
@@ -156,6 +160,18 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         return checkpoint.load_pretrained_model(
             compat.base_load_pretrained_model(), model, state_dict, checkpoint_files, load_config, *args, **kwargs
         )
+
+    def to(self, *args, **kwargs):
+        # torch casts every floating-point parameter and buffer, embeddings and norms included, to a float8 dtype
+        # without a word; no layer computes in float8 (FP8 storage is the quantizer's, with its block scales)
+        dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
+        if dtype is not None and dtype.is_floating_point and dtype.itemsize == 1:
+            raise ValueError(
+                f"Cannot cast the model to {dtype}: no layer computes in float8. FP8 weights come with their block scales "
+                "from the `fp8_block` quantizer or an FP8 checkpoint (`DeepseekV3FP8Config`); cast to float32, bfloat16 "
+                "or float16 instead."
+            )
+        return super().to(*args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # official layout (MTP copies of embedding/head), written to a temporary folder then renamed, plus README.md

@@ -421,3 +421,14 @@ def test_modules_to_not_convert_matches_as_transformers_quantizers_do(folders, c
         model = load(folders / "fp8", quantization_config=DeepseekV3FP8Config(dequantize=False, modules_to_not_convert=["q_a_prj"]))
     assert "['q_a_prj'] match no module" in caplog.text
     assert type(model.model.layers[1].self_attn.q_a_proj).__name__ == "FP8Linear"
+
+
+def test_subfolder_loads_get_the_folder_checks(folders, tmp_path):
+    root = tmp_path / "repo"
+    shutil.copytree(folders / "sharded", root / "weights")
+    assert load(root, subfolder="weights").config.num_hidden_layers == 2
+    with pytest.raises(FileNotFoundError, match=r"No folder 'wieghts' in .*repo \(`subfolder`\)"):
+        DeepseekV3ForCausalLM.from_pretrained(root, subfolder="wieghts")  # the Auto classes fail in AutoConfig first
+    (root / "weights" / INDEX).write_text("{not json")  # the index checks read the sub-folder's index
+    with pytest.raises(CheckpointError, match=r"weights/model.safetensors.index.json"):
+        load(root, subfolder="weights")

@@ -225,3 +225,13 @@ def test_generate_arguments_transformers_misreads_are_named(model, mtp_model):
         mtp_model.generate(prompt, generation_config=transformers.GenerationConfig(max_new_tokens=2, num_beams=2), use_mtp=True)
     assert model.generate(prompt, max_new_tokens=2, num_beams=2, do_sample=False).shape == (1, 7)
     assert mtp_model.generate(prompt, max_new_tokens=2, use_mtp=True, do_sample=False).shape == (1, 7)
+
+
+def test_a_cast_to_float8_is_refused():
+    model = build_model(tiny_config(num_hidden_layers=2))
+    for call in (lambda: model.to(torch.float8_e4m3fn), lambda: model.to("cpu", torch.float8_e5m2),
+                 lambda: model.to(dtype=torch.float8_e4m3fn)):
+        with pytest.raises(ValueError, match=r"Cannot cast the model to torch.float8_e\w+: no layer computes in float8"):
+            call()
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    assert model.to(torch.float64).model.embed_tokens.weight.dtype == torch.float64  # other casts unchanged
