@@ -306,10 +306,19 @@ def check_cache_position(cache_position, seq_len: int) -> None:
         )
 
 
+# transformers' naive pipeline-parallel forward runs the base model of a stage that is not the last one with every
+# argument of the causal LM's forward bound by its signature: the head's own ones (read by the last stage only) and its
+# `**kwargs` as one mapping under the name "kwargs".
+_HEAD_PARAMETERS = frozenset({"labels", "logits_to_keep", "return_mtp_loss", "shift_labels"})
+
+
 def check_forward_kwargs(kwargs: dict, parameters) -> None:
     """The extra keyword arguments of ``forward`` are ones it reads: a misspelt argument (``attention_masks``,
     ``past_key_value``) would otherwise be swallowed by ``**kwargs`` and the forward run without it."""
-    unknown = [name for name in kwargs if name not in FORWARD_KWARGS]
+    if isinstance(kwargs.get("kwargs"), dict):
+        check_forward_kwargs(kwargs["kwargs"], parameters)
+    unknown = [name for name in kwargs if name not in FORWARD_KWARGS and name not in _HEAD_PARAMETERS
+               and not (name == "kwargs" and isinstance(kwargs[name], dict))]
     if not unknown:
         return
     known = sorted(set(parameters) | FORWARD_KWARGS)

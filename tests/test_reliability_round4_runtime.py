@@ -137,6 +137,11 @@ def test_unknown_forward_keyword_arguments_are_named(model):
     # transformers' per-call options and the token types some tokenizers return keep working
     out = model(IDS, token_type_ids=torch.zeros_like(IDS), output_router_logits=True, output_hidden_states=True)
     assert len(out.router_logits) == 2 and len(out.hidden_states) == 4
+    # what transformers' naive pipeline-parallel forward hands a stage's base model: the head's arguments, bound by
+    # the head's signature, its **kwargs as one mapping (a misspelt name inside it is still named)
+    model.model(input_ids=IDS, labels=None, logits_to_keep=0, return_mtp_loss=None, shift_labels=None, kwargs={})
+    with pytest.raises(TypeError, match=r"\['attention_masks'\]"):
+        model.model(input_ids=IDS, kwargs={"attention_masks": torch.ones(2, 6)})
 
 
 @torch.no_grad()
