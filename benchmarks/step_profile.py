@@ -50,8 +50,7 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from modeling_deepseek_v3.cli import positive
-from modeling_deepseek_v3.demo import seed
+from modeling_deepseek_v3.cli import positive, seed
 
 # 4 layers (1 dense + 3 MoE), 16 routed experts: the shapes of train_step.py's full-size config, short enough for a CPU.
 DEFAULT_CONFIG = dict(

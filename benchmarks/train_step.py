@@ -24,8 +24,7 @@ import time
 
 import torch
 
-from modeling_deepseek_v3.cli import positive
-from modeling_deepseek_v3.demo import seed
+from modeling_deepseek_v3.cli import positive, seed
 import transformers
 
 import modeling_deepseek_v3

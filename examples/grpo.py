@@ -16,8 +16,7 @@ from pathlib import Path
 from finetune_common import dataset, load, logged, lora_config, save_tiny_base, tokenizer, training_defaults
 from trl import GRPOConfig
 
-from modeling_deepseek_v3.cli import positive
-from modeling_deepseek_v3.demo import seed
+from modeling_deepseek_v3.cli import positive, seed
 from modeling_deepseek_v3.trl_trainers import DeepseekV3GRPOTrainer
 
 

@@ -20,8 +20,7 @@ from finetune_common import dataset, load, logged, lora_config, save_tiny_base, 
 from trl import SFTConfig
 
 from modeling_deepseek_v3 import DeepseekV3FP8Config
-from modeling_deepseek_v3.cli import positive
-from modeling_deepseek_v3.demo import seed
+from modeling_deepseek_v3.cli import positive, seed
 from modeling_deepseek_v3.lora import merge_and_unload
 from modeling_deepseek_v3.quantization.lora import FP8LoraLinear
 from modeling_deepseek_v3.trl_trainers import DeepseekV3SFTTrainer

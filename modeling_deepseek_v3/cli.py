@@ -35,3 +35,14 @@ def existing_file(text: str) -> str:
     if not Path(text).is_file():
         raise argparse.ArgumentTypeError(f"no such file: {text}")
     return text
+
+
+def seed(text: str) -> int:
+    """An argparse type: a random seed, in [0, 2**32) as NumPy's generator (set by ``set_seed``) takes it."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an int in [0, 2**32), got {text}")
+    return value
+
+
+seed.__name__ = "int"  # argparse's message for an unparsable value names the type

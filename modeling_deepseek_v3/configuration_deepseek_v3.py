@@ -141,7 +141,7 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         self.mla_mode = mla_mode
         self.topk_method = topk_method
         self.scoring_func = scoring_func
-        self.experts_backend = "eager" if experts_backend == "gather" else experts_backend
+        self.experts_backend = experts_backend
         self.mtp_backend = mtp_backend
         self.quantizer = quantizer
         self.router_bias_update_speed = router_bias_update_speed
@@ -195,6 +195,23 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
     @scoring_func.setter
     def scoring_func(self, value: str | None) -> None:
         self.__dict__["scoring_func"] = value
+
+    @property
+    def experts_backend(self) -> str | None:
+        """The default experts implementation. Set on a made config, it becomes the experts implementation too
+        (``_experts_implementation``, what the experts read at every forward), so it never goes stale; on a built
+        model, ``model.set_experts_implementation(name)`` is the checked route."""
+        return self.__dict__.get("experts_backend")
+
+    @experts_backend.setter
+    def experts_backend(self, value: str | None) -> None:
+        value = "eager" if value == "gather" else value  # an earlier name
+        made = "_experts_implementation_internal" in self.__dict__
+        if made and value is not None:
+            get_plugin(PLUGIN_FIELDS["experts_backend"], value, field="experts_backend")  # unknown names are named
+        self.__dict__["experts_backend"] = value
+        if made and value is not None:
+            self._experts_implementation = value
 
     def validate(self):
         # transformers' save_pretrained calls this before it writes config.json: a field set after the config was

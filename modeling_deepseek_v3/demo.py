@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, ByT5Tokenizer, Trainer, TrainingArguments, set_seed
 
 from . import DeepseekV3Config, DeepseekV3ForCausalLM, ExpertBiasUpdateCallback
-from .cli import existing_file, positive
+from .cli import existing_file, positive, seed
 
 DEFAULTS = resources.files("modeling_deepseek_v3") / "defaults"
 
@@ -41,17 +41,6 @@ class TextBlocks(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         block = torch.tensor(self.blocks[index])
         return {"input_ids": block, "labels": block.clone()}
-
-
-def seed(text: str) -> int:
-    """An argparse type: a random seed, in [0, 2**32) as NumPy's generator (set by ``set_seed``) takes it."""
-    value = int(text)
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be an int in [0, 2**32), got {text}")
-    return value
-
-
-seed.__name__ = "int"  # argparse's message for an unparsable value names the type
 
 
 def parse_args(argv=None) -> argparse.Namespace:

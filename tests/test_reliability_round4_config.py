@@ -365,3 +365,22 @@ def test_benchmarks_with_sys_argv_name_a_bad_flag(name, argv, message, monkeypat
     module = _script("benchmarks", name, monkeypatch)
     monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
     assert message in _argparse_error(module.main, capsys)
+
+
+def test_experts_backend_set_on_a_made_config_becomes_the_experts_implementation():
+    # it was mapped onto the experts implementation in __init__ only: set later, it was stored and never read
+    config = tiny_config(num_hidden_layers=2)
+    config.experts_backend = "batched_mm"
+    assert config._experts_implementation == "batched_mm"
+    config.experts_backend = "gather"
+    assert config.experts_backend == "eager" and config._experts_implementation == "eager"
+    with pytest.raises(ValueError, match=r"experts_backend"):
+        config.experts_backend = "grouped"
+    assert config.experts_backend == "eager"
+    model = build_model(config)
+    ids = torch.randint(1, 90, (1, 5))
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        model.config.experts_backend = "grouped_mm"
+        assert model.model.layers[1].mlp.experts.config._experts_implementation == "grouped_mm"
+        assert torch.allclose(model(input_ids=ids).logits, eager, atol=1e-5)
