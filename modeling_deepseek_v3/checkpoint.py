@@ -589,6 +589,7 @@ def save_pretrained(model, base_save, save_directory, *args, state_dict=None, pu
     """
     check_save_arguments(state_dict, kwargs.get("max_shard_size", 1))
     check_fp8_layers_saveable(model)
+    check_saved_router_biases_finite(model)
     # A model sharded by transformers' distributed engine gathers its full weights inside ``base_save`` (every rank
     # takes part, one writes); the copies are added to what it gathered (``gather_sharded_state_dict_for_save``).
     sharded = getattr(model, "is_distributed_loading_by_transformers", False)
@@ -760,6 +761,24 @@ def check_index_against_files(sharded_metadata, checkpoint_files, headers) -> No
     location = {name: shard_of_file[path] for name, (path, _) in headers.items() if path in shard_of_file}
     index = Path(os.fspath(checkpoint_files[0])).parent / INDEX_NAME
     check_index_matches(index if index.is_file() else "of the checkpoint", weight_map, location)
+
+
+def check_saved_router_biases_finite(model: nn.Module) -> None:
+    """Before saving: a nan or inf router bias (set by hand, or by a broken training loop) would write a checkpoint
+    that loading refuses (``check_router_biases_finite``), so the save is refused now, naming the routers. One host
+    read for all of them; sharded (DTensor) biases are left to the load check."""
+    biases = {name: b for name, b in model.named_buffers()
+              if name.endswith("e_score_correction_bias") and b.device.type != "meta" and type(b) is torch.Tensor}
+    if not biases:
+        return
+    counts = torch.stack([(~torch.isfinite(b)).sum().to("cpu") for b in biases.values()]).tolist()
+    bad = [name for name, count in zip(biases, counts) if count]
+    if bad:
+        raise ValueError(
+            f"Cannot save: the routing bias of {', '.join(bad)} holds nan or inf values, so the saved checkpoint would "
+            "route every token to arbitrary experts (and loading it is refused). Restore finite biases first (reload "
+            "them from a good checkpoint, or zero them)."
+        )
 
 
 def check_router_biases_finite(model: nn.Module, headers: dict) -> None:

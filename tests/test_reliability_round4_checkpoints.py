@@ -432,3 +432,11 @@ def test_subfolder_loads_get_the_folder_checks(folders, tmp_path):
     (root / "weights" / INDEX).write_text("{not json")  # the index checks read the sub-folder's index
     with pytest.raises(CheckpointError, match=r"weights/model.safetensors.index.json"):
         load(root, subfolder="weights")
+
+
+def test_saving_a_non_finite_router_bias_is_refused(tmp_path):
+    model = build_model(tiny_config(num_hidden_layers=2))
+    model.model.layers[1].mlp.gate.e_score_correction_bias[2] = float("inf")
+    with pytest.raises(ValueError, match=r"Cannot save: the routing bias of model\.layers\.1\.mlp\.gate\.e_score_correction_bias holds nan or inf"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
