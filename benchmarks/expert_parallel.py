@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from modeling_deepseek_v3.cli import non_negative, positive
+from modeling_deepseek_v3.cli import non_negative, positive, positive_ints
 
 CONFIG = dict(
     vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
@@ -200,15 +200,6 @@ def markdown(rows: list[dict], environment: dict) -> str:
         lines.append(f"| {r['implementation']} | {r['ep_size']} | {r['step_s']:.3f} | " + " | ".join(exchange)
                      + f" | {r['mean_destination_ranks']:.2f} | {r['fan_out_histogram']} | {r['fan_out_bound']} |")
     return "\n".join(lines) + "\n"
-
-
-def positive_ints(text: str) -> list[int]:
-    """An argparse type: comma-separated positive ints (``1,2,4``)."""
-    parse = positive(int)
-    try:
-        return [parse(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated positive ints (e.g. 1,2,4), got {text}") from None
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from modeling_deepseek_v3.cli import positive
+from modeling_deepseek_v3.cli import positive, positive_ints
 
 # a model whose bytes are mostly routed experts (as the real one's are): 3 MoE layers + 1 MTP module of 16 experts
 CONFIG = dict(
@@ -163,15 +163,6 @@ def markdown(rows: list[dict], environment: dict) -> str:
             f"{row['peak_anon'] / environment['checkpoint_bytes']:.2f} | {row['after_anon'] / mib:.1f} | {row['peak_file'] / mib:.1f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def positive_ints(text: str) -> list[int]:
-    """An argparse type: comma-separated positive ints (``1,2,4``)."""
-    parse = positive(int)
-    try:
-        return [parse(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated positive ints (e.g. 1,2,4), got {text}") from None
 
 
 def main() -> None:

@@ -30,6 +30,15 @@ def non_negative(kind):
     return _number(kind, lambda value: value >= 0, "a non-negative")
 
 
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated positive ints (``1,2,4``)."""
+    parse = positive(int)
+    try:
+        return [parse(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive ints (e.g. 1,2,4), got {text}") from None
+
+
 def existing_file(text: str) -> str:
     """An argparse type: the path of a file that exists."""
     if not Path(text).is_file():

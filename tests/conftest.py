@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,8 @@ import tempfile
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -65,6 +68,21 @@ def tiny_config(**overrides) -> DeepseekV3Config:
         del fields["rope_theta"]  # the block carries its own theta
     fields.update(overrides)
     return DeepseekV3Config(**fields)
+
+
+def edit_tensors(path, edit):
+    """Rewrite the safetensors file ``path`` after ``edit(tensors)`` changed its dict of tensors in place."""
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def edit_json(path, edit):
+    """Rewrite the JSON file ``path`` (a pathlib.Path) after ``edit(content)`` changed it in place."""
+    content = json.loads(path.read_text())
+    edit(content)
+    path.write_text(json.dumps(content))
 
 
 def build_model(config: DeepseekV3Config, seed: int = 0) -> DeepseekV3ForCausalLM:

@@ -11,9 +11,8 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from conftest import build_model, tiny_config
+from conftest import build_model, edit_json, edit_tensors, tiny_config
 from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3FP8Config, DeepseekV3ForCausalLM
 from modeling_deepseek_v3.checkpoint import CheckpointError, stack_expert_tensors
 from modeling_deepseek_v3.quantization.converter import DeepseekV3FP8Converter, main
@@ -40,19 +39,6 @@ def copy(folders, name, tmp_path):
 
 def shard_of(folder, key):
     return json.loads((folder / INDEX).read_text())["weight_map"][key]
-
-
-def edit_tensors(path, edit):
-    with safe_open(path, "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    edit(tensors)
-    save_file(tensors, path, metadata={"format": "pt"})
-
-
-def edit_json(path, edit):
-    content = json.loads(path.read_text())
-    edit(content)
-    path.write_text(json.dumps(content))
 
 
 def load(folder, **kwargs):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import struct
 
@@ -14,9 +13,8 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from conftest import build_model, tiny_config
+from conftest import build_model, edit_json, edit_tensors, tiny_config
 from modeling_deepseek_v3 import DeepseekV3FP8Config, DeepseekV3ForCausalLM, model_card
 from modeling_deepseek_v3.checkpoint_io import CheckpointError, read_safetensors_header
 from modeling_deepseek_v3.quantization.converter import DeepseekV3FP8Converter, main
@@ -47,19 +45,6 @@ def copy(folders, name, tmp_path):
 
 def weight_map(folder):
     return json.loads((folder / INDEX).read_text())["weight_map"]
-
-
-def edit_tensors(path, edit):
-    with safe_open(path, "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    edit(tensors)
-    save_file(tensors, path, metadata={"format": "pt"})
-
-
-def edit_json(path, edit):
-    content = json.loads(path.read_text())
-    edit(content)
-    path.write_text(json.dumps(content))
 
 
 def load(folder, **kwargs):
