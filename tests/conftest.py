@@ -70,6 +70,18 @@ def tiny_config(**overrides) -> DeepseekV3Config:
     return DeepseekV3Config(**fields)
 
 
+@pytest.fixture
+def launched_as(monkeypatch):
+    """Pretend to be one of ``n`` processes of a launch (torchrun's environment), with no process group."""
+
+    def set_world(n: int):
+        monkeypatch.setenv("WORLD_SIZE", str(n))
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("LOCAL_RANK", "0")
+
+    return set_world
+
+
 def edit_tensors(path, edit):
     """Rewrite the safetensors file ``path`` after ``edit(tensors)`` changed its dict of tensors in place."""
     with safe_open(path, "pt") as f:

@@ -232,18 +232,6 @@ def test_max_destination_ranks():
     assert expert_placement.fan_out_histogram(ids, 8, 2) == [0, 1, 2]
 
 
-@pytest.fixture
-def launched_as(monkeypatch):
-    """Pretend to be one of ``n`` processes of a launch (torchrun's environment), with no process group."""
-
-    def set_world(n: int):
-        monkeypatch.setenv("WORLD_SIZE", str(n))
-        monkeypatch.setenv("RANK", "0")
-        monkeypatch.setenv("LOCAL_RANK", "0")
-
-    return set_world
-
-
 @pytest.mark.parametrize(
     "world, sizes, message",
     [

@@ -21,7 +21,7 @@ from transformers import DistributedConfig
 from conftest import YARN, build_model, save_checkpoint, tiny_config
 from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM, register_plugin
 from modeling_deepseek_v3 import registry
-from modeling_deepseek_v3.registry import ENTRY_POINT_GROUP, AttentionPlugin, load_entry_point_plugins
+from modeling_deepseek_v3.registry import ENTRY_POINT_GROUP, load_entry_point_plugins
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL = ROOT / "tests" / "fixtures" / "deepseek_v3_official_config.json"
@@ -190,16 +190,6 @@ def test_a_broken_entry_point_neither_hides_the_others_nor_its_own_cause(tmp_pat
 # ---------------------------------------------------------------------------------------------------
 # DistributedConfig: checked against the model before any process group exists
 # ---------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def launched_as(monkeypatch):
-    def set_world(n: int):
-        monkeypatch.setenv("WORLD_SIZE", str(n))
-        monkeypatch.setenv("RANK", "0")
-        monkeypatch.setenv("LOCAL_RANK", "0")
-
-    return set_world
 
 
 @pytest.mark.parametrize(
