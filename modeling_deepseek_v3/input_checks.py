@@ -4,10 +4,9 @@ they cost no device read and trace under ``torch.compile`` (the value checks tha
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
-
-import difflib
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, EncoderDecoderCache, StaticLayer, StaticSlidingWindowLayer

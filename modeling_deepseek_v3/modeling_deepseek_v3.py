@@ -275,10 +275,11 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             )
 
     def _check_inputs(self, input_ids, position_ids, attention_mask, past_key_values, decoding: bool,
-                      inputs_embeds=None, cache_position=None) -> None:
+                      inputs_embeds=None, cache_position=None, past=None, capacity=None) -> None:
         """Clear errors for bad input values. They read the device once, so they are skipped where that would cost a
         host sync per generated token: a one-token step over a cache (``decoding``; its token came from the model's
-        own vocabulary) and compiled graphs."""
+        own vocabulary) and compiled graphs. ``past`` and ``capacity`` are the cache's ``input_checks.cached_length``
+        and ``static_capacity``, read once by the forward."""
         if decoding or torch.compiler.is_compiling():
             return
         # One host read for all checks.
@@ -292,10 +293,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.dtype != torch.bool:
             # transformers reads a 2-D mask as bool: an additive mask (0 / -inf) would silently keep only the padding
             extremes["non_binary_mask_values"] = ((attention_mask != 0) & (attention_mask != 1)).sum()
-        capacity = input_checks.static_capacity(past_key_values)
         if capacity is not None:  # a static layer's length is a device tensor
             extremes["cached"] = torch.as_tensor(past_key_values.get_seq_length())
-        past = input_checks.cached_length(past_key_values)
         if cache_position is not None and (capacity is not None or past is not None):
             extremes.update(first_cache_position=cache_position[0], last_cache_position=cache_position[-1])
         values = torch.stack([e.to(position_ids.device, torch.int64) for e in extremes.values()]).tolist()
@@ -363,9 +362,9 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         model_dtype = None if embedding is None else embedding.dtype
         input_checks.check_cache(past_key_values, batch_size, seq_len, self._cache_widths, self.config.num_hidden_layers,
                                  model_dtype)
+        past, capacity = input_checks.cached_length(past_key_values), input_checks.static_capacity(past_key_values)
         input_checks.check_attention_mask(
-            attention_mask, (batch_size, seq_len), input_checks.cached_length(past_key_values),
-            input_checks.static_capacity(past_key_values), self.config.num_attention_heads, model_dtype,
+            attention_mask, (batch_size, seq_len), past, capacity, self.config.num_attention_heads, model_dtype,
         )
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
@@ -375,7 +374,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         input_checks.check_position_ids(position_ids, batch_size, seq_len)
         decoding = past_key_values is not None and (seq_len == 1 or self._verifying_drafts)
         self._check_inputs(input_ids, position_ids, attention_mask, past_key_values, decoding=decoding,
-                           inputs_embeds=inputs_embeds, cache_position=cache_position)
+                           inputs_embeds=inputs_embeds, cache_position=cache_position, past=past, capacity=capacity)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
 
