@@ -60,7 +60,7 @@ from transformers.quantizers.auto import (
 )
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
-from . import model_card
+from . import compat, model_card
 from .fp8_config import QUANT_METHOD, DeepseekV3FP8Config, as_quantization_config
 from .checkpoint_io import (
     INDEX_NAME,
@@ -550,11 +550,13 @@ def check_save_arguments(state_dict, max_shard_size) -> None:
         for key, value in state_dict.items():
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"`state_dict[{key!r}]` must be a torch.Tensor, got {type(value).__name__}.")
-    # the rule of huggingface_hub's shard splitter, which transformers' save hands the value to: an int, or a number
-    # followed by KB, MB, GB or TB (decimal units; "KiB" and the like are refused there)
+    # huggingface_hub's shard splitter, which transformers' save hands the value to, parses it: read it the same way
+    # here (an int, or a number followed by KB, MB, GB or TB; "KiB" and the like are refused there)
     if isinstance(max_shard_size, str):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]B)\s*", max_shard_size, flags=re.IGNORECASE)
-        size = int(float(match[1]) * 1000 ** (1 + "KMGT".index(match[2][0].upper()))) if match else None
+        try:
+            size = compat.parse_shard_size(max_shard_size)
+        except (ValueError, OverflowError):
+            size = None
     else:
         size = max_shard_size if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool) else None
     if size is None or size < 1:

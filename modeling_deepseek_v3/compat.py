@@ -1,7 +1,7 @@
-"""The private transformers and torch APIs this package relies on, in one place.
+"""The private transformers, huggingface_hub and torch APIs this package relies on, in one place.
 
-Everything else in the package uses public APIs. The few hooks below are not public: transformers may rename or
-re-sign them in any release. Each is reached only through this module, and :func:`check` verifies, for the
+Everything else in the package uses public APIs. The few hooks below are not public: transformers or huggingface_hub
+may rename or re-sign them in any release. Each is reached only through this module, and :func:`check` verifies, for the
 installed versions, that every one exists with the parameters we call it with; ``tests/test_compat.py`` runs it, so
 an incompatible release fails one test whose message names the API instead of breaking somewhere deep in loading,
 pushing, generation or training.
@@ -28,6 +28,8 @@ dataclass fields of transformers' ``DeepseekV3Config``     the defaults of the o
                                                            before transformers' own ``__init__`` runs
 ``output_capturing._active_collector``                     the MTP draft step runs with output capturing off, so a
                                                            compiled draft step does not read a ``ContextVar``
+``huggingface_hub.serialization._base.parse_size_to_int``  the shard splitter's reading of ``max_shard_size``, to refuse
+                                                           a size it cannot parse before the save starts
 ``torch._C._current_graph_task_id``                        whether the autograd engine is running a backward pass
                                                            (activation-checkpoint recomputation must not count tokens)
 =========================================================  ===========================================================
@@ -39,6 +41,7 @@ import dataclasses
 import inspect
 
 import torch
+from huggingface_hub.serialization import _base as hub_serialization
 from transformers import DeepseekV3Config as TransformersDeepseekV3Config
 from transformers.cache_utils import StaticLayer
 from transformers.generation import GenerationMixin
@@ -86,6 +89,8 @@ def check() -> None:
     collector = getattr(output_capturing, "_active_collector", None)
     if not all(callable(getattr(collector, method, None)) for method in ("get", "set", "reset")):
         problems.append("transformers.utils.output_capturing._active_collector (get/set/reset) does not exist")
+    if not callable(getattr(hub_serialization, "parse_size_to_int", None)):
+        problems.append("huggingface_hub.serialization._base.parse_size_to_int does not exist")
     if not callable(getattr(torch._C, "_current_graph_task_id", None)):
         problems.append("torch._C._current_graph_task_id does not exist")
     if problems:
@@ -144,6 +149,12 @@ def without_output_capture(function, *args, **kwargs):
         output_capturing._active_collector.reset(token)
 
 
+def parse_shard_size(size: str) -> int:
+    """Bytes in a ``max_shard_size`` string such as ``'5GB'``, as huggingface_hub's shard splitter reads it (raises
+    ``ValueError``, or ``OverflowError`` for an infinite number, where that splitter would fail)."""
+    return hub_serialization.parse_size_to_int(size)
+
+
 def in_backward_pass() -> bool:
     """True while the autograd engine runs a backward pass (never inside a compiled graph, see the router)."""
     return torch._C._current_graph_task_id() != -1
@@ -151,5 +162,5 @@ def in_backward_pass() -> bool:
 
 __all__ = [
     "IncompatibleVersionError", "auto_compile_applies", "base_load_pretrained_model", "check", "in_backward_pass",
-    "official_field_defaults", "static_layer_length", "without_output_capture",
+    "official_field_defaults", "parse_shard_size", "static_layer_length", "without_output_capture",
 ]

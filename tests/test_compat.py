@@ -47,3 +47,10 @@ def test_a_static_layer_length_that_is_no_tensor_is_named(monkeypatch):
     monkeypatch.setattr(StaticLayer, "update", lambda self, k, v, *a, **kw: (torch.zeros(0), torch.zeros(0)))
     with pytest.raises(compat.IncompatibleVersionError, match=r"StaticLayer\.cumulative_length"):
         compat.check()
+
+
+def test_a_missing_shard_size_parser_is_named(monkeypatch):
+    # save_pretrained reads max_shard_size with huggingface_hub's own parser before the save starts
+    monkeypatch.delattr(compat.hub_serialization, "parse_size_to_int")
+    with pytest.raises(compat.IncompatibleVersionError, match=r"huggingface_hub\.serialization\._base\.parse_size_to_int"):
+        compat.check()
