@@ -765,16 +765,25 @@ def check_index_against_files(sharded_metadata, checkpoint_files, headers) -> No
     check_index_matches(index if index.is_file() else "of the checkpoint", weight_map, location)
 
 
+def router_biases(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{buffer name: e_score_correction_bias}`` of every router holding its bias in memory (sharded DTensor and
+    meta biases are left out: their values are not here to check)."""
+    return {name: b for name, b in model.named_buffers()
+            if name.endswith("e_score_correction_bias") and b.device.type != "meta" and type(b) is torch.Tensor}
+
+
+def count_nonfinite(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """``{name: number of nan/inf values}`` for the tensors that hold any, with one host read for all of them."""
+    if not tensors:
+        return {}
+    counts = torch.stack([(~torch.isfinite(t)).sum().to("cpu") for t in tensors.values()]).tolist()
+    return {name: count for name, count in zip(tensors, counts) if count}
+
+
 def check_saved_router_biases_finite(model: nn.Module) -> None:
     """Before saving: a nan or inf router bias (set by hand, or by a broken training loop) would write a checkpoint
-    that loading refuses (``check_router_biases_finite``), so the save is refused now, naming the routers. One host
-    read for all of them; sharded (DTensor) biases are left to the load check."""
-    biases = {name: b for name, b in model.named_buffers()
-              if name.endswith("e_score_correction_bias") and b.device.type != "meta" and type(b) is torch.Tensor}
-    if not biases:
-        return
-    counts = torch.stack([(~torch.isfinite(b)).sum().to("cpu") for b in biases.values()]).tolist()
-    bad = [name for name, count in zip(biases, counts) if count]
+    that loading refuses (``check_router_biases_finite``), so the save is refused now, naming the routers."""
+    bad = count_nonfinite(router_biases(model))
     if bad:
         raise ValueError(
             f"Cannot save: the routing bias of {', '.join(bad)} holds nan or inf values, so the saved checkpoint would "
@@ -786,21 +795,16 @@ def check_saved_router_biases_finite(model: nn.Module) -> None:
 def check_router_biases_finite(model: nn.Module, headers: dict) -> None:
     """After loading: every router's ``e_score_correction_bias`` the checkpoint provided is finite. A nan or inf
     bias makes the router's top-k pick arbitrary experts for every token without any error (the bias step refuses
-    to produce one; a corrupt file still can). The biases are tiny: all are checked with one host read."""
+    to produce one; a corrupt file still can)."""
     stored = {name.removeprefix("model."): name for name in headers}  # a base model's names lack the prefix
-    biases = {stored.get(name, name): b for name, b in model.named_buffers()
-              if name.endswith("e_score_correction_bias") and (name in headers or name in stored)
-              and b.device.type != "meta" and type(b) is torch.Tensor}
-    if not biases:
-        return
-    counts = torch.stack([(~torch.isfinite(b)).sum().to("cpu") for b in biases.values()]).tolist()
-    for (name, bias), count in zip(biases.items(), counts):
-        if count:
-            values = bias[~torch.isfinite(bias)][:4].tolist()
-            raise CheckpointError(
-                f"Router bias {name!r} in {headers[name][0]} holds {count} of {bias.numel()} values that are not finite "
-                f"(e.g. {values}): the router would pick arbitrary experts. The checkpoint is corrupt."
-            )
+    loaded = {stored.get(name, name): b for name, b in router_biases(model).items() if name in headers or name in stored}
+    for name, count in count_nonfinite(loaded).items():
+        bias = loaded[name]
+        values = bias[~torch.isfinite(bias)][:4].tolist()
+        raise CheckpointError(
+            f"Router bias {name!r} in {headers[name][0]} holds {count} of {bias.numel()} values that are not finite "
+            f"(e.g. {values}): the router would pick arbitrary experts. The checkpoint is corrupt."
+        )
 
 
 __all__ = [
