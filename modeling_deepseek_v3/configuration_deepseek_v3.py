@@ -448,11 +448,12 @@ def check_rope_parameters(rope) -> None:
         )
     if rope_type == "yarn":
         # YaRN ramps from the dimensions that rotate beta_fast times over the trained context (kept) to those that
-        # rotate beta_slow times (interpolated): the other way round the ramp is inverted (defaults 32 and 1)
+        # rotate beta_slow times (interpolated): the other way round the ramp is inverted (defaults 32 and 1). Equal
+        # betas are a step instead of a ramp, which transformers computes and Kimi K2's released config uses (1 and 1).
         beta_fast, beta_slow = rope.get("beta_fast", 32), rope.get("beta_slow", 1)
-        if _is_number(beta_fast) and _is_number(beta_slow) and beta_fast <= beta_slow:
+        if _is_number(beta_fast) and _is_number(beta_slow) and beta_fast < beta_slow:
             raise ValueError(
-                f"Config field `rope_scaling` (or `rope_parameters`) entry `beta_fast` ({beta_fast!r}) must exceed "
+                f"Config field `rope_scaling` (or `rope_parameters`) entry `beta_fast` ({beta_fast!r}) must be at least "
                 f"`beta_slow` ({beta_slow!r}) for rope type 'yarn' (e.g. 32 and 1)."
             )
     truncate = rope.get("truncate")

@@ -15,6 +15,9 @@ CONFIGS = {
     "no-qlora-1group-plain-rope": dict(q_lora_rank=None, n_group=1, topk_group=1, rope_scaling=None),
     "qlora-4groups-yarn-halfsplit-rope": dict(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4, rope_interleave=False),
     "all-moe-2shared": dict(first_k_dense_replace=0, n_shared_experts=2, norm_topk_prob=False, routed_scaling_factor=1.5),
+    # Kimi K2's released rope block: theta 50000, equal YaRN betas (a step where DeepSeek-V3's 32 and 1 ramp)
+    "kimi-k2-rope": dict(rope_theta=50000.0, rope_scaling={"type": "yarn", "factor": 32.0, "beta_fast": 1.0, "beta_slow": 1.0,
+                                                           "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096}),
 }
 
 

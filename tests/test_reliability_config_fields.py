@@ -163,9 +163,8 @@ def test_other_overrides_still_resolve_and_are_validated(folders):
         (dict(qk_head_dim=32), r"`qk_head_dim` \(32\) must equal `qk_nope_head_dim` \+ `qk_rope_head_dim` \(20\)"),
         (dict(rope_scaling={**YARN, "rope_type": "linear"}), r"entries `type` \('yarn'\) and `rope_type` \('linear'\) disagree"),
         (dict(rope_scaling=None, rope_parameters={"rope_type": "yarn", "type": "linear", "factor": 2.0}), r"`type` \('linear'\) and `rope_type` \('yarn'\)"),
-        (dict(rope_scaling={**YARN, "beta_fast": 1, "beta_slow": 32}), r"entry `beta_fast` \(1\) must exceed `beta_slow` \(32\) for rope type 'yarn'"),
-        (dict(rope_scaling={**YARN, "beta_fast": 4, "beta_slow": 4}), r"`beta_fast` \(4\) must exceed `beta_slow` \(4\)"),
-        (dict(rope_scaling={"type": "yarn", "factor": 4.0, "beta_slow": 40}), r"`beta_fast` \(32\) must exceed `beta_slow` \(40\)"),  # default beta_fast
+        (dict(rope_scaling={**YARN, "beta_fast": 1, "beta_slow": 32}), r"entry `beta_fast` \(1\) must be at least `beta_slow` \(32\) for rope type 'yarn'"),
+        (dict(rope_scaling={"type": "yarn", "factor": 4.0, "beta_slow": 40}), r"`beta_fast` \(32\) must be at least `beta_slow` \(40\)"),  # default beta_fast
         (dict(dtype="float8_e4m3fn"), r"`dtype` must be one of float32, bfloat16, float16, float64.*'float8_e4m3fn'.*`quantization_config`"),
         (dict(dtype=torch.float8_e5m2), r"`dtype` must be one of.*float8_e5m2"),
         (dict(quantization_config={}), r"`quantization_config` needs a `quant_method` entry.*got \{\}"),
@@ -190,7 +189,7 @@ def test_values_transformers_derives_the_same_way_are_accepted():
         (dict(num_key_value_heads=2), r"`num_key_value_heads` \(2\) must equal `num_attention_heads`"),
         (dict(head_dim=16), r"`head_dim` \(16\)"),
         (dict(dtype=torch.float8_e4m3fn), r"`dtype` must be one of.*float8_e4m3fn.*quantization_config"),
-        (dict(rope_scaling={**YARN, "beta_fast": 1, "beta_slow": 32}), r"`beta_fast` \(1\) must exceed `beta_slow` \(32\)"),
+        (dict(rope_scaling={**YARN, "beta_fast": 1, "beta_slow": 32}), r"`beta_fast` \(1\) must be at least `beta_slow` \(32\)"),
     ],
 )
 def test_bad_from_pretrained_overrides_name_the_field(folders, override, message):
