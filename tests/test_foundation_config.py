@@ -154,3 +154,38 @@ def test_seq_aux_that_disagrees_with_the_router_is_an_error(overrides, message):
 def test_seq_aux_that_agrees_with_the_router_is_accepted():
     assert tiny_config(seq_aux=True).seq_aux is True
     assert tiny_config(seq_aux=False, topk_method="greedy").seq_aux is False
+
+
+# The released config.json fields of DeepSeek-V3 and of two checkpoints of the same architecture: Kimi K2 (under its own
+# model_type, theta 50000, YaRN with equal betas, 384 experts in one group) and Moonlight-16B-A3B (no q-LoRA, plain
+# RoPE at theta 50000, 64 experts).
+RELEASED = {
+    "deepseek-v3": OFFICIAL,
+    "kimi-k2": OFFICIAL.parent / "kimi_k2_config.json",
+    "moonlight-16b-a3b": OFFICIAL.parent / "moonlight_16b_a3b_config.json",
+}
+
+
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_released_configs_build_transformers_layout(name, tmp_path):
+    import torch
+
+    from modeling_deepseek_v3 import DeepseekV3ForCausalLM
+
+    released = json.loads(RELEASED[name].read_text())
+    (tmp_path / "config.json").write_text(json.dumps(released))
+    config = DeepseekV3Config.from_pretrained(tmp_path)
+    theirs_config = transformers.DeepseekV3Config.from_pretrained(tmp_path)
+    assert config.rope_parameters == theirs_config.rope_parameters
+    with torch.device("meta"):
+        ours = DeepseekV3ForCausalLM(config)
+        theirs = transformers.DeepseekV3ForCausalLM(theirs_config)
+    ours_shapes = {n: tuple(p.shape) for n, p in ours.named_parameters()}
+    theirs_shapes = {n: tuple(p.shape) for n, p in theirs.named_parameters()}
+    # every tensor of transformers' class, of the same shape; ours adds only the MTP layers after the decoder stack
+    # (Moonlight's file has no num_nextn_predict_layers: 1 by default, as in transformers' and DeepSeek's configs)
+    assert {n: ours_shapes.get(n) for n in theirs_shapes} == theirs_shapes
+    extra_layers = {int(n.split(".")[2]) for n in set(ours_shapes) - set(theirs_shapes)}
+    depth = released.get("num_nextn_predict_layers", 1)
+    assert config.num_nextn_predict_layers == depth
+    assert extra_layers == set(range(released["num_hidden_layers"], released["num_hidden_layers"] + depth))
