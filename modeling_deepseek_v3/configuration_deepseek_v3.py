@@ -330,6 +330,9 @@ _INIT_FIELDS = frozenset(
     [*_OWN_FIELDS, *_TransformersDeepseekV3Config.__annotations__, *_TransformersDeepseekV3Config.attribute_map,
      *_TransformersDeepseekV3Config.attribute_map.values(), "rope_theta", "rope_scaling"]
 )
+# what from_pretrained takes as a field of the config (its other keywords go to the model): the distributed
+# pre-checks read the config the model will be built from with the same overrides
+DeepseekV3Config.field_names = _INIT_FIELDS
 
 
 def _rope_theta_of(config_dict: dict):

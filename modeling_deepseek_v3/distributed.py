@@ -98,9 +98,7 @@ def resolve_model_config(config_class, pretrained_model_name_or_path, kwargs: di
     hub = {k: kwargs[k] for k in _HUB_KEYWORDS if k in kwargs}
     # the model's own fields given to from_pretrained override the file's, so the layout is checked against the config
     # the model will be built from (e.g. `n_group=...` for the placement check)
-    from .configuration_deepseek_v3 import _INIT_FIELDS
-
-    overrides = {k: v for k, v in kwargs.items() if k in _INIT_FIELDS}
+    overrides = {k: v for k, v in kwargs.items() if k in config_class.field_names}
     source = config if isinstance(config, (str, os.PathLike)) else pretrained_model_name_or_path
     return config_class.from_pretrained(source, **hub, **overrides)
 
