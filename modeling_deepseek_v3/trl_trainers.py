@@ -32,6 +32,7 @@ from peft import LoraConfig, PeftModel
 from torch import nn
 from transformers import PreTrainedModel
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
+from trl.trainer.utils import is_async_callable
 
 from .balance_hooks import BalanceLossTap
 from .lora import prepare_lora_config
@@ -186,7 +187,7 @@ class DeepseekV3DPOTrainer(_DeepseekV3Balancing, DPOTrainer):
         return self._with_balance_loss(result, 1.0)  # as DPOTrainer adds its MoE term: Trainer scales the sum
 
 
-def _check_rewards(name: str, rewards, count: int) -> None:
+def _check_rewards(name: str, rewards, count: int | None) -> None:
     """What a reward function returned: one real number (or None, which TRL reads as "no reward here") per completion.
     TRL turns it into a tensor without looking, so a scalar, a string or a [N, 2] tensor failed there with an error
     that names no function, and an infinite reward made every advantage of its group nan or ±inf."""
@@ -198,6 +199,9 @@ def _check_rewards(name: str, rewards, count: int) -> None:
     if isinstance(rewards, (str, bytes, Mapping)) or not isinstance(rewards, Sequence) and not hasattr(rewards, "__len__"):
         raise ValueError(f"The reward function {name!r} returned {type(rewards).__name__} {rewards!r}; it must return "
                          f"a list of {count} rewards, one per completion.")
+    if count is not None and len(rewards) != count:
+        raise ValueError(f"The reward function {name!r} returned {len(rewards)} rewards for {count} completions; it "
+                         "must return one per completion.")
     for index, reward in enumerate(rewards):
         if isinstance(reward, torch.Tensor) and reward.numel() == 1:
             reward = reward.item()
@@ -216,7 +220,8 @@ def _checked_reward(func, name: str):
     """``func`` with its return value checked (``_check_rewards``); TRL calls reward functions by keyword."""
     def checked(*args, **kwargs):
         rewards = func(*args, **kwargs)
-        _check_rewards(name, rewards, len(kwargs.get("completions", args[1] if len(args) > 1 else ())))
+        completions = kwargs["completions"] if "completions" in kwargs else args[1] if len(args) > 1 else None
+        _check_rewards(name, rewards, None if completions is None else len(completions))
         return rewards
 
     checked.__name__ = getattr(func, "__name__", name)
@@ -233,8 +238,7 @@ class DeepseekV3GRPOTrainer(_DeepseekV3Balancing, GRPOTrainer):
         self._tap_model(model)
         super().__init__(model, reward_funcs, args, *rest, peft_config=_prepare_peft(model, peft_config), **kwargs)
         self._finish_setup()
-        from trl.trainer.utils import is_async_callable  # noqa: PLC0415 (TRL's own test for an async reward)
-
+        # TRL awaits an async reward function and calls a model: those are left as they are
         self.reward_funcs = [
             func if isinstance(func, nn.Module) or is_async_callable(func) else _checked_reward(func, name)
             for func, name in zip(self.reward_funcs, self.reward_func_names)

@@ -223,6 +223,7 @@ def test_a_dpo_reference_in_training_mode_counts_nothing(tmp_path):
     (["1"] * 4, r"returned '1' \(str\) for completion 0; a reward is a real number or None"),
     ([0.0, math.inf, 0.0, 0.0], r"returned inf for completion 1: an infinite reward makes the advantages"),
     ([0.0, 0.0, -math.inf, 0.0], r"returned -inf for completion 2"),
+    ([1.0, 0.0, 1.0], r"returned 3 rewards for 4 completions; it must return one per completion"),
 ])
 def test_bad_reward_returns_are_named(returned, message):
     from modeling_deepseek_v3.trl_trainers import _checked_reward
