@@ -1,10 +1,10 @@
-"""The private transformers, huggingface_hub and torch APIs this package relies on, in one place.
+"""The private transformers, huggingface_hub, PEFT and torch APIs this package relies on, in one place.
 
-Everything else in the package uses public APIs. The few hooks below are not public: transformers or huggingface_hub
-may rename or re-sign them in any release. Each is reached only through this module, and :func:`check` verifies, for the
-installed versions, that every one exists with the parameters we call it with; ``tests/test_compat.py`` runs it, so
-an incompatible release fails one test whose message names the API instead of breaking somewhere deep in loading,
-pushing, generation or training.
+Everything else in the package uses public APIs. The few hooks below are not public: transformers, huggingface_hub
+or PEFT may rename or re-sign them in any release. Each is reached only through this module, and :func:`check`
+verifies, for the installed versions, that every one exists with the parameters we call it with;
+``tests/test_compat.py`` runs it, so an incompatible release fails one test whose message names the API instead of
+breaking somewhere deep in loading, pushing, generation or training.
 
 =========================================================  ===========================================================
 private API                                                what we use it for
@@ -28,6 +28,9 @@ dataclass fields of transformers' ``DeepseekV3Config``     the defaults of the o
                                                            before transformers' own ``__init__`` runs
 ``output_capturing._active_collector``                     the MTP draft step runs with output capturing off, so a
                                                            compiled draft step does not read a ``ContextVar``
+PEFT's ``_MODEL_TO_CONVERSION_PATTERN``,                   the ``target_modules`` names PEFT rewrites into the routed
+``_MOE_TARGET_MODULE_MAPPING``, ``_MOE_FUSED_TARGETS``     experts' parameters for this model type (``lora``); checked
+                                                           only where PEFT is installed
 ``huggingface_hub.serialization._base.parse_size_to_int``  the shard splitter's reading of ``max_shard_size``, to refuse
                                                            a size it cannot parse before the save starts
 ``torch._C._current_graph_task_id``                        whether the autograd engine is running a backward pass
@@ -89,6 +92,7 @@ def check() -> None:
     collector = getattr(output_capturing, "_active_collector", None)
     if not all(callable(getattr(collector, method, None)) for method in ("get", "set", "reset")):
         problems.append("transformers.utils.output_capturing._active_collector (get/set/reset) does not exist")
+    problems += _peft_problems()
     if not callable(getattr(hub_serialization, "parse_size_to_int", None)):
         problems.append("huggingface_hub.serialization._base.parse_size_to_int does not exist")
     if not callable(getattr(torch._C, "_current_graph_task_id", None)):
@@ -149,6 +153,35 @@ def without_output_capture(function, *args, **kwargs):
         output_capturing._active_collector.reset(token)
 
 
+_PEFT_MOE_TABLES = ("_MODEL_TO_CONVERSION_PATTERN", "_MOE_TARGET_MODULE_MAPPING", "_MOE_FUSED_TARGETS")
+
+
+def _peft_moe_tables():
+    from peft.utils import transformers_weight_conversion
+
+    return transformers_weight_conversion
+
+
+def _peft_problems() -> list[str]:
+    try:
+        tables = _peft_moe_tables()
+    except ImportError:  # PEFT is optional (the `finetune` extra); without it nothing here uses the tables
+        return []
+    return [f"peft.utils.transformers_weight_conversion.{name} is not a dict" for name in _PEFT_MOE_TABLES
+            if not isinstance(getattr(tables, name, None), dict)]
+
+
+def peft_renamed_targets(model_type: str | None) -> set[str]:
+    """The ``target_modules`` names that PEFT rewrites, for a model of ``model_type``, into the parameters of the
+    stacked MoE layout before it matches anything (as PEFT decides it: the model type has both a name mapping and
+    fused targets)."""
+    tables = _peft_moe_tables()
+    pattern = tables._MODEL_TO_CONVERSION_PATTERN.get(model_type)
+    if pattern is None or not tables._MOE_FUSED_TARGETS.get(pattern):
+        return set()
+    return set(tables._MOE_TARGET_MODULE_MAPPING.get(pattern, {}))
+
+
 def parse_shard_size(size: str) -> int:
     """Bytes in a ``max_shard_size`` string such as ``'5GB'``, as huggingface_hub's shard splitter reads it (raises
     ``ValueError``, or ``OverflowError`` for an infinite number, where that splitter would fail)."""
@@ -162,5 +195,5 @@ def in_backward_pass() -> bool:
 
 __all__ = [
     "IncompatibleVersionError", "auto_compile_applies", "base_load_pretrained_model", "check", "in_backward_pass",
-    "official_field_defaults", "parse_shard_size", "static_layer_length", "without_output_capture",
+    "official_field_defaults", "parse_shard_size", "peft_renamed_targets", "static_layer_length", "without_output_capture",
 ]

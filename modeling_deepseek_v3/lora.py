@@ -34,6 +34,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from torch import nn
 
+from . import compat
 from .layers import DeepseekV3Experts
 from .quantization.experts import FP8Experts
 from .quantization.formats import FP8_DTYPE
@@ -79,12 +80,7 @@ def _peft_renamed_targets(model: nn.Module) -> set[str]:
     Qwen2-MoE) ``gate_proj``/``up_proj``/``down_proj`` become the routed experts' stacked parameters and ``gate`` the
     router's weight, wherever they occur, a full module path included (an adapter of the per-expert Linear layers
     of older transformers then still loads)."""
-    try:
-        from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING
-    except ImportError:  # a PEFT without the rewrite
-        return set()
-    pattern = _MODEL_TO_CONVERSION_PATTERN.get(getattr(getattr(model, "config", None), "model_type", None))
-    return set(_MOE_TARGET_MODULE_MAPPING.get(pattern, {}))
+    return compat.peft_renamed_targets(getattr(getattr(model, "config", None), "model_type", None))
 
 
 def _all_linear(model: nn.Module, target_parameters) -> tuple[set[str], list[str] | None]:

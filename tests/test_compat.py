@@ -54,3 +54,11 @@ def test_a_missing_shard_size_parser_is_named(monkeypatch):
     monkeypatch.delattr(compat.hub_serialization, "parse_size_to_int")
     with pytest.raises(compat.IncompatibleVersionError, match=r"huggingface_hub\.serialization\._base\.parse_size_to_int"):
         compat.check()
+
+
+def test_a_missing_peft_table_is_named(monkeypatch):
+    # lora.py reads which target_modules names PEFT rewrites into the stacked experts' parameters
+    pytest.importorskip("peft")
+    monkeypatch.delattr(compat._peft_moe_tables(), "_MOE_FUSED_TARGETS")
+    with pytest.raises(compat.IncompatibleVersionError, match=r"transformers_weight_conversion\._MOE_FUSED_TARGETS"):
+        compat.check()
