@@ -33,6 +33,8 @@ PEFT's ``_MODEL_TO_CONVERSION_PATTERN``,                   the ``target_modules`
                                                            only where PEFT is installed
 ``huggingface_hub.serialization._base.parse_size_to_int``  the shard splitter's reading of ``max_shard_size``, to refuse
                                                            a size it cannot parse before the save starts
+``torch._C._nn._parse_to``                                 the dtype of a ``model.to(...)`` call, read as ``nn.Module.to``
+                                                           reads it (a float8 cast is refused)
 ``torch._C._current_graph_task_id``                        whether the autograd engine is running a backward pass
                                                            (activation-checkpoint recomputation must not count tokens)
 =========================================================  ===========================================================
@@ -95,6 +97,8 @@ def check() -> None:
     problems += _peft_problems()
     if not callable(getattr(hub_serialization, "parse_size_to_int", None)):
         problems.append("huggingface_hub.serialization._base.parse_size_to_int does not exist")
+    if not callable(getattr(getattr(torch._C, "_nn", None), "_parse_to", None)):
+        problems.append("torch._C._nn._parse_to does not exist")
     if not callable(getattr(torch._C, "_current_graph_task_id", None)):
         problems.append("torch._C._current_graph_task_id does not exist")
     if problems:
@@ -188,12 +192,19 @@ def parse_shard_size(size: str) -> int:
     return hub_serialization.parse_size_to_int(size)
 
 
+def dtype_of_to_call(*args, **kwargs) -> torch.dtype | None:
+    """The dtype a ``module.to(*args, **kwargs)`` call casts to (``None`` if it casts none), parsed as torch's own
+    ``nn.Module.to`` parses its arguments (a dtype, a tensor, a device and a dtype, keywords)."""
+    return torch._C._nn._parse_to(*args, **kwargs)[1]
+
+
 def in_backward_pass() -> bool:
     """True while the autograd engine runs a backward pass (never inside a compiled graph, see the router)."""
     return torch._C._current_graph_task_id() != -1
 
 
 __all__ = [
-    "IncompatibleVersionError", "auto_compile_applies", "base_load_pretrained_model", "check", "in_backward_pass",
-    "official_field_defaults", "parse_shard_size", "peft_renamed_targets", "static_layer_length", "without_output_capture",
+    "IncompatibleVersionError", "auto_compile_applies", "base_load_pretrained_model", "check", "dtype_of_to_call",
+    "in_backward_pass", "official_field_defaults", "parse_shard_size", "peft_renamed_targets", "static_layer_length",
+    "without_output_capture",
 ]

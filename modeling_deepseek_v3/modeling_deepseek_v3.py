@@ -153,7 +153,8 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         return (model, info) if want_info else model
 
     # The private hooks overridden here (_load_pretrained_model, _upload_modified_files, and in the causal LM
-    # _get_candidate_generator and _assisted_decoding) are listed and version-checked in compat.py.
+    # _get_candidate_generator and _assisted_decoding) and the private APIs used are listed and version-checked in
+    # compat.py.
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
         # header checks (clear errors naming tensor and file) before transformers reads, MTP report after
@@ -164,7 +165,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     def to(self, *args, **kwargs):
         # torch casts every floating-point parameter and buffer, embeddings and norms included, to a float8 dtype
         # without a word; no layer computes in float8 (FP8 storage is the quantizer's, with its block scales)
-        dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
+        dtype = compat.dtype_of_to_call(*args, **kwargs)
         if dtype is not None and dtype.is_floating_point and dtype.itemsize == 1:
             raise ValueError(
                 f"Cannot cast the model to {dtype}: no layer computes in float8. FP8 weights come with their block scales "
