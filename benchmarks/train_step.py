@@ -23,12 +23,11 @@ import tempfile
 import time
 
 import torch
-
-from modeling_deepseek_v3.cli import positive, seed
 import transformers
 
 import modeling_deepseek_v3
 from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
+from modeling_deepseek_v3.cli import positive, seed
 
 # The full-size benchmark config (813M parameters).
 FULL_CONFIG = dict(
