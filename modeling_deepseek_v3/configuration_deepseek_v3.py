@@ -150,6 +150,10 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         self.fp8_mode = fp8_mode
         self.fp8_power_of_two_scales = fp8_power_of_two_scales
         self.fused_kernels = fused_kernels
+        # A DeepSeek-V3 released under another model_type (Kimi K2's "kimi_k2") is this model: transformers would keep
+        # that name on the instance, and everything keyed by it (the expert-stacking conversion mapping of the load,
+        # PEFT's renaming of expert targets) would then miss the model. It reads as the class's, as it is saved.
+        kwargs.pop("model_type", None)
         # transformers' strict types reject a JSON integer where they declare a float (`"rms_norm_eps": 0` is 0.0)
         for field in _FLOAT_FIELDS:
             if type(kwargs.get(field)) is int:

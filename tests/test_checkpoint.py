@@ -311,3 +311,20 @@ def test_heads_missing_from_a_base_checkpoint_keep_transformers_behaviour(tmp_pa
     base.save_pretrained(tmp_path)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=2)  # fresh `score`
     assert model.score.weight.shape == (2, 64)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp8"])
+def test_a_checkpoint_under_another_model_type_loads_as_deepseek_v3(folders, kind, tmp_path):
+    # Kimi K2 is released under model_type "kimi_k2": its per-expert tensors must still be stacked on load (the
+    # conversion is keyed by the model type), and FP8 weights keep their scales
+    shutil.copytree(folders / kind, tmp_path / kind)
+    config = json.loads((tmp_path / kind / "config.json").read_text())
+    (tmp_path / kind / "config.json").write_text(json.dumps(config | {"model_type": "kimi_k2"}))
+    kwargs = dict(dtype=torch.float32)
+    if kind == "fp8":
+        kwargs["quantization_config"] = DeepseekV3FP8Config(dequantize=False)
+    renamed = DeepseekV3ForCausalLM.from_pretrained(tmp_path / kind, **kwargs).eval()
+    original = DeepseekV3ForCausalLM.from_pretrained(folders / kind, **kwargs).eval()
+    assert renamed.config.model_type == "deepseek_v3"
+    for (name, a), (_, b) in zip(renamed.state_dict().items(), original.state_dict().items()):
+        assert torch.equal(raw(a), raw(b)), name
