@@ -326,8 +326,9 @@ def _make_temporary_folder(target: Path) -> tuple[Path, bool]:
     ) from None
 
 
-# A shard's number in a weight file's name: ``model-00001-of-00009.safetensors``, ``model.fp16-00001-of-00002.safetensors``.
-_SHARD_NUMBER = re.compile(r"-\d{5}-of-\d{5}(?=\.)")
+# A shard's number in a weight file's name: ``model-00001-of-00009.safetensors``, ``model.fp16-00001-of-00002.safetensors``,
+# and the released DeepSeek-V3 / Kimi K2 folders' ``model-00001-of-000163.safetensors`` (six digits for the count).
+_SHARD_NUMBER = re.compile(r"-\d+-of-\d+(?=\.)")
 # An index: ``model.safetensors.index.json``, or with a variant ``model.safetensors.index.fp16.json``.
 _INDEX_FILE = re.compile(r"^(?P<stem>.+)\.safetensors\.index(?:\.(?P<variant>[^.]+))?\.json$")
 

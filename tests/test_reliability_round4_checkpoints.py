@@ -253,6 +253,16 @@ def test_save_still_removes_its_own_stale_files(model, tmp_path):
     load(target)
 
 
+def test_save_over_released_shard_names_removes_them(model, tmp_path):
+    # the released folders number their shards with six digits for the count (model-00001-of-000163.safetensors)
+    target = tmp_path / "out"
+    model.save_pretrained(target)
+    for i in (1, 2):
+        (target / f"model-{i:05d}-of-000002.safetensors").write_bytes(b"an earlier save's shard")
+    model.save_pretrained(target)
+    assert [n for n in _names(target) if "safetensors" in n] == ["model.safetensors"]
+
+
 @pytest.mark.parametrize("clash", ["model.safetensors", "config.json"])
 def test_save_target_holding_a_folder_named_like_a_saved_file_is_named(model, tmp_path, clash):
     target = tmp_path / "out"
