@@ -328,3 +328,37 @@ def test_a_checkpoint_under_another_model_type_loads_as_deepseek_v3(folders, kin
     assert renamed.config.model_type == "deepseek_v3"
     for (name, a), (_, b) in zip(renamed.state_dict().items(), original.state_dict().items()):
         assert torch.equal(raw(a), raw(b)), name
+
+
+def test_the_released_folder_layout_loads(folders, tmp_path):
+    # as the released FP8 folders are laid out: a shard per decoder layer named model-0000k-of-0000NN (six digits for
+    # the count), files without safetensors metadata, an index with total_size, the released config.json's extra
+    # fields (auto_map, the transformers_version that wrote it, torch_dtype, the legacy YaRN block)
+    tensors = read_folder(folders / "fp8")
+    layer_of = lambda name: int(name.split(".")[2]) + 1 if name.startswith("model.layers.") else 0  # noqa: E731
+    groups = sorted({layer_of(n) for n in tensors})
+    released = tmp_path / "released"
+    released.mkdir()
+    weight_map = {}
+    for number, group in enumerate(groups, start=1):
+        shard = f"model-{number:05d}-of-{len(groups):06d}.safetensors"
+        part = {n: t for n, t in tensors.items() if layer_of(n) == group}
+        save_file(part, released / shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (released / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    config = json.loads((folders / "fp8" / "config.json").read_text())
+    rope = {k: v for k, v in config.pop("rope_parameters").items() if k not in ("rope_type", "rope_theta")}
+    config.update(rope_scaling=dict(rope, type="yarn"), rope_theta=10000, torch_dtype="bfloat16", transformers_version="4.46.3",
+                  auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                            "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})
+    config.pop("dtype", None)
+    (released / "config.json").write_text(json.dumps(config))
+
+    kwargs = dict(dtype=torch.float32, quantization_config=DeepseekV3FP8Config(dequantize=False))
+    ours = transformers.AutoModelForCausalLM.from_pretrained(released, **kwargs).eval()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folders / "fp8", **kwargs).eval()
+    assert isinstance(ours.model.layers[1].self_attn.kv_a_proj_with_mqa, FP8Linear)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, reference(ids).logits)
