@@ -32,6 +32,8 @@ import re
 
 import torch
 from peft import LoraConfig, PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from . import compat
@@ -71,8 +73,26 @@ def prepare_lora_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
     return register_fp8_lora_layers(config)
 
 
+def _named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: module}`` of ``model`` as it is without adapters: a layer PEFT has wrapped (a LoRA layer, a
+    ``modules_to_save`` or trainable-token wrapper) reads as the module it wraps, under the wrapped name, and the
+    adapters' own modules are left out. A second adapter (``add_adapter``, ``load_adapter``) targets those names and
+    PEFT adds it to the layers already wrapped, so its config is checked against the same model as the first one."""
+    modules = {}
+
+    def visit(name: str, module: nn.Module) -> None:
+        while isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            module = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module.original_module
+        modules[name] = module
+        for child_name, child in module.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child)
+
+    visit("", model)
+    return modules
+
+
 def _linear_leaf_names(model: nn.Module) -> list[str]:
-    return sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, (nn.Linear, FP8Linear))})
+    return sorted({name.rpartition(".")[2] for name, m in _named_modules(model).items() if isinstance(m, (nn.Linear, FP8Linear))})
 
 
 def _peft_renamed_targets(model: nn.Module) -> set[str]:
@@ -91,9 +111,11 @@ def _all_linear(model: nn.Module, target_parameters) -> tuple[set[str], list[str
     routed experts' parameters and leave the projections themselves without an adapter. They are adapted as
     target parameters (``<module>.weight``) instead, which PEFT does not rewrite."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, AuxiliaryTrainingWrapper):  # the head is in `modules_to_save` of an adapter already there
+        head = head.original_module
     renamed = _peft_renamed_targets(model)
     modules, parameters = set(), list(target_parameters or [])
-    for name, module in model.named_modules():
+    for name, module in _named_modules(model).items():
         if not isinstance(module, (nn.Linear, FP8Linear)) or module is head:
             continue
         if name.rpartition(".")[2] not in renamed:
@@ -107,7 +129,7 @@ def _all_linear(model: nn.Module, target_parameters) -> tuple[set[str], list[str
             )
         else:
             parameters.append(f"{name}.weight")
-    for name, module in model.named_modules():
+    for module in _named_modules(model).values():
         if isinstance(module, DeepseekV3Experts):
             parameters.extend(p for p in STACKED_EXPERT_PARAMETERS if p not in parameters)
             break
@@ -157,7 +179,9 @@ def _check_scaling(config: LoraConfig) -> None:
 def _check_patterns(model: nn.Module, config: LoraConfig) -> None:
     """Every ``rank_pattern`` / ``alpha_pattern`` key must match a module or parameter name, as PEFT matches it (a
     regular expression for the end of the name); PEFT ignores a key that matches nothing."""
-    names = [name for name, _ in model.named_modules()] + [name for name, _ in model.named_parameters()]
+    modules = _named_modules(model)
+    names = [*modules, *(f"{name}.{param}" if name else param for name, module in modules.items()
+                         for param, _ in module.named_parameters(recurse=False))]
     for field_name in ("rank_pattern", "alpha_pattern"):
         for key in getattr(config, field_name, None) or {}:
             try:
@@ -179,7 +203,7 @@ def _check_modules_to_save(model: nn.Module, modules_to_save) -> None:
         return
     if isinstance(modules_to_save, str):
         raise ValueError(f"LoRA `modules_to_save` must be a list of module names, got the string {modules_to_save!r}.")
-    names = [name for name, _ in model.named_modules()]
+    names = list(_named_modules(model))
     for entry in modules_to_save:
         if not any(name.endswith(entry) for name in names):
             raise ValueError(
@@ -191,7 +215,7 @@ def _check_modules_to_save(model: nn.Module, modules_to_save) -> None:
 def _check_target_modules(model: nn.Module, targets) -> None:
     if targets is None:
         return
-    modules = dict(model.named_modules())
+    modules = _named_modules(model)
     renamed = _peft_renamed_targets(model)
     if isinstance(targets, str):
         matched = {name: m for name, m in modules.items() if re.fullmatch(targets, name)}
@@ -233,7 +257,7 @@ def _check_target_parameters(model: nn.Module, targets) -> None:
     if not targets:
         return
     owners = {}  # "module.param" -> owning module
-    for module_name, module in model.named_modules():
+    for module_name, module in _named_modules(model).items():
         for param_name, _ in module.named_parameters(recurse=False):
             owners[f"{module_name}.{param_name}" if module_name else param_name] = module
     for target in sorted(targets):

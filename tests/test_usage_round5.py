@@ -1,0 +1,49 @@
+"""Ordinary transformers / PEFT / TRL use that was refused or went silently wrong: each test is the valid call, and
+what it must give (transformers' own class on the same weights, or what PEFT and TRL document)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_model, tiny_config
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, get_peft_model  # noqa: E402
+
+from modeling_deepseek_v3.lora import prepare_lora_config  # noqa: E402
+
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def ids_batch(batch=2, length=7, seed=3):
+    return torch.randint(1, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_second_adapter_is_checked_against_the_model_under_the_first():
+    # prepare_lora_config takes the PeftModel, whose layers PEFT has already wrapped: the second adapter's targets
+    # (the same projections, the stacked experts, the head in modules_to_save) were refused as "not Linear layers"
+    # or matched no parameter
+    model = build_model(tiny_config(num_hidden_layers=2))
+    ids = ids_batch()
+    with torch.no_grad():
+        base = model(ids).logits
+    first = LoraConfig(r=4, target_modules=["q_a_proj", "o_proj"], target_parameters=EXPERTS, modules_to_save=["lm_head"],
+                       init_lora_weights=False)
+    peft_model = get_peft_model(model, prepare_lora_config(model, first), adapter_name="first")
+    second = LoraConfig(r=2, target_modules=["o_proj", "kv_b_proj"], target_parameters=EXPERTS,
+                        modules_to_save=["lm_head"], rank_pattern={"o_proj": 3}, init_lora_weights=False)
+    peft_model.add_adapter("second", prepare_lora_config(peft_model, second))
+    third = LoraConfig(r=2, target_modules=r".*\.q_a_proj", target_parameters=EXPERTS)
+    peft_model.add_adapter("third", prepare_lora_config(peft_model, third))
+    with torch.no_grad():
+        with_first = peft_model(ids).logits
+        peft_model.set_adapter("second")
+        with_second = peft_model(ids).logits
+        with peft_model.disable_adapter():
+            without = peft_model(ids).logits
+    assert not torch.allclose(with_first, with_second)
+    torch.testing.assert_close(without, base)
+    # names are still checked, against the model as it is without adapters (an adapter's own modules are no target)
+    for target in ("o_projj", "first"):
+        with pytest.raises(ValueError, match=f"'{target}' matches no module"):
+            prepare_lora_config(peft_model, LoraConfig(r=2, target_modules=[target]))
