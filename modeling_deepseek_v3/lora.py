@@ -69,7 +69,7 @@ def prepare_lora_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
     _check_target_modules(model, config.target_modules)
     _check_target_parameters(model, config.target_parameters)
     _check_patterns(model, config)
-    _check_modules_to_save(model, config.modules_to_save)
+    _check_modules_to_save(model, config.modules_to_save, config.task_type)
     return register_fp8_lora_layers(config)
 
 
@@ -196,7 +196,13 @@ def _check_patterns(model: nn.Module, config: LoraConfig) -> None:
                 )
 
 
-def _check_modules_to_save(model: nn.Module, modules_to_save) -> None:
+# The names PEFT's task models (PeftModelForSequenceClassification, ...ForTokenClassification) add to the config's
+# `modules_to_save` themselves, so that the new head trains whatever a model calls it; the adapter config is saved
+# with them. Our heads are `score`: `classifier` matches nothing, and is PEFT's, not a misspelt name of the user's.
+_PEFT_TASK_HEAD_NAMES = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score")}
+
+
+def _check_modules_to_save(model: nn.Module, modules_to_save, task_type=None) -> None:
     """PEFT trains and saves every module whose name ends with an entry of ``modules_to_save``, and skips an entry
     that matches nothing: that module would silently stay frozen and out of the saved adapter."""
     if not modules_to_save:
@@ -204,8 +210,9 @@ def _check_modules_to_save(model: nn.Module, modules_to_save) -> None:
     if isinstance(modules_to_save, str):
         raise ValueError(f"LoRA `modules_to_save` must be a list of module names, got the string {modules_to_save!r}.")
     names = list(_named_modules(model))
+    peft_heads = _PEFT_TASK_HEAD_NAMES.get(task_type, ())
     for entry in modules_to_save:
-        if not any(name.endswith(entry) for name in names):
+        if entry not in peft_heads and not any(name.endswith(entry) for name in names):
             raise ValueError(
                 f"LoRA `modules_to_save` entry {entry!r} matches no module of {type(model).__name__}, so nothing would "
                 "be trained and saved for it (e.g. 'lm_head', 'embed_tokens')."

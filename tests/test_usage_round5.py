@@ -47,3 +47,33 @@ def test_a_second_adapter_is_checked_against_the_model_under_the_first():
     for target in ("o_projj", "first"):
         with pytest.raises(ValueError, match=f"'{target}' matches no module"):
             prepare_lora_config(peft_model, LoraConfig(r=2, target_modules=[target]))
+
+
+@pytest.mark.parametrize("task_type", ["SEQ_CLS", peft.TaskType.TOKEN_CLS])
+def test_a_classification_adapter_reloads_through_prepare_lora_config(tmp_path, task_type):
+    # PEFT's task model adds its head names ("classifier", "score") to the saved config's modules_to_save; our head
+    # is `score`, and "classifier", which matches nothing, failed the documented reload path
+    import transformers
+
+    build_model(tiny_config(num_hidden_layers=2)).save_pretrained(tmp_path / "base")
+    auto = (transformers.AutoModelForSequenceClassification if task_type == "SEQ_CLS"
+            else transformers.AutoModelForTokenClassification)
+    model = auto.from_pretrained(tmp_path / "base", num_labels=2)
+    config = prepare_lora_config(model, LoraConfig(r=4, target_modules=["q_a_proj"], task_type=task_type,
+                                                   init_lora_weights=False))
+    peft_model = get_peft_model(model, config).eval()
+    with torch.no_grad():
+        peft_model.base_model.model.score.original_module.weight.normal_()  # not the fresh head of a reload
+        peft_model.base_model.model.score.modules_to_save["default"].weight.normal_()
+        expected = peft_model(ids_batch()).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert "classifier" in LoraConfig.from_pretrained(tmp_path / "adapter").modules_to_save
+
+    base = auto.from_pretrained(tmp_path / "base", num_labels=2)
+    saved = prepare_lora_config(base, LoraConfig.from_pretrained(tmp_path / "adapter"))
+    reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter", config=saved).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids_batch()).logits, expected)
+    # an entry of the user's that matches nothing is still named
+    with pytest.raises(ValueError, match="'scores' matches no module"):
+        prepare_lora_config(base, LoraConfig(r=4, target_modules=["q_a_proj"], task_type=task_type, modules_to_save=["scores"]))
