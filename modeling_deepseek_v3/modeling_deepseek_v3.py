@@ -506,14 +506,13 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_mtp_loss: bool | None = None,
-        shift_labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> DeepseekV3CausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` [B, T], *optional*):
             Token ids aligned with the input (position i predicts ``labels[i + 1]``); -100 is ignored. Positions that
             a 2-D ``attention_mask`` marks as padding are ignored as sources and as targets, at every depth.
-        shift_labels (`torch.LongTensor` [B, T], *optional*):
+        shift_labels (`torch.LongTensor` [B, T], *optional*, by keyword):
             Targets already aligned with the positions (position i predicts ``shift_labels[i]``), as sequence- and
             context-parallel training pass them: the shift was made on the whole sequence before it was split, so
             the last position of a shard has the first token of the next one as its target. When given, it replaces
@@ -533,6 +532,9 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         whole batch. ``mtp_loss`` and ``aux_loss`` are reported unweighted.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        # Through **kwargs, as in transformers' causal LMs: transformers.Trainer takes every forward parameter whose name
+        # holds "label" for a label the batch must carry, and without `shift_labels` in it evaluated no loss.
+        shift_labels = kwargs.pop("shift_labels", None)
         inputs = input_ids if input_ids is not None else inputs_embeds
         seq_len = inputs.shape[1] if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else None
         input_checks.check_logits_to_keep(logits_to_keep, seq_len)

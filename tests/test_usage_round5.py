@@ -77,3 +77,23 @@ def test_a_classification_adapter_reloads_through_prepare_lora_config(tmp_path, 
     # an entry of the user's that matches nothing is still named
     with pytest.raises(ValueError, match="'scores' matches no module"):
         prepare_lora_config(base, LoraConfig(r=4, target_modules=["q_a_proj"], task_type=task_type, modules_to_save=["scores"]))
+
+
+def test_trainer_evaluate_reports_the_loss_of_transformers_class(tmp_path):
+    # Trainer takes every forward parameter named like a label for one the batch must carry: with `shift_labels` a
+    # named parameter, an eval batch with `labels` alone had "no labels", and evaluate() reported no eval_loss
+    import transformers
+    from transformers import Trainer, TrainingArguments
+
+    model = build_model(tiny_config(num_hidden_layers=2))
+    theirs = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config.from_dict(model.config.to_dict()))
+    theirs.load_state_dict(model.state_dict())
+    ids = ids_batch(batch=4)
+    rows = [{"input_ids": row, "labels": row} for row in ids]
+    losses = []
+    for each in (model, theirs):
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to="none", use_cpu=True,
+                                 disable_tqdm=True)
+        losses.append(Trainer(model=each.eval(), args=args, eval_dataset=rows).evaluate().get("eval_loss"))
+    assert losses[0] is not None
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
