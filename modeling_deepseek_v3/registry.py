@@ -69,7 +69,20 @@ class ExpertsPlugin(nn.Module):
     below lists and registers experts *implementations* — functions ``fn(experts_module, hidden, top_k_index,
     top_k_weights) -> out`` in ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`` — selected by
     ``config._experts_implementation`` (our field ``experts_backend``).
+
+    ``load_state_dict`` also takes the official per-expert names (``{e}.gate_proj.weight``, ...) for this module,
+    any subset of the experts at a time (``checkpoint.load_per_expert_entries``).
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_load_state_dict_pre_hook(_load_per_expert_entries)
+
+
+def _load_per_expert_entries(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    from .checkpoint import load_per_expert_entries  # here, not at the top: this module imports none of the package
+
+    load_per_expert_entries(module, state_dict, prefix, missing_keys)
 
 
 class MTPPlugin(_ConfigChecked, nn.Module):

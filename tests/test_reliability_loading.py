@@ -11,10 +11,11 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from conftest import build_model, edit_json, edit_tensors, tiny_config
 from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3FP8Config, DeepseekV3ForCausalLM
-from modeling_deepseek_v3.checkpoint import CheckpointError, stack_expert_tensors
+from modeling_deepseek_v3.checkpoint import CheckpointError
 from modeling_deepseek_v3.quantization.converter import DeepseekV3FP8Converter, main
 
 INDEX = "model.safetensors.index.json"
@@ -263,14 +264,15 @@ def test_fp8_expert_without_its_scale_is_named(folders, tmp_path):
         load_fp8(folder)
 
 
-def test_per_expert_state_dict_gaps_and_uneven_experts_are_named():
-    state = {f"{EXPERTS}.{e}.{p}_proj.weight": torch.zeros(4, 8) for e in (0, 1, 3) for p in ("gate", "up", "down")}
-    with pytest.raises(CheckpointError, match=rf"no {EXPERTS}\.\{{e\}}\.gate_proj\.weight for expert\(s\) \[2\] of 4"):
-        stack_expert_tensors(state)
-    state.update({f"{EXPERTS}.2.{p}_proj.weight": torch.zeros(4, 8) for p in ("gate", "up", "down")})
-    state[f"{EXPERTS}.1.up_proj.weight"] = torch.zeros(3, 8)
-    with pytest.raises(CheckpointError, match=rf"{EXPERTS}\.1\.up_proj\.weight has shape \[3, 8\], but expert 0's has \[4, 8\]"):
-        stack_expert_tensors(state)
+def test_per_expert_state_dict_gaps_and_uneven_experts_are_named(folders):
+    model = load(folders / "single")
+    saved = load_file(folders / "single" / "model.safetensors")  # the official per-expert names
+    state = {k: v for k, v in saved.items() if k != f"{EXPERTS}.2.gate_proj.weight"}
+    with pytest.raises(RuntimeError, match=rf"Missing key\(s\).*{EXPERTS}\.2\.gate_proj\.weight"):
+        model.load_state_dict(state)
+    state = dict(saved, **{f"{EXPERTS}.1.up_proj.weight": torch.zeros(31, 64)})
+    with pytest.raises(CheckpointError, match=rf"{EXPERTS}\.1\.up_proj\.weight' has shape \[31, 64\], but '{EXPERTS}' holds that expert's up_proj as \[32, 64\]"):
+        model.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------------
