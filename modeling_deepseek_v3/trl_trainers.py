@@ -13,6 +13,8 @@ Needs the ``finetune`` extra. Each trainer is TRL's, plus what TRL does not know
 * ``ExpertBiasUpdateCallback`` is added unless one is passed: one aux-loss-free bias step of ±γ per optimizer step,
   MaxVio in the logs;
 * ``peft_config`` goes through ``lora.prepare_lora_config`` (target names checked, LoRA over kept-FP8 layers);
+* a policy given by its path is loaded with this package's class (TRL would load the class its config's
+  ``architectures`` names in ``transformers``), with ``args.model_init_kwargs`` and ``quantization_config`` as TRL;
 * the reference, as TRL documents it: with ``peft_config`` (or a ``PeftModel``), the policy with its adapters
   disabled; otherwise ``ref_model=AutoModelForCausalLM.from_pretrained(folder)``, or nothing at all for a policy
   loaded from a folder. TRL would rebuild that one with the class its config names in ``transformers`` (theirs, not
@@ -30,9 +32,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from peft import LoraConfig, PeftModel
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
-from trl.trainer.utils import is_async_callable
+from trl.trainer.utils import create_model_from_path, is_async_callable
 
 from .balance_hooks import BalanceLossTap
 from .lora import prepare_lora_config
@@ -99,12 +101,37 @@ def _refuse_rebuilt_reference(model, peft_config, beta: float) -> None:
         )
 
 
+def _policy_from_path(model, args, kwargs: dict):
+    """The policy, loaded here when it is given by its path. TRL would load it with the class that its config's
+    ``architectures`` names in ``transformers``: for a DeepSeek-V3 folder transformers' own class, which has none of
+    this package's routers (nothing to balance) nor its plugins and FP8 loading. It is loaded with TRL's own loader and
+    the arguments TRL would give it (``args.model_init_kwargs``, the trainer's ``quantization_config``), through
+    ``AutoModelForCausalLM``, which gives this package's class."""
+    if not isinstance(model, str):
+        return model
+    init_kwargs = dict(getattr(args, "model_init_kwargs", None) or {})
+    quantization_config = kwargs.pop("quantization_config", None)
+    if quantization_config is not None:
+        if "quantization_config" in init_kwargs:
+            raise ValueError(
+                "`quantization_config` is set both as a trainer argument and in `args.model_init_kwargs`: set it once."
+            )
+        init_kwargs["quantization_config"] = quantization_config
+    distributed = getattr(getattr(args, "distributed_state", None), "distributed_type", None)
+    if distributed in ("MULTI_GPU", "DEEPSPEED"):
+        init_kwargs["device_map"] = None  # as TRL: every process holds its whole copy
+    policy = create_model_from_path(model, architecture=AutoModelForCausalLM, **init_kwargs)
+    if args is not None:
+        args.model_init_kwargs = None  # used here: TRL would warn that they are ignored for a model already loaded
+    return policy
+
+
 def _prepare_peft(model, peft_config):
     if not isinstance(peft_config, LoraConfig):
         return peft_config
     if isinstance(model, PreTrainedModel):
         return prepare_lora_config(model, peft_config)
-    return register_fp8_lora_layers(peft_config)  # a path: TRL loads the model, names are checked by PEFT only
+    return register_fp8_lora_layers(peft_config)
 
 
 class _DeepseekV3Balancing:
@@ -140,9 +167,10 @@ class _DeepseekV3Balancing:
 class DeepseekV3SFTTrainer(_DeepseekV3Balancing, SFTTrainer):
     """``trl.SFTTrainer`` with DeepSeek-V3's balancing (see the module doc)."""
 
-    def __init__(self, model, *args, peft_config=None, **kwargs):
+    def __init__(self, model, args=None, *rest, peft_config=None, **kwargs):
+        model = _policy_from_path(model, args, kwargs)
         self._tap_model(model)
-        super().__init__(model, *args, peft_config=_prepare_peft(model, peft_config), **kwargs)
+        super().__init__(model, args, *rest, peft_config=_prepare_peft(model, peft_config), **kwargs)
         self._finish_setup()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -171,6 +199,7 @@ class DeepseekV3DPOTrainer(_DeepseekV3Balancing, DPOTrainer):
                 "or, when the reference is the policy's own base, the policy with a `peft_config` and no `ref_model` "
                 "(the reference is then the policy with its adapters disabled)."
             )
+        model = _policy_from_path(model, args, kwargs)
         ref_model = _reference_from_folder(model, ref_model, peft_config,
                                            needed=not getattr(args, "precompute_ref_log_probs", False))
         if ref_model is not None:
@@ -234,6 +263,7 @@ class DeepseekV3GRPOTrainer(_DeepseekV3Balancing, GRPOTrainer):
     checked, naming the function (one real number or None per completion, none infinite)."""
 
     def __init__(self, model, reward_funcs=None, args=None, *rest, peft_config=None, **kwargs):
+        model = _policy_from_path(model, args, kwargs)
         _refuse_rebuilt_reference(model, peft_config, getattr(args, "beta", 0.0))
         self._tap_model(model)
         super().__init__(model, reward_funcs, args, *rest, peft_config=_prepare_peft(model, peft_config), **kwargs)

@@ -97,3 +97,38 @@ def test_trainer_evaluate_reports_the_loss_of_transformers_class(tmp_path):
         losses.append(Trainer(model=each.eval(), args=args, eval_dataset=rows).evaluate().get("eval_loss"))
     assert losses[0] is not None
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_trl_trainers_load_a_policy_given_by_its_path_with_this_class(tmp_path):
+    # TRL loads a path with the transformers class that config.architectures names (transformers' own
+    # DeepseekV3ForCausalLM): the trainers then failed with "holds no DeepseekV3Model", or with the path's DPO
+    # reference, ran transformers' class
+    from pathlib import Path
+
+    from datasets import Dataset
+    from transformers import ByT5Tokenizer
+    from trl import DPOConfig, SFTConfig
+
+    from modeling_deepseek_v3 import DeepseekV3ForCausalLM
+    from modeling_deepseek_v3.trl_trainers import DeepseekV3DPOTrainer, DeepseekV3SFTTrainer
+
+    config = tiny_config(vocab_size=384, pad_token_id=0, eos_token_id=1, num_hidden_layers=2)
+    build_model(config).save_pretrained(tmp_path / "start")
+    data = Path(__file__).resolve().parents[1] / "examples" / "data"
+    common = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=1, report_to="none",
+                  use_cpu=True, save_strategy="no", disable_tqdm=True, max_length=48)
+
+    sft_rows = Dataset.from_json(str(data / "sft.jsonl")).select(range(2))
+    sft = DeepseekV3SFTTrainer(str(tmp_path / "start"), SFTConfig(**common, model_init_kwargs={"dtype": "bfloat16"}),
+                               train_dataset=sft_rows, processing_class=ByT5Tokenizer(),
+                               peft_config=LoraConfig(r=2, target_modules=["q_a_proj"]))
+    policy = sft.model.get_base_model()
+    assert isinstance(policy, DeepseekV3ForCausalLM) and policy.dtype == torch.bfloat16  # model_init_kwargs applied
+    sft.train()
+
+    dpo_rows = Dataset.from_json(str(data / "dpo.jsonl")).select(range(2))
+    dpo = DeepseekV3DPOTrainer(str(tmp_path / "start"), args=DPOConfig(**common), train_dataset=dpo_rows,
+                               processing_class=ByT5Tokenizer())
+    assert isinstance(dpo.model, DeepseekV3ForCausalLM)
+    assert isinstance(dpo.accelerator.unwrap_model(dpo.ref_model), DeepseekV3ForCausalLM)
+    dpo.train()
