@@ -259,15 +259,21 @@ def report_missing_mtp(model, missing_keys) -> None:
 _PER_EXPERT_ENTRY = re.compile(r"^(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.(?P<leaf>weight|weight_scale_inv)$")
 
 
+# the MTP layers' copies of the shared embedding and head in the official layout (see mtp_shared_keys)
+_MTP_COPY = re.compile(r"(?:^|\.)layers\.\d+\.(?:embed_tokens|shared_head\.head)\.weight$")
+
+
 def stack_expert_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict in the official layout, as ``load_state_dict`` reads it. Its per-expert entries are left to the
-    stacked experts modules themselves (:func:`load_per_expert_entries`, their ``load_state_dict`` pre-hook), which
-    know how many experts they hold: a state dict may hold some experts only (transformers' Trainer resumes from a
-    sharded checkpoint one shard at a time, and a shard ends anywhere in a layer's experts).
+    """A state dict in the official layout, as ``load_state_dict`` reads it: without the MTP layers' copies of the
+    embedding and head, which every save writes and which are not parameters (the MTP modules use the main model's
+    tensors; ``from_pretrained`` skips them too), so a strict load of a saved file succeeds. Its per-expert entries
+    are left to the stacked experts modules themselves (:func:`load_per_expert_entries`, their ``load_state_dict``
+    pre-hook), which know how many experts they hold: a state dict may hold some experts only (transformers' Trainer
+    resumes from a sharded checkpoint one shard at a time, and a shard ends anywhere in a layer's experts).
 
     ``from_pretrained`` never needs this (transformers converts while loading); ``load_state_dict`` does, because
     transformers' Trainer resumes a run by loading the saved (official-layout) weights with it."""
-    return dict(state_dict)
+    return {key: tensor for key, tensor in state_dict.items() if _MTP_COPY.search(key) is None}
 
 
 def load_per_expert_entries(module: nn.Module, state_dict: dict, prefix: str, missing_keys: list) -> None:

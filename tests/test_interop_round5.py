@@ -55,3 +55,18 @@ def test_a_state_dict_holding_some_experts_loads_them_and_names_the_others(train
     assert torch.equal(gate_up[6, :inter], before[6, :inter]) and torch.equal(gate_up[0], before[0])
     assert f"{EXPERTS}.6.gate_proj.weight" in result.missing_keys and f"{EXPERTS}.0.down_proj.weight" in result.missing_keys
     assert f"{EXPERTS}.3.gate_proj.weight" not in result.missing_keys and not result.unexpected_keys
+
+
+def test_a_saved_file_loads_strictly_with_its_mtp_copies(tmp_path):
+    # every save writes the MTP layer's copies of the embedding and head (vLLM and SGLang read them there), which are
+    # not parameters: `model.load_state_dict(load_file(...))`, strict by default, refused them as unexpected keys
+    model = build_model(tiny_config(num_nextn_predict_layers=1), seed=1)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert "model.layers.3.embed_tokens.weight" in saved and "model.layers.3.shared_head.head.weight" in saved
+    resumed = build_model(tiny_config(num_nextn_predict_layers=1), seed=2)
+    result = resumed.load_state_dict(saved)
+    assert not result.missing_keys and not result.unexpected_keys
+    expected = model.state_dict()
+    for name, tensor in resumed.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
