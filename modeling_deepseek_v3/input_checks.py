@@ -280,9 +280,10 @@ def check_return_mtp_loss(return_mtp_loss, has_targets: bool, depth: int) -> Non
 
 # What `forward(**kwargs)` passes on: transformers' per-call options (output_*, num_items_in_batch, packed-sequence
 # lengths), and the token_type_ids some tokenizers return (the model has no token types: ignored, as transformers'
-# decoder-only models do).
+# decoder-only models do). Ignored too: the `tokenizer` that `generate(..., stop_strings=..., tokenizer=...)` takes
+# for its stopping criteria, which transformers' decoding loops leave in the model inputs of every step.
 FORWARD_KWARGS = frozenset(TransformersKwargs.__annotations__) | frozenset(FlashAttentionKwargs.__annotations__) | {
-    "token_type_ids",
+    "token_type_ids", "tokenizer",
 }
 
 # Arguments transformers' decoder-only models once took and no longer read.

@@ -132,3 +132,21 @@ def test_trl_trainers_load_a_policy_given_by_its_path_with_this_class(tmp_path):
     assert isinstance(dpo.model, DeepseekV3ForCausalLM)
     assert isinstance(dpo.accelerator.unwrap_model(dpo.ref_model), DeepseekV3ForCausalLM)
     dpo.train()
+
+
+@pytest.mark.parametrize("options", [dict(), dict(num_beams=2)], ids=["greedy", "beam search"])
+def test_generate_with_stop_strings_gives_transformers_tokens(tmp_path, options):
+    # generate(stop_strings=..., tokenizer=...) leaves the tokenizer in the model inputs of every step: the forward's
+    # keyword check refused it
+    import transformers
+
+    build_model(tiny_config(vocab_size=384, num_hidden_layers=2)).save_pretrained(tmp_path)
+    tokenizer = transformers.ByT5Tokenizer()
+    prompt = torch.randint(3, 200, (2, 5), generator=torch.Generator().manual_seed(3))
+    outputs = []
+    for cls in (transformers.AutoModelForCausalLM, transformers.DeepseekV3ForCausalLM):
+        model = cls.from_pretrained(tmp_path).eval()
+        with torch.no_grad():
+            outputs.append(model.generate(prompt, max_new_tokens=8, stop_strings=["a", "e"], tokenizer=tokenizer,
+                                          pad_token_id=0, **options))
+    assert torch.equal(*outputs)
