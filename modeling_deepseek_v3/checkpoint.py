@@ -256,75 +256,22 @@ def report_missing_mtp(model, missing_keys) -> None:
         )
 
 
-_PER_EXPERT_ENTRY = re.compile(r"^(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.(?P<leaf>weight|weight_scale_inv)$")
-
-
 # the MTP layers' copies of the shared embedding and head in the official layout (see mtp_shared_keys)
 _MTP_COPY = re.compile(r"(?:^|\.)layers\.\d+\.(?:embed_tokens|shared_head\.head)\.weight$")
 
 
-def stack_expert_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def without_mtp_copies(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict in the official layout, as ``load_state_dict`` reads it: without the MTP layers' copies of the
-    embedding and head, which every save writes and which are not parameters (the MTP modules use the main model's
-    tensors; ``from_pretrained`` skips them too), so a strict load of a saved file succeeds. Its per-expert entries
-    are left to the stacked experts modules themselves (:func:`load_per_expert_entries`, their ``load_state_dict``
-    pre-hook), which know how many experts they hold: a state dict may hold some experts only (transformers' Trainer
-    resumes from a sharded checkpoint one shard at a time, and a shard ends anywhere in a layer's experts).
+    embedding and head, which every save writes (``with_mtp_copies``) and which are not parameters (the MTP modules
+    use the main model's tensors; ``from_pretrained`` skips them too), so a strict load of a saved file succeeds.
+    Its per-expert entries are left to the stacked experts modules themselves
+    (``checkpoint_io.load_per_expert_entries``, their ``load_state_dict`` pre-hook), which know how many experts they
+    hold: a state dict may hold some experts only (transformers' Trainer resumes from a sharded checkpoint one shard
+    at a time, and a shard ends anywhere in a layer's experts).
 
     ``from_pretrained`` never needs this (transformers converts while loading); ``load_state_dict`` does, because
     transformers' Trainer resumes a run by loading the saved (official-layout) weights with it."""
     return {key: tensor for key, tensor in state_dict.items() if _MTP_COPY.search(key) is None}
-
-
-def load_per_expert_entries(module: nn.Module, state_dict: dict, prefix: str, missing_keys: list) -> None:
-    """``load_state_dict``'s pre-hook of a stacked experts module (``ExpertsPlugin``): the official per-expert entries
-    under ``prefix`` (``{e}.{gate,up,down}_proj.weight``, and ``.weight_scale_inv`` for the FP8 module) replace those
-    experts' rows of the module's stacked tensors, which then load as the stacked entries. An expert projection the
-    state dict lacks keeps its current values and is reported missing under its per-expert name, as any tensor a
-    state dict lacks: a strict load names it, a partial one (one shard of a sharded checkpoint) goes on."""
-    entries = {key: match for key in state_dict
-               if key.startswith(prefix) and (match := _PER_EXPERT_ENTRY.match(key[len(prefix):]))}
-    for leaf in sorted({match["leaf"] for match in entries.values()}):
-        suffix = "" if leaf == "weight" else "_scale_inv"
-        names = {"gate": f"gate_up_proj{suffix}", "up": f"gate_up_proj{suffix}", "down": f"down_proj{suffix}"}
-        held = {name: getattr(module, name, None) for name in set(names.values())}
-        if any(not isinstance(tensor, torch.Tensor) for tensor in held.values()):
-            continue  # e.g. FP8 scales for high-precision experts: left in the state dict, reported unexpected
-        both = sorted(prefix + name for name in held if prefix + name in state_dict)
-        if both:
-            # which of the two copies would load is arbitrary
-            raise CheckpointError(f"The state dict holds {prefix.rstrip('.')!r} both per expert and stacked ({both[0]}): keep one layout.")
-        merged = {name: tensor.detach().clone() for name, tensor in held.items()}
-        num_experts = merged[names["down"]].shape[0]
-        given = set()
-        for key, match in entries.items():
-            if match["leaf"] != leaf:
-                continue
-            expert, proj = int(match["expert"]), match["proj"]
-            if match["expert"] != str(expert) or expert >= num_experts:
-                raise CheckpointError(
-                    f"The state dict's {key!r} names expert {match['expert']}, but {prefix.rstrip('.')!r} holds experts "
-                    f"0 to {num_experts - 1} (plain integers)."
-                )
-            stacked = merged[names[proj]]
-            half = stacked.shape[1] // 2  # gate_up_proj: each expert's gate rows, then its up rows
-            rows = stacked[expert, :half] if proj == "gate" else stacked[expert, half:] if proj == "up" else stacked[expert]
-            tensor = state_dict.pop(key)
-            if tuple(tensor.shape) != tuple(rows.shape):
-                raise CheckpointError(
-                    f"The state dict's {key!r} has shape {list(tensor.shape)}, but {prefix.rstrip('.')!r} holds that "
-                    f"expert's {proj}_proj as {list(rows.shape)}."
-                )
-            rows.copy_(tensor)
-            given.add((expert, proj))
-        state_dict.update({prefix + name: tensor for name, tensor in merged.items()})
-        missing_keys.extend(f"{prefix}{e}.{proj}_proj.{leaf}" for e in range(num_experts) for proj in ("gate", "up", "down")
-                            if (e, proj) not in given)
-
-
-# ---------------------------------------------------------------------------------------------------
-# checkpoint validation (headers only: no tensor data is read)
-# ---------------------------------------------------------------------------------------------------
 
 
 def checkpoint_headers(files) -> dict[str, tuple[str, dict]]:
@@ -842,8 +789,7 @@ __all__ = [
     "atomic_save",
     "load_pretrained_model",
     "save_pretrained",
-    "load_per_expert_entries",
-    "stack_expert_tensors",
+    "without_mtp_copies",
     "checkpoint_headers",
     "mtp_shared_keys",
     "official_state_dict",

@@ -9,6 +9,8 @@
 * :func:`read_index` — ``model.safetensors.index.json``: valid JSON, every shard it names present;
 * :func:`check_index_matches` — the index's ``weight_map`` against where the shards' headers put each tensor;
 * :func:`check_scale_values` — FP8 block scales finite and positive;
+* :func:`load_per_expert_entries` — official per-expert tensors given to ``load_state_dict`` written into the rows
+  of a stacked experts module (any subset of the experts);
 * :func:`atomic_save` — write a folder into a temporary sibling, then move it into place (:func:`check_save_target`
   first: not a file, not under one);
 * :data:`OFFICIAL_FP8_BLOCK` — the ``quantization_config`` block of the released FP8 checkpoint;
@@ -414,6 +416,56 @@ def atomic_save(save_directory: str | os.PathLike, write) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+# A per-expert entry of the official layout, relative to its experts module: ``3.gate_proj.weight``.
+_PER_EXPERT_ENTRY = re.compile(r"^(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.(?P<leaf>weight|weight_scale_inv)$")
+
+
+def load_per_expert_entries(module: torch.nn.Module, state_dict: dict, prefix: str, missing_keys: list) -> None:
+    """``load_state_dict``'s pre-hook of a stacked experts module (``ExpertsPlugin``): the official per-expert entries
+    under ``prefix`` (``{e}.{gate,up,down}_proj.weight``, and ``.weight_scale_inv`` for the FP8 module) replace those
+    experts' rows of the module's stacked tensors, which then load as the stacked entries. An expert projection the
+    state dict lacks keeps its current values and is reported missing under its per-expert name, as any tensor a
+    state dict lacks: a strict load names it, a partial one (one shard of a sharded checkpoint) goes on."""
+    entries = {key: match for key in state_dict
+               if key.startswith(prefix) and (match := _PER_EXPERT_ENTRY.match(key[len(prefix):]))}
+    for leaf in sorted({match["leaf"] for match in entries.values()}):
+        suffix = "" if leaf == "weight" else "_scale_inv"
+        names = {"gate": f"gate_up_proj{suffix}", "up": f"gate_up_proj{suffix}", "down": f"down_proj{suffix}"}
+        held = {name: getattr(module, name, None) for name in set(names.values())}
+        if any(not isinstance(tensor, torch.Tensor) for tensor in held.values()):
+            continue  # e.g. FP8 scales for high-precision experts: left in the state dict, reported unexpected
+        both = sorted(prefix + name for name in held if prefix + name in state_dict)
+        if both:
+            # which of the two copies would load is arbitrary
+            raise CheckpointError(f"The state dict holds {prefix.rstrip('.')!r} both per expert and stacked ({both[0]}): keep one layout.")
+        merged = {name: tensor.detach().clone() for name, tensor in held.items()}
+        num_experts = merged[names["down"]].shape[0]
+        given = set()
+        for key, match in entries.items():
+            if match["leaf"] != leaf:
+                continue
+            expert, proj = int(match["expert"]), match["proj"]
+            if match["expert"] != str(expert) or expert >= num_experts:
+                raise CheckpointError(
+                    f"The state dict's {key!r} names expert {match['expert']}, but {prefix.rstrip('.')!r} holds experts "
+                    f"0 to {num_experts - 1} (plain integers)."
+                )
+            stacked = merged[names[proj]]
+            half = stacked.shape[1] // 2  # gate_up_proj: each expert's gate rows, then its up rows
+            rows = stacked[expert, :half] if proj == "gate" else stacked[expert, half:] if proj == "up" else stacked[expert]
+            tensor = state_dict.pop(key)
+            if tuple(tensor.shape) != tuple(rows.shape):
+                raise CheckpointError(
+                    f"The state dict's {key!r} has shape {list(tensor.shape)}, but {prefix.rstrip('.')!r} holds that "
+                    f"expert's {proj}_proj as {list(rows.shape)}."
+                )
+            rows.copy_(tensor)
+            given.add((expert, proj))
+        state_dict.update({prefix + name: tensor for name, tensor in merged.items()})
+        missing_keys.extend(f"{prefix}{e}.{proj}_proj.{leaf}" for e in range(num_experts) for proj in ("gate", "up", "down")
+                            if (e, proj) not in given)
+
+
 __all__ = [
     "CheckpointError",
     "INDEX_NAME",
@@ -423,6 +475,7 @@ __all__ = [
     "check_save_target",
     "check_index_matches",
     "check_scale_values",
+    "load_per_expert_entries",
     "load_index",
     "read_index",
     "read_safetensors_header",

@@ -185,8 +185,9 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         return checkpoint.with_mtp_copies(gathered, self) if gathered else gathered
 
     def load_state_dict(self, state_dict, *args, **kwargs):
-        # a state dict in the official per-expert layout (what we save; what Trainer reloads on resume) is stacked
-        return super().load_state_dict(checkpoint.stack_expert_tensors(state_dict), *args, **kwargs)
+        # a state dict in the official layout (what we save; what Trainer reloads on resume): the experts modules take
+        # their per-expert entries themselves (ExpertsPlugin's pre-hook); the MTP copies are no parameters
+        return super().load_state_dict(checkpoint.without_mtp_copies(state_dict), *args, **kwargs)
 
     def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
         # transformers' push_to_hub put a placeholder README.md there; ours describes the model

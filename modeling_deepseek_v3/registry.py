@@ -10,7 +10,8 @@ Third-party packages register through the entry-point group ``modeling_deepseek_
 entry point named ``<kind>.<name>`` that points at a class registers that class under that name; any
 other entry point is simply imported (its module registers itself with the decorator).
 
-This module imports nothing from the rest of the package, so every other module may import it.
+This module imports, of the package, only ``checkpoint_io`` (which imports none of it), so every other module may
+import it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import types
 
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from .checkpoint_io import load_per_expert_entries
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ class ExpertsPlugin(nn.Module):
     ``config._experts_implementation`` (our field ``experts_backend``).
 
     ``load_state_dict`` also takes the official per-expert names (``{e}.gate_proj.weight``, ...) for this module,
-    any subset of the experts at a time (``checkpoint.load_per_expert_entries``).
+    any subset of the experts at a time (``checkpoint_io.load_per_expert_entries``).
     """
 
     def __init__(self, *args, **kwargs):
@@ -80,8 +83,6 @@ class ExpertsPlugin(nn.Module):
 
 
 def _load_per_expert_entries(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    from .checkpoint import load_per_expert_entries  # here, not at the top: this module imports none of the package
-
     load_per_expert_entries(module, state_dict, prefix, missing_keys)
 
 
