@@ -598,6 +598,16 @@ def _check_official_numbers(config) -> None:
         )
 
 
+def default_key_value_heads_hint(config) -> str:
+    """For an error about ``num_key_value_heads``: a config that does not set it has transformers' default (128, the
+    released model's head count), not its own ``num_attention_heads``, which a smaller model then contradicts."""
+    default = compat.official_field_defaults().get("num_key_value_heads")
+    if config.num_key_value_heads != default or config.num_attention_heads == default:
+        return ""
+    return (f" {default} is transformers' default for a config that does not set `num_key_value_heads`: set it to "
+            f"`num_attention_heads` ({config.num_attention_heads}).")
+
+
 def validate_config(config) -> None:
     """``validate_fields`` and ``check_rope_parameters`` on a made config: after ``from_dict``'s overrides, before a
     model is built from it and before ``save_pretrained`` writes it (fields may have been set since it was made)."""
@@ -660,7 +670,7 @@ def validate_fields(config) -> None:
     if config.num_attention_heads % config.num_key_value_heads:
         raise ValueError(
             f"Config field `num_attention_heads` ({config.num_attention_heads}) must be a multiple of "
-            f"`num_key_value_heads` ({config.num_key_value_heads})."
+            f"`num_key_value_heads` ({config.num_key_value_heads}).{default_key_value_heads_hint(config)}"
         )
     if config.n_routed_experts % config.n_group:
         raise ValueError(
@@ -693,4 +703,4 @@ def validate_fields(config) -> None:
         plugin_for(config, field).check_config(config)
 
 
-__all__ = ["ConfigFieldTypeError", "DeepseekV3Config", "RopeParametersError", "validate_config"]
+__all__ = ["ConfigFieldTypeError", "DeepseekV3Config", "RopeParametersError", "default_key_value_heads_hint", "validate_config"]

@@ -176,6 +176,17 @@ def test_bad_config_values_name_the_field(fields, message):
         tiny_config(**fields)
 
 
+@pytest.mark.parametrize("heads, message", [
+    (16, r"`num_attention_heads` \(16\) must be a multiple of `num_key_value_heads` \(128\)\. 128 is transformers' default"),
+    (256, r"`num_key_value_heads` \(128\) must equal `num_attention_heads` \(256\).*128 is transformers' default for a "
+          r"config that does not set `num_key_value_heads`: set it to `num_attention_heads` \(256\)"),
+])
+def test_a_head_count_beside_the_default_key_value_heads_says_so(heads, message):
+    # a config that sets num_attention_heads only gets transformers' 128 key/value heads, not its own head count
+    with pytest.raises(ValueError, match=message):
+        DeepseekV3Config(num_attention_heads=heads)
+
+
 def test_values_transformers_derives_the_same_way_are_accepted():
     config = tiny_config(head_dim=8, qk_head_dim=20, num_key_value_heads=None)
     assert (config.head_dim, config.qk_head_dim, config.num_key_value_heads) == (8, 20, 4)

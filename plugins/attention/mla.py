@@ -24,6 +24,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from modeling_deepseek_v3.configuration_deepseek_v3 import default_key_value_heads_hint
 from modeling_deepseek_v3.layers import (
     DeepseekV3RMSNorm,
     apply_rotary,
@@ -63,7 +64,7 @@ def check_one_key_value_head_per_head(config, backend: str) -> None:
         raise ValueError(
             f"Config field `num_key_value_heads` ({config.num_key_value_heads}) must equal `num_attention_heads` "
             f"({config.num_attention_heads}) for attention_backend {backend!r}, which has no grouped-query attention "
-            "(every head gets its own key and value)."
+            f"(every head gets its own key and value).{default_key_value_heads_hint(config)}"
         )
 
 
