@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import torch
 from huggingface_hub.errors import StrictDataclassFieldValidationError
+from transformers import CONFIG_MAPPING
 from transformers import DeepseekV3Config as _TransformersDeepseekV3Config
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -272,6 +273,16 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
             raise ValueError(
                 f"The config.json of {pretrained_model_name_or_path} has model_type {model_type!r} and none of the "
                 "DeepSeek-V3 fields (kv_lora_rank, n_routed_experts): it is not a DeepSeek-V3 checkpoint."
+            )
+        if model_type not in (None, cls.model_type) and model_type in CONFIG_MAPPING:
+            # a relative that transformers implements as an architecture of its own (DeepSeek-V3.2's sparse-attention
+            # indexer, GLM-4.7-Flash, LongCat, ...) carries the MLA and MoE fields too, but its other weights would be
+            # dropped and its computation differ; only a model_type transformers does not know (Kimi K2's) is ours
+            raise ValueError(
+                f"The config.json of {pretrained_model_name_or_path} has model_type {model_type!r}, which transformers "
+                f"implements as another architecture (its config class: {CONFIG_MAPPING[model_type].__name__}); load it "
+                "with transformers' classes for that type. If the folder is a DeepSeek-V3 in all but name, set its "
+                '`"model_type"` to "deepseek_v3".'
             )
         return config_dict, rest
 

@@ -287,3 +287,13 @@ def test_a_folder_of_another_architecture_is_named(tmp_path):
     kimi = tiny_config().to_dict() | {"model_type": "kimi_k2"}  # a DeepSeek-V3 under another name still reads
     (tmp_path / "config.json").write_text(json.dumps(kimi))
     assert DeepseekV3Config.from_pretrained(tmp_path).kv_lora_rank == 16
+
+
+
+@pytest.mark.parametrize("model_type, config_class", [("deepseek_v32", "DeepseekV32Config"), ("glm4_moe_lite", "Glm4MoeLiteConfig")])
+def test_a_relative_transformers_implements_itself_is_named(tmp_path, model_type, config_class):
+    # MLA and MoE fields, but an architecture of its own (an indexer, other weights): not loaded as DeepSeek-V3
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict() | {"model_type": model_type}))
+    with pytest.raises(ValueError, match=rf"model_type '{model_type}', which transformers implements as another "
+                                         rf"architecture \(its config class: {config_class}\).*set its `\"model_type\"` to \"deepseek_v3\""):
+        DeepseekV3ForCausalLM.from_pretrained(tmp_path)
