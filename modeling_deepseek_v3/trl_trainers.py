@@ -1,9 +1,10 @@
-"""TRL's SFT, DPO and GRPO trainers with DeepSeek-V3's balancing: drop-in subclasses.
+"""TRL's SFT, DPO, GRPO and reward trainers with DeepSeek-V3's balancing: drop-in subclasses.
 
 Needs the ``finetune`` extra. Each trainer is TRL's, plus what TRL does not know about this architecture:
 
 * the routers' sequence-wise balance loss (``aux_loss_alpha``) is added to the loss TRL optimises. TRL computes its
-  loss from the backbone through its own LM head, which drops the backbone's ``aux_loss``; its own MoE term
+  loss from the backbone through its own LM head (the reward trainer: from the classification head's logits), which
+  drops the backbone's ``aux_loss``; its own MoE term
   (``router_aux_loss_coef``) is Mixtral's softmax load-balancing loss over the router logits, not DeepSeek-V3's, so a
   non-zero ``router_aux_loss_coef`` is refused. The balance loss is scaled for gradient accumulation exactly as each
   TRL trainer scales its own MoE term, and logged as ``balance_loss``;
@@ -33,7 +34,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
-from trl import DPOTrainer, GRPOTrainer, SFTTrainer
+from trl import DPOTrainer, GRPOTrainer, RewardTrainer, SFTTrainer
 from trl.trainer.utils import create_model_from_path, is_async_callable
 
 from .balance_hooks import BalanceLossTap
@@ -142,9 +143,10 @@ class _DeepseekV3Balancing:
         self._tap = BalanceLossTap(model) if isinstance(model, nn.Module) else None
 
     def _finish_setup(self) -> None:
-        if self.router_aux_loss_coef:
+        coef = getattr(self, "router_aux_loss_coef", 0.0)  # the reward trainer has no MoE term of its own
+        if coef:
             raise ValueError(
-                f"`router_aux_loss_coef`={self.router_aux_loss_coef}: TRL's MoE term is Mixtral's load-balancing loss, "
+                f"`router_aux_loss_coef`={coef}: TRL's MoE term is Mixtral's load-balancing loss, "
                 "not DeepSeek-V3's. These trainers add the model's own sequence-wise balance loss (config field "
                 "`aux_loss_alpha`); leave `router_aux_loss_coef` unset."
             )
@@ -282,5 +284,22 @@ class DeepseekV3GRPOTrainer(_DeepseekV3Balancing, GRPOTrainer):
         return self._with_balance_loss(loss, 1.0 / steps)
 
 
-__all__ = ["ARCHITECTURE_FIELDS", "DeepseekV3DPOTrainer", "DeepseekV3GRPOTrainer", "DeepseekV3SFTTrainer",
-           "check_reference_model"]
+class DeepseekV3RewardTrainer(_DeepseekV3Balancing, RewardTrainer):
+    """``trl.RewardTrainer`` with DeepSeek-V3's balancing (see the module doc), for a reward model
+    (``DeepseekV3ForSequenceClassification`` with ``num_labels=1``; a path loads through
+    ``AutoModelForSequenceClassification``, which gives this package's class). TRL scores the chosen and rejected
+    sequences from the head's logits, which drops the backbone's balance loss."""
+
+    def __init__(self, model, args=None, *rest, peft_config=None, **kwargs):
+        self._tap_model(model)
+        super().__init__(model, args, *rest, peft_config=_prepare_peft(model, peft_config), **kwargs)
+        self._finish_setup()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._tap.pop()
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        return self._with_balance_loss(result, 1.0)  # a mean per micro-batch, as TRL's loss: Trainer scales the sum
+
+
+__all__ = ["ARCHITECTURE_FIELDS", "DeepseekV3DPOTrainer", "DeepseekV3GRPOTrainer", "DeepseekV3RewardTrainer",
+           "DeepseekV3SFTTrainer", "check_reference_model"]

@@ -1,4 +1,4 @@
-"""TRL's SFT, DPO and GRPO trainers on DeepSeek-V3 (modeling_deepseek_v3.trl_trainers), a few steps on the tiny
+"""TRL's SFT, DPO, GRPO and reward trainers on DeepSeek-V3 (modeling_deepseek_v3.trl_trainers), a few steps on the tiny
 shipped data: the model's balance loss is in the optimised loss, every optimizer step moves each router bias by ±γ
 from the loads of the policy's training forwards only (reference, old-policy and generation forwards count nothing),
 MaxVio is logged; bad references are named."""
@@ -296,3 +296,31 @@ def test_two_process_sft_keeps_the_biases_identical(tmp_path):
         for name, bias in ranks[0][step][3].items():
             moved = bias - ranks[0][step][2][name]
             assert moved.any() and torch.allclose(moved[moved != 0].abs(), torch.full_like(moved[moved != 0], GAMMA))
+
+
+def test_reward_trainer_optimises_the_balance_loss_and_steps_the_bias(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from modeling_deepseek_v3 import DeepseekV3ForSequenceClassification
+    from modeling_deepseek_v3.trl_trainers import DeepseekV3RewardTrainer
+
+    policy().save_pretrained(tmp_path / "base")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=1).train()
+    assert isinstance(model, DeepseekV3ForSequenceClassification)
+    callback = BiasSteps()
+    trainer_class = recording(DeepseekV3RewardTrainer, lambda inputs: inputs["attention_mask"].sum())
+    args = RewardConfig(**common(tmp_path), max_length=256)
+    trainer = trainer_class(model, args=args, train_dataset=dataset("dpo"), processing_class=ByT5Tokenizer(),
+                            callbacks=[callback])
+    trainer.bias_steps = callback
+
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    ours = DeepseekV3RewardTrainer.compute_loss(trainer, trainer.model, dict(inputs))
+    trl_loss = RewardTrainer.compute_loss(trainer, trainer.model, dict(inputs))
+    balance = balance_loss_of(trainer.model, inputs["input_ids"], inputs["attention_mask"])
+    assert balance > 0 and torch.allclose(ours.detach() - trl_loss.detach(), balance, rtol=1e-4, atol=1e-7)
+    reset_counts(trainer.model)
+
+    trainer.train()
+    check_bias_steps(trainer, callback, steps=2)
