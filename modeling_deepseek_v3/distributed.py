@@ -130,6 +130,7 @@ def check_distributed_config(model_class, config, distributed_config, world: int
             raise ValueError(f"DistributedConfig ep_size={dc.ep_size} does not divide the world size {world}.")
     if needed != world:
         raise ValueError(f"DistributedConfig sizes {product} multiply to {needed}, but the world size is {world}.")
+    _check_weights_shardable(config, product)
     if dc.tp_size > 1 and config.num_attention_heads % dc.tp_size:
         # the plan splits the attention projections by heads; an uneven split fails in the first forward, after loading
         raise ValueError(
@@ -159,6 +160,25 @@ def check_distributed_config(model_class, config, distributed_config, world: int
                     "(rules name modules or parameters from the top model, `*` for a layer number, e.g. "
                     "'model.layers.*.mlp.experts')."
                 )
+
+
+_FP8_QUANT_METHODS = ("fp8", "deepseek_v3_fp8")
+
+
+def _check_weights_shardable(config, product: str) -> None:
+    """Weights stored in FP8 (an FP8 folder) do not go through the engine's sharded load: after loading, the
+    quantizer reads every layer's scale grid at once, and under the engine they are DTensors of different meshes
+    (the load fails there, with either `dequantize`); dequantizing then replaces layers the engine has already
+    sharded and FSDP-wrapped. The same weights in bf16 shard like any others."""
+    quantization = getattr(config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    if method in _FP8_QUANT_METHODS:
+        raise ValueError(
+            f"DistributedConfig sizes {product}: the checkpoint's weights are stored in FP8 (quantization_config "
+            f"quant_method={method!r}, as the released DeepSeek-V3 folders), which the sharded load does not take. "
+            "Convert the folder to bf16 once, shard by shard (`deepseek-v3-convert SRC DST --to bf16`), and load that "
+            "with the DistributedConfig; FP8 training of it is `quantizer='fp8_block', fp8_mode='train'`."
+        )
 
 
 def _check_ep_implementation(name: str) -> None:

@@ -1,0 +1,24 @@
+"""Ordinary distributed use that was refused without a reason or went silently wrong (round 5 of the distributed
+probes). Layout checks run without a launch (they must fail before any process group exists); the multi-process
+tests run one ``torchrun`` of 2 gloo ranks each."""
+
+from __future__ import annotations
+
+import pytest
+import torch.distributed as dist
+from conftest import save_checkpoint, tiny_config
+from transformers import AutoModelForCausalLM, DistributedConfig
+
+from modeling_deepseek_v3.quantization.converter import DeepseekV3FP8Converter
+
+
+@pytest.mark.parametrize("sizes", [dict(ep_size=2, fsdp_size=2), dict(tp_size=2)])
+def test_an_fp8_folder_loaded_sharded_is_refused_before_any_process_group(tmp_path, launched_as, sizes):
+    # The released checkpoints are FP8. Sharded, the quantizer's scale check stacked DTensors of two meshes (EP/FSDP)
+    # or read a DTensor to the host (TP), after the process group and the whole load; the bf16 conversion shards.
+    bf16 = save_checkpoint(tiny_config(), tmp_path / "bf16")
+    DeepseekV3FP8Converter.from_pretrained(bf16).quantize(tmp_path / "fp8", progress=False)
+    launched_as(2)
+    with pytest.raises(ValueError, match=r"stored in FP8 .*deepseek-v3-convert SRC DST --to bf16"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", distributed_config=DistributedConfig(**sizes))
+    assert not dist.is_initialized()
