@@ -3,7 +3,7 @@
 The model is loaded with ``from_pretrained(..., distributed_config=DistributedConfig(...))``: the routed experts are
 split over ``--ep-size`` ranks (tokens reach them by all-to-all), every other weight is FSDP2-sharded over
 ``--fsdp-size`` ranks (replicated ``--dp-replicate-size`` times), the attention heads and dense MLPs optionally
-split ``--tp-size`` ways.
+split ``--tp-size`` ways (on GPUs: accelerate, under the Trainer, runs tensor parallelism on GPU-type devices only).
 The paper's training rides along: ``ExpertBiasUpdateCallback`` sums the per-expert loads over every rank once per
 optimizer step, so the routing biases move as one process's would on the whole batch; the sequence-wise balance
 loss and the MTP loss are part of the model's loss.
@@ -62,6 +62,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(
             f"argument --global-batch-size: {args.global_batch_size} must split evenly over the {dp_size} data-parallel "
             f"ranks (--dp-replicate-size {args.dp_replicate_size} × --fsdp-size {args.fsdp_size})"
+        )
+    if args.tp_size > 1 and not torch.cuda.is_available():
+        # Trainer hands a tensor-parallel model to accelerate with a ParallelismConfig (so the ranks of a TP group get
+        # the same batch), which accelerate takes on GPU-type devices only: CPU processes fail in Trainer(...)
+        parser.error(
+            f"argument --tp-size: {args.tp_size} needs GPUs here: transformers.Trainer passes a tensor-parallel model to "
+            "accelerate, which runs tensor parallelism on GPU-type devices only, not on CPU processes (gloo). On CPUs "
+            "use --ep-size/--fsdp-size/--dp-replicate-size, or a plain training loop for TP (as "
+            "tests/_expert_parallel_worker.py)"
         )
     if args.output_dir.exists() and not args.output_dir.is_dir():
         parser.error(f"argument --output-dir: {args.output_dir} is a file, not a folder")

@@ -4,7 +4,11 @@ tests run one ``torchrun`` of 2 gloo ranks each."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
+import torch
 import torch.distributed as dist
 from conftest import save_checkpoint, tiny_config
 from transformers import AutoModelForCausalLM, DistributedConfig
@@ -22,3 +26,24 @@ def test_an_fp8_folder_loaded_sharded_is_refused_before_any_process_group(tmp_pa
     with pytest.raises(ValueError, match=r"stored in FP8 .*deepseek-v3-convert SRC DST --to bf16"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", distributed_config=DistributedConfig(**sizes))
     assert not dist.is_initialized()
+
+
+def _train_distributed_example():
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_distributed.py"
+    spec = importlib.util.spec_from_file_location("example_train_distributed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_distributed_refuses_tp_on_cpu_processes_by_name(monkeypatch, capsys):
+    # Trainer gives accelerate a ParallelismConfig for a TP model, which accelerate refuses on CPU processes
+    # ("only compatible DistributedType.FSDP ... but got DistributedType.MULTI_CPU") after the sharded load
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    example = _train_distributed_example()
+    with pytest.raises(SystemExit):
+        example.parse_args(["--tp-size", "2"])
+    assert "argument --tp-size: 2 needs GPUs here" in capsys.readouterr().err
+    assert example.parse_args(["--ep-size", "2", "--fsdp-size", "2"]).tp_size == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert example.parse_args(["--tp-size", "2"]).tp_size == 2
