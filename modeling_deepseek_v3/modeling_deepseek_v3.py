@@ -489,11 +489,20 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
                     self, input_ids, logits_processor, stopping_criteria, generation_config,
                     synced_gpus=synced_gpus, streamer=streamer, **model_kwargs,
                 )
-        return super()._assisted_decoding(
+        if synced_gpus:
+            # transformers' assisted loop keeps appending the accepted tokens of a process that has finished while it
+            # runs on for the others (a sharded model's forwards are collectives): its output would run past its EOS
+            stopping_criteria, finished_at = _recording_finish(stopping_criteria)
+        output = super()._assisted_decoding(
             input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=synced_gpus,
             streamer=streamer, inputs_tensor=inputs_tensor, assistant_model=assistant_model,
             assistant_tokenizer=assistant_tokenizer, tokenizer=tokenizer, **model_kwargs,
         )
+        if synced_gpus and finished_at:
+            if isinstance(output, torch.Tensor):
+                return output[:, : finished_at[0]]
+            output.sequences = output.sequences[:, : finished_at[0]]
+        return output
 
     @can_return_tuple
     def forward(
@@ -655,6 +664,19 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             if aux_loss is not None:
                 aux_losses.append(aux_loss)
         return torch.stack(ce_losses).mean(), sum_losses(aux_losses)
+
+
+def _recording_finish(stopping_criteria):
+    """``stopping_criteria`` and a list that receives the sequence length at which it first stopped every sequence."""
+    finished_at: list[int] = []
+
+    def criteria(input_ids, scores, **kwargs):
+        done = stopping_criteria(input_ids, scores, **kwargs)
+        if not finished_at and bool(done.all()):
+            finished_at.append(input_ids.shape[1])
+        return done
+
+    return criteria, finished_at
 
 
 @dataclass

@@ -5,6 +5,9 @@ tests run one ``torchrun`` of 2 gloo ranks each."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,20 @@ from conftest import save_checkpoint, tiny_config
 from transformers import AutoModelForCausalLM, DistributedConfig
 
 from modeling_deepseek_v3.quantization.converter import DeepseekV3FP8Converter
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import _distributed_round5_worker as worker  # noqa: E402
+
+
+def launch(checkpoint: str, out: Path, scenario: str, *args: str) -> list[dict]:
+    """The worker's results for ``scenario`` on 2 gloo ranks, one dict per rank."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(HERE / "_distributed_round5_worker.py"), checkpoint, str(out), scenario, *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
+    return [torch.load(out / f"{scenario}.rank{r}.pt", weights_only=False) for r in range(2)]
 
 
 @pytest.mark.parametrize("sizes", [dict(ep_size=2, fsdp_size=2), dict(tp_size=2)])
@@ -47,3 +64,17 @@ def test_train_distributed_refuses_tp_on_cpu_processes_by_name(monkeypatch, caps
     assert example.parse_args(["--ep-size", "2", "--fsdp-size", "2"]).tp_size == 1
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert example.parse_args(["--tp-size", "2"]).tp_size == 2
+
+
+def test_mtp_decoding_on_a_sharded_model_stops_at_each_ranks_eos(tmp_path):
+    # generate turns synced_gpus on for an FSDP-managed model; transformers' assisted loop then kept appending the
+    # accepted tokens of the rank that had reached its EOS while the other rank went on: it returned tokens past EOS
+    checkpoint = save_checkpoint(tiny_config(num_nextn_predict_layers=1), tmp_path / "tiny")
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    free = [worker.generate(model, rank, eos=0)[0, 6:].tolist() for rank in range(2)]  # eos 0 (the pad id) is not drawn here
+    eos = [free[0][2], next(t for t in range(1, 97) if t not in free[1])]  # rank 0 stops after 3 tokens, rank 1 runs on
+    expected = [worker.generate(model, rank, eos[rank]) for rank in range(2)]
+    assert expected[0].shape[1] <= 6 + 3 < expected[1].shape[1] == 6 + worker.MAX_NEW_TOKENS
+    for rank, result in enumerate(launch(checkpoint, tmp_path, "mtp_generate_eos", *map(str, eos))):
+        assert torch.equal(result["sequences"], expected[rank]), rank
+        assert torch.equal(result["dict_sequences"], expected[rank]), rank

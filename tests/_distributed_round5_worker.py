@@ -1,0 +1,53 @@
+"""One rank of ``test_distributed_round5.py``'s multi-process tests, started by ``torchrun``.
+
+``python -m torch.distributed.run --nproc-per-node 2 _distributed_round5_worker.py CHECKPOINT OUT SCENARIO ARGS...``
+loads the checkpoint sharded EP 2 × FSDP 2 and writes what the test compares against one process into
+``OUT/SCENARIO.rank{r}.pt``.
+
+Scenarios: ``mtp_generate_eos EOS0 EOS1`` — greedy MTP self-speculative decoding of rank r's own prompt
+(``prompt(r)``) with ``eos_token_id=EOS_r``, so that one rank finishes before the other (``synced_gpus``, which
+generate turns on for an FSDP-managed model, keeps the finished rank in the forwards).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import modeling_deepseek_v3  # noqa: F401  (registers our classes with the Auto factories)
+from transformers import AutoModelForCausalLM, DistributedConfig
+
+MAX_NEW_TOKENS = 6
+
+
+def prompt(rank: int) -> torch.Tensor:
+    return torch.randint(1, 97, (1, 6), generator=torch.Generator().manual_seed(100 + rank))
+
+
+def generate(model, rank: int, eos: int, return_dict: bool = False):
+    return model.generate(prompt(rank), max_new_tokens=MAX_NEW_TOKENS, do_sample=False, use_mtp=True, eos_token_id=eos,
+                          pad_token_id=0, return_dict_in_generate=return_dict)
+
+
+def main() -> None:
+    checkpoint, out, name, *args = sys.argv[1:]
+    torch.set_num_threads(1)
+    distributed_config = DistributedConfig(ep_size=2, fsdp_size=2, ep_implementation="all_to_all")
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, distributed_config=distributed_config, dtype=torch.float32)
+    rank = dist.get_rank()
+    result = {}
+    if name == "mtp_generate_eos":
+        model.eval()
+        eos = int(args[rank])
+        result["sequences"] = generate(model, rank, eos)
+        result["dict_sequences"] = generate(model, rank, eos, return_dict=True).sequences
+    torch.save(result, os.path.join(out, f"{name}.rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
