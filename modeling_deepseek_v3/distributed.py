@@ -131,6 +131,16 @@ def check_distributed_config(model_class, config, distributed_config, world: int
     if needed != world:
         raise ValueError(f"DistributedConfig sizes {product} multiply to {needed}, but the world size is {world}.")
     _check_weights_shardable(config, product)
+    if dc.tp_size > 1 and isinstance(dc.tp_plan, dict) and not dc.tp_plan:
+        # DistributedConfig documents an empty tp_plan as "no tensor-parallel rule" (the deprecated
+        # enable_expert_parallel resolves to it), but transformers' engine refuses a TP size without rules once the
+        # process group and the model exist ("has no `tp_plan`")
+        raise ValueError(
+            f"DistributedConfig tp_size={dc.tp_size} with an empty tp_plan (what enable_expert_parallel=True without "
+            "ep_size resolves to): transformers' engine refuses a tensor-parallel size without plan rules after the "
+            "process group has started. Leave tp_plan unset (our plan splits MLA by heads; ep_size still splits the "
+            f"experts), or give the ranks batches of their own with fsdp_size={dc.tp_size} instead of tp_size."
+        )
     if dc.tp_size > 1 and config.num_attention_heads % dc.tp_size:
         # the plan splits the attention projections by heads; an uneven split fails in the first forward, after loading
         raise ValueError(

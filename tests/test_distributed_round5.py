@@ -4,6 +4,7 @@ tests run one ``torchrun`` of 2 gloo ranks each."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import subprocess
@@ -42,6 +43,18 @@ def test_an_fp8_folder_loaded_sharded_is_refused_before_any_process_group(tmp_pa
     launched_as(2)
     with pytest.raises(ValueError, match=r"stored in FP8 .*deepseek-v3-convert SRC DST --to bf16"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", distributed_config=DistributedConfig(**sizes))
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("config", [dict(ep_size=2, tp_size=2, tp_plan={}), dict(enable_expert_parallel=True, tp_size=2)])
+def test_an_empty_tp_plan_with_a_tp_size_is_refused_before_any_process_group(tiny_checkpoint, launched_as, config):
+    # transformers documents tp_plan={} as "no TP rule" (and the deprecated flag resolves to it), but its engine then
+    # failed after the process group: "`tp_size=2` was requested, but `DeepseekV3ForCausalLM` has no `tp_plan`"
+    launched_as(2)
+    with pytest.warns(FutureWarning) if "enable_expert_parallel" in config else contextlib.nullcontext():
+        distributed_config = DistributedConfig(**config)
+    with pytest.raises(ValueError, match=r"tp_size=2 with an empty tp_plan .* fsdp_size=2 instead of tp_size"):
+        AutoModelForCausalLM.from_pretrained(tiny_checkpoint, distributed_config=distributed_config)
     assert not dist.is_initialized()
 
 
