@@ -8,6 +8,8 @@ and applies FSDP2. This module adds what it cannot know about DeepSeek-V3:
   with one message naming the values instead of a collective hanging or a shard-shape error deep in loading.
 - ``batch_replicas``: how many ranks of a sharded model hold the same batch (the ranks of a tensor-parallel group),
   so that per-expert token counts summed over the world count every token once.
+- ``sync_initialized_parameters``: the parameters ``from_pretrained`` initialised (the checkpoint lacks them) made the
+  same on the ranks that hold the same copy, which each drew at random on its own.
 """
 
 from __future__ import annotations
@@ -227,6 +229,37 @@ def _meta_model(model_class, config):
         return model_class(small)
 
 
+@torch.no_grad()
+def sync_initialized_parameters(model, missing_keys) -> None:
+    """Make the parameters ``from_pretrained`` initialised (``missing_keys``: a classification head over a causal-LM
+    checkpoint, MTP modules the checkpoint lacks) identical on the ranks that hold the same copy of them.
+
+    Each rank draws its own random values, which is harmless where a rank holds its own shard, but a parameter that
+    the engine leaves whole (a plain tensor on every rank, as the head under tensor parallelism) or replicates along
+    a mesh dimension would differ between the ranks sharing a batch: they would compute different outputs. Rank 0's
+    values (of the world, or of each replicating group) are broadcast. Every rank must call it (from_pretrained does)."""
+    from torch.distributed.tensor import DTensor
+
+    dc = getattr(model.config, "distributed_config", None)
+    if not missing_keys or dc is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    if dc.pp_size > 1:
+        return  # a stage's parameters live on that stage only: there is no world-wide copy to agree on
+    parameters = dict(model.named_parameters())
+    for name in sorted(missing_keys):  # the same order on every rank
+        parameter = parameters.get(name)
+        if parameter is None:
+            continue
+        if not isinstance(parameter, DTensor):
+            dist.broadcast(parameter.data, src=0)
+            continue
+        local = parameter.to_local()
+        for dim, placement in enumerate(parameter.placements):
+            if placement.is_replicate():
+                group = parameter.device_mesh.get_group(dim)
+                dist.broadcast(local, src=dist.get_global_rank(group, 0), group=group)
+
+
 def batch_replicas(model) -> int:
     """How many ranks hold each batch of ``model`` (its tensor-parallel group: those ranks run the same tokens
     through the replicated routers). 1 for a model transformers did not shard."""
@@ -241,4 +274,11 @@ def batch_replicas(model) -> int:
     return dc.tp_size
 
 
-__all__ = ["check_distributed_config", "resolve_model_config", "batch_replicas", "world_size", "as_distributed_config"]
+__all__ = [
+    "check_distributed_config",
+    "resolve_model_config",
+    "batch_replicas",
+    "sync_initialized_parameters",
+    "world_size",
+    "as_distributed_config",
+]

@@ -148,6 +148,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         allow_missing = kwargs.pop("allow_missing_weights", False)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+        distributed.sync_initialized_parameters(model, info.get("missing_keys", ()))  # one random init on every rank
         if not allow_missing and pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None:
             checkpoint.check_no_missing_weights(model, info.get("missing_keys", ()), pretrained_model_name_or_path)
         return (model, info) if want_info else model

@@ -1,12 +1,16 @@
 """One rank of ``test_distributed_round5.py``'s multi-process tests, started by ``torchrun``.
 
 ``python -m torch.distributed.run --nproc-per-node 2 _distributed_round5_worker.py CHECKPOINT OUT SCENARIO ARGS...``
-loads the checkpoint sharded EP 2 × FSDP 2 and writes what the test compares against one process into
-``OUT/SCENARIO.rank{r}.pt``.
+loads the checkpoint sharded as the scenario says and writes what the test compares against one process (or
+between the ranks) into ``OUT/SCENARIO.rank{r}.pt``.
 
-Scenarios: ``mtp_generate_eos EOS0 EOS1`` — greedy MTP self-speculative decoding of rank r's own prompt
-(``prompt(r)``) with ``eos_token_id=EOS_r``, so that one rank finishes before the other (``synced_gpus``, which
-generate turns on for an FSDP-managed model, keeps the finished rank in the forwards).
+Scenarios:
+
+- ``mtp_generate_eos EOS0 EOS1`` (EP 2 × FSDP 2): greedy MTP self-speculative decoding of rank r's own prompt
+  (``prompt(r)``) with ``eos_token_id=EOS_r``, so that one rank finishes before the other (``synced_gpus``, which
+  generate turns on for an FSDP-managed model, keeps the finished rank in the forwards).
+- ``new_head_tp2`` (TP 2): a sequence-classification model over the causal-LM checkpoint, whose ``score`` head
+  from_pretrained initialises; the head and the logits of the batch both ranks share.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 import modeling_deepseek_v3  # noqa: F401  (registers our classes with the Auto factories)
-from transformers import AutoModelForCausalLM, DistributedConfig
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, DistributedConfig
 
 MAX_NEW_TOKENS = 6
 
@@ -35,15 +39,22 @@ def generate(model, rank: int, eos: int, return_dict: bool = False):
 def main() -> None:
     checkpoint, out, name, *args = sys.argv[1:]
     torch.set_num_threads(1)
-    distributed_config = DistributedConfig(ep_size=2, fsdp_size=2, ep_implementation="all_to_all")
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, distributed_config=distributed_config, dtype=torch.float32)
-    rank = dist.get_rank()
     result = {}
+    if name == "new_head_tp2":
+        model = AutoModelForSequenceClassification.from_pretrained(
+            checkpoint, num_labels=3, distributed_config=DistributedConfig(tp_size=2), dtype=torch.float32
+        ).eval()
+        result["score"] = model.score.weight.detach().clone()
+        with torch.no_grad():
+            result["logits"] = model(prompt(0)).logits
     if name == "mtp_generate_eos":
+        distributed_config = DistributedConfig(ep_size=2, fsdp_size=2, ep_implementation="all_to_all")
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, distributed_config=distributed_config, dtype=torch.float32)
         model.eval()
-        eos = int(args[rank])
-        result["sequences"] = generate(model, rank, eos)
-        result["dict_sequences"] = generate(model, rank, eos, return_dict=True).sequences
+        eos = int(args[dist.get_rank()])  # the process group exists once the engine has loaded the model
+        result["sequences"] = generate(model, dist.get_rank(), eos)
+        result["dict_sequences"] = generate(model, dist.get_rank(), eos, return_dict=True).sequences
+    rank = dist.get_rank()
     torch.save(result, os.path.join(out, f"{name}.rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

@@ -91,3 +91,12 @@ def test_mtp_decoding_on_a_sharded_model_stops_at_each_ranks_eos(tmp_path):
     for rank, result in enumerate(launch(checkpoint, tmp_path, "mtp_generate_eos", *map(str, eos))):
         assert torch.equal(result["sequences"], expected[rank]), rank
         assert torch.equal(result["dict_sequences"], expected[rank]), rank
+
+
+def test_a_head_initialised_at_load_is_the_same_on_every_tensor_parallel_rank(tmp_path):
+    # A classification head over a causal-LM checkpoint is initialised by from_pretrained; under TP it stays whole on
+    # each rank, and each rank drew its own values: two ranks sharing a batch gave it different logits
+    checkpoint = save_checkpoint(tiny_config(), tmp_path / "tiny")
+    ranks = launch(checkpoint, tmp_path, "new_head_tp2")
+    assert torch.equal(ranks[0]["score"], ranks[1]["score"])
+    assert torch.equal(ranks[0]["logits"], ranks[1]["logits"])
