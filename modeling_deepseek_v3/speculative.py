@@ -267,7 +267,12 @@ def mtp_static_decoding(model, input_ids, logits_processor, stopping_criteria, g
     if config.num_nextn_predict_layers < 1:
         raise ValueError("`use_mtp=True` needs MTP modules: this model has `num_nextn_predict_layers=0`.")
     if synced_gpus:
-        raise ValueError("MTP speculative decoding over a static cache does not support `synced_gpus=True`.")
+        # generate sets it by itself for a model sharded by transformers' engine (FSDP), whose forwards are collectives
+        raise ValueError(
+            "MTP speculative decoding over a static cache does not support `synced_gpus=True`, which generate sets for "
+            "a model sharded over several processes: on a sharded model, use_mtp=True needs a dynamic cache (leave "
+            "cache_implementation unset), or decode without use_mtp."
+        )
     if model_kwargs.get("inputs_embeds") is not None:
         raise ValueError("MTP speculative decoding over a static cache needs `input_ids` (the drafts embed tokens).")
     return_dict = generation_config.return_dict_in_generate

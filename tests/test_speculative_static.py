@@ -221,3 +221,12 @@ def test_without_mtp_modules_is_a_clear_error():
     model = build_model(tiny_config())
     with pytest.raises(ValueError, match="num_nextn_predict_layers"):
         generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=3, use_mtp=True, **STATIC)
+
+
+def test_synced_gpus_over_a_static_cache_names_the_way_out():
+    # generate sets synced_gpus itself for a model sharded over several processes
+    from modeling_deepseek_v3.speculative import mtp_static_decoding
+
+    model = build_model(mtp_config()).eval()
+    with pytest.raises(ValueError, match=r"`synced_gpus=True`, which generate sets for a model sharded.*needs a dynamic cache"):
+        mtp_static_decoding(model, torch.tensor([[1, 2, 3]]), None, None, None, synced_gpus=True)
