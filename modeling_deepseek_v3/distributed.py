@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from . import expert_placement, parallel_plans
+from .fp8_config import OFFICIAL_QUANT_METHOD, QUANT_METHOD
 
 # from_pretrained keywords that say where a config is read from
 _HUB_KEYWORDS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
@@ -174,9 +175,6 @@ def check_distributed_config(model_class, config, distributed_config, world: int
                 )
 
 
-_FP8_QUANT_METHODS = ("fp8", "deepseek_v3_fp8")
-
-
 def _check_weights_shardable(config, product: str) -> None:
     """Weights stored in FP8 (an FP8 folder) do not go through the engine's sharded load: after loading, the
     quantizer reads every layer's scale grid at once, and under the engine they are DTensors of different meshes
@@ -184,7 +182,7 @@ def _check_weights_shardable(config, product: str) -> None:
     sharded and FSDP-wrapped. The same weights in bf16 shard like any others."""
     quantization = getattr(config, "quantization_config", None)
     method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
-    if method in _FP8_QUANT_METHODS:
+    if method in (OFFICIAL_QUANT_METHOD, QUANT_METHOD):
         raise ValueError(
             f"DistributedConfig sizes {product}: the checkpoint's weights are stored in FP8 (quantization_config "
             f"quant_method={method!r}, as the released DeepSeek-V3 folders), which the sharded load does not take. "

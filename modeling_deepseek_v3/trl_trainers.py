@@ -132,7 +132,7 @@ def _prepare_peft(model, peft_config):
         return peft_config
     if isinstance(model, PreTrainedModel):
         return prepare_lora_config(model, peft_config)
-    return register_fp8_lora_layers(peft_config)
+    return register_fp8_lora_layers(peft_config)  # a path TRL loads itself (the reward model): PEFT checks the names
 
 
 class _DeepseekV3Balancing:
@@ -228,8 +228,9 @@ def _check_rewards(name: str, rewards, count: int | None) -> None:
                              f"return one reward per completion ({count}).")
         rewards = rewards.tolist()
     if isinstance(rewards, (str, bytes, Mapping)) or not isinstance(rewards, Sequence) and not hasattr(rewards, "__len__"):
+        how_many = f"{count} rewards" if count is not None else "rewards"
         raise ValueError(f"The reward function {name!r} returned {type(rewards).__name__} {rewards!r}; it must return "
-                         f"a list of {count} rewards, one per completion.")
+                         f"a list of {how_many}, one per completion.")
     if count is not None and len(rewards) != count:
         raise ValueError(f"The reward function {name!r} returned {len(rewards)} rewards for {count} completions; it "
                          "must return one per completion.")
