@@ -75,7 +75,7 @@ from .checkpoint_io import (
 )
 from .quantization.experts import FP8Experts
 from .quantization.formats import BLOCK, FP8_DTYPE, ceil_div
-from .quantization.linear import FP8Linear, FP8TrainingLinear
+from .quantization.linear import FP8Linear, FP8TrainingLinear, KeepsStorageDtype, check_dequantize_dtype
 from .quantization.quantizer import is_fp8_eligible
 from .registry import ExpertsPlugin
 
@@ -151,12 +151,31 @@ class DeepseekV3FP8HfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        # transformers' loader makes every floating-point tensor it reads a parameter that requires grad, FP8 bytes
+        # included; FP8 storage gets no gradient and a forward with autograd on refuses it, so a plain `model(ids)`
+        # failed: it is frozen again, as the layers are built
+        for module in model.modules():
+            if isinstance(module, KeepsStorageDtype):
+                for name in module.storage_dtype_names:
+                    getattr(module, name).requires_grad_(False)
         check_scale_values({n: p.detach() for n, p in model.named_parameters() if n.endswith("scale_inv")}, "the checkpoint")
         if self.quantization_config.dequantize:
             self._dequantize(model, self.load_dtype)
             if model.config.quantizer is not None:
                 # the `fp8_block` plugin (fp8_mode='train') wraps the dequantized layers again, as at construction
                 model.config.plugin("quantizer")(model.config).apply(model)
+        return model
+
+    def dequantize(self, model, dtype=None):
+        """``model.dequantize(dtype)``: the FP8 layers become high-precision ones and the quantization config goes.
+        With a ``dtype`` other than the model's, transformers dequantizes the FP8 layers only, so the forward then
+        mixed two dtypes and failed in the first matmul: the other tensors follow it (the router biases stay fp32)."""
+        if dtype is not None:
+            check_dequantize_dtype(dtype, "`model.dequantize(dtype=...)`")
+        model = super().dequantize(model, dtype=dtype)
+        if dtype is not None:
+            model.to(dtype)  # FP8-free now, so an ordinary cast
+            model.config.dtype = dtype
         return model
 
     def _dequantize(self, model, dtype=None):

@@ -1,0 +1,79 @@
+"""FP8 features used as a transformers user would: an FP8 folder kept in FP8 and run with autograd on, the quantized
+model API (`model.dequantize`), and the other paths below, against transformers' own class where it compares."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from conftest import build_model, tiny_config
+from modeling_deepseek_v3 import DeepseekV3FP8Config, DeepseekV3ForCausalLM
+from modeling_deepseek_v3.quantization.converter import DeepseekV3FP8Converter
+
+IDS = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """bf16 -> FP8 (the released layout, one MTP module) -> fp32 dequantized by the converter."""
+    root = tmp_path_factory.mktemp("fp8_usage")
+    build_model(tiny_config(num_nextn_predict_layers=1)).to(torch.bfloat16).save_pretrained(root / "bf16")
+    DeepseekV3FP8Converter.from_pretrained(root / "bf16").quantize(root / "fp8", progress=False)
+    DeepseekV3FP8Converter.from_pretrained(root / "fp8", to="fp32").quantize(root / "deq32", progress=False)
+    return root
+
+
+def load_fp8(folder, dtype=torch.bfloat16, **kwargs):
+    return DeepseekV3ForCausalLM.from_pretrained(
+        folder, quantization_config=DeepseekV3FP8Config(dequantize=False), dtype=dtype, **kwargs
+    )
+
+
+def reference_logits(folders):
+    theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(folders / "deq32", dtype=torch.float32).eval()
+    with torch.no_grad():
+        return theirs(IDS).logits
+
+
+def relative(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_a_loaded_fp8_model_runs_with_autograd_on_and_its_fp8_bytes_are_frozen(folders):
+    # transformers' loader made the FP8 bytes parameters that require grad, so a forward outside no_grad raised
+    model = load_fp8(folders / "fp8")
+    stored = [n for n, p in model.named_parameters() if p.dtype == torch.float8_e4m3fn or n.endswith("scale_inv")]
+    assert stored and not any(p.requires_grad for n, p in model.named_parameters() if n in stored)
+    assert model.num_parameters(only_trainable=True) < model.num_parameters()
+    model.eval()
+    assert model(IDS).logits.shape == (2, 9, 97)
+    model.train()  # the other parameters (embedding, norms, router, head, eh_proj) train over the FP8 ones
+    model(IDS, labels=IDS).loss.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for p in trainable)
+
+
+@pytest.mark.parametrize("load_dtype, to", [(torch.bfloat16, None), (torch.bfloat16, torch.float32),
+                                            (torch.float32, torch.bfloat16)])
+def test_model_dequantize_gives_one_dtype_and_transformers_logits(folders, load_dtype, to):
+    model = load_fp8(folders / "fp8", dtype=load_dtype).eval()
+    assert model.is_quantized and model.hf_quantizer is not None
+    plain = model.dequantize(dtype=to) if to is not None else model.dequantize()
+    dtype = to or load_dtype
+    assert not plain.is_quantized and getattr(plain.config, "quantization_config", None) is None
+    assert plain.config.dtype == dtype
+    assert {p.dtype for p in plain.parameters()} == {dtype}  # another dtype than the load's used to mix the two
+    assert {b.dtype for n, b in plain.named_buffers() if n.endswith("e_score_correction_bias")} == {torch.float32}
+    with torch.no_grad():
+        logits = plain(IDS).logits
+    assert logits.dtype == dtype
+    # the FP8 weights times their scales, as transformers' class sees the converter's fp32 folder
+    assert relative(logits, reference_logits(folders)) < (1e-6 if dtype == torch.float32 else 2e-2)
+
+
+def test_model_dequantize_refuses_a_dtype_that_is_not_a_float(folders):
+    model = load_fp8(folders / "fp8")
+    with pytest.raises(ValueError, match="dequantize.*torch.int8"):
+        model.dequantize(dtype=torch.int8)
+    assert model.is_quantized  # nothing replaced
