@@ -175,6 +175,18 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
             )
         return super().to(*args, **kwargs)
 
+    # transformers refuses .half() and .float() on every quantized model; an FP8 folder kept in FP8 casts safely (its
+    # FP8 layers keep their storage dtype, KeepsStorageDtype), as `.to(dtype)` already did, so they cast it the same way
+    def half(self, *args):
+        if isinstance(getattr(self, "hf_quantizer", None), checkpoint.DeepseekV3FP8HfQuantizer):
+            return nn.Module.half(self, *args)
+        return super().half(*args)
+
+    def float(self, *args):
+        if isinstance(getattr(self, "hf_quantizer", None), checkpoint.DeepseekV3FP8HfQuantizer):
+            return nn.Module.float(self, *args)
+        return super().float(*args)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         # official layout (MTP copies of embedding/head), written to a temporary folder then renamed, plus README.md
         return checkpoint.save_pretrained(self, super().save_pretrained, save_directory, *args, **kwargs)
@@ -375,7 +387,9 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = (torch.arange(seq_len, device=inputs.device) + past_seen).unsqueeze(0)
         input_checks.check_position_ids(position_ids, batch_size, seq_len)
-        decoding = past_key_values is not None and (seq_len == 1 or self._verifying_drafts)
+        # `past` (read before a default cache was made) is 0 for a first forward: a one-token prompt is checked like
+        # any prompt (its ids came from the caller, not from the model)
+        decoding = past_key_values is not None and past != 0 and (seq_len == 1 or self._verifying_drafts)
         self._check_inputs(input_ids, position_ids, attention_mask, past_key_values, decoding=decoding,
                            inputs_embeds=inputs_embeds, cache_position=cache_position, past=past, capacity=capacity)
         if inputs_embeds is None:

@@ -77,3 +77,20 @@ def test_model_dequantize_refuses_a_dtype_that_is_not_a_float(folders):
     with pytest.raises(ValueError, match="dequantize.*torch.int8"):
         model.dequantize(dtype=torch.int8)
     assert model.is_quantized  # nothing replaced
+
+
+@pytest.mark.parametrize("cast, dtype", [("half", torch.float16), ("float", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_an_fp8_folder_casts_with_half_and_float_like_with_to(folders, cast, dtype):
+    # transformers refuses .half() and .float() on any quantized model; `.to(dtype)` worked, so these did not match
+    model = load_fp8(folders / "fp8", dtype=torch.float32).eval()
+    stored = {n: p.detach().clone() for n, p in model.named_parameters() if p.dtype == torch.float8_e4m3fn or "scale_inv" in n}
+    with torch.no_grad():
+        before = model(IDS).logits
+    model = model.to(dtype) if cast == "bfloat16" else getattr(model, cast)()
+    after = dict(model.named_parameters())
+    for name, tensor in stored.items():
+        assert after[name].dtype == tensor.dtype and torch.equal(after[name].view(torch.uint8), tensor.view(torch.uint8)), name
+    assert model.model.embed_tokens.weight.dtype == dtype and model.dtype == dtype
+    with torch.no_grad():
+        logits = model(IDS).logits
+    assert logits.dtype == dtype and relative(logits, before) < 3e-2
