@@ -138,6 +138,11 @@ class MultiHeadLatentAttention(AttentionPlugin):
         if mode not in MLA_MODES:
             where = "Config field `mla_mode`" if self._mode is None else f"`mode` of attention layer {self.layer_idx}"
             raise ValueError(f"{where} must be one of {list(MLA_MODES)}, got {mode!r}.")
+        if self.kv_b_proj.weight.is_meta:
+            # Offloaded by accelerate (a `device_map` with "cpu" or "disk" entries): the weight is on the meta device
+            # except while kv_b_proj itself runs, which only the expanded path does (the absorbed one reads the weight
+            # directly). Both give the same result.
+            return False
         if mode != "auto":
             return mode == "absorbed"
         return absorbed_is_cheaper(query_len, key_len, self.kv_lora_rank, self.qk_nope_head_dim, self.v_head_dim)
