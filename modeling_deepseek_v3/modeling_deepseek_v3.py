@@ -616,7 +616,10 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             extra = None  # the per-micro-batch means added to CE
             if run_mtp:
                 embeds = inputs_embeds if inputs_embeds is not None else self.model.embed_tokens(input_ids)
-                mtp_loss, mtp_aux_loss = self._mtp_forward(hidden_states, embeds, targets, token_mask, position_ids)
+                documents = _packed_documents(position_ids, attention_mask, targets.aligned.shape)
+                mtp_loss, mtp_aux_loss = self._mtp_forward(
+                    hidden_states, embeds, targets, token_mask, position_ids, documents
+                )
                 extra = self.config.mtp_loss_weight * mtp_loss
                 if mtp_aux_loss is not None:
                     aux_loss = mtp_aux_loss if aux_loss is None else aux_loss + mtp_aux_loss.to(aux_loss.device)
@@ -638,14 +641,15 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             router_logits=outputs.router_logits,
         )
 
-    def _mtp_forward(self, main_hidden, embeds, targets: "_NextTokenTargets", token_mask, position_ids):
+    def _mtp_forward(self, main_hidden, embeds, targets: "_NextTokenTargets", token_mask, position_ids, documents=None):
         """``(mtp_loss, aux_loss of the MTP modules' routers or None)``: the D sequential modules of docs/equations.md.
 
         Module k (1-based) at position i combines ``h^{k-1}_i`` with the embedding of ``t_{i+k}`` and predicts
         ``t_{i+k+1}``. Positions i ≥ T−k have no token ``t_{i+k}``, so depth k runs on the first T−k positions
         only (causal attention makes that identical to running the full length and ignoring the tail).
         ``h^0`` is the main model's last hidden state after ``model.norm``; ``h^k`` is module k's output before
-        its ``shared_head.norm``.
+        its ``shared_head.norm``. ``documents`` [B, T] (packed rows, ``_packed_documents``): a source position counts,
+        and a target, only when ``t_i .. t_{i+k}`` (and the target) lie in one document.
         """
         seq_len = main_hidden.shape[1]
         if position_ids is None:
@@ -656,6 +660,10 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             length = seq_len - k
             # A source position is real only if t_i, ..., t_{i+k} all are (h^{k-1}_i saw t_i; the input adds t_{i+k}).
             source_mask = None if token_mask is None else _window_all(token_mask, k + 1, length)
+            # In a packed row the input at the last k positions of a document embeds the next document's tokens: those
+            # positions route and count like padding. The attention mask stays None there, so that transformers' mask
+            # builder still reads the documents from the positions and keeps each one's attention inside it.
+            routed_mask = source_mask if documents is None else _same_document(documents, k + 1, length)
             hidden = hidden[:, :length]
             causal_mask = create_causal_mask(
                 config=self.config,
@@ -670,12 +678,12 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
                 (cos[:, :length], sin[:, :length]),
                 causal_mask,
                 position_ids=position_ids[:, :length],
-                token_mask=source_mask,
+                token_mask=routed_mask,
                 return_normed=True,
             )
             logits = self.lm_head(normed)
             fused = self.config.fused_kernels
-            ce_losses.append(_cross_entropy(logits, targets.at_depth(k, token_mask), None, fused)[0])
+            ce_losses.append(_cross_entropy(logits, targets.at_depth(k, token_mask, documents), None, fused)[0])
             if aux_loss is not None:
                 aux_losses.append(aux_loss)
         return torch.stack(ce_losses).mean(), sum_losses(aux_losses)
@@ -722,6 +730,25 @@ class DeepseekV3CausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     """
 
     mtp_loss: torch.FloatTensor | None = None
+
+
+def _packed_documents(position_ids, attention_mask, shape) -> torch.Tensor | None:
+    """[B, T] document index of each position for a packed batch (several documents in a row, each one's positions
+    counting from 0 again, as transformers' DataCollatorWithFlattening gives them), else None. transformers' mask
+    builder reads packing the same way, from ``position_ids`` when no 2-D ``attention_mask`` is given; the MTP modules
+    (which run without a cache) attend within each document, and their sources and targets must not cross one either.
+    Computed on the device, with no host read (an unpacked row is one document)."""
+    if position_ids is None or attention_mask is not None or position_ids.dim() != 2:
+        return None
+    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    return (step != 1).cumsum(-1).expand(shape)
+
+
+def _same_document(documents: torch.Tensor, width: int, length: int) -> torch.Tensor:
+    """[B, length]: position i is True iff positions ``i .. i + width − 1`` exist and lie in one document (documents
+    are contiguous, so the two ends decide)."""
+    ends = nn.functional.pad(documents, (0, width - 1), value=-1)[:, width - 1 : width - 1 + length]  # -1: past the end
+    return documents[:, :length] == ends
 
 
 def _window_all(token_mask: torch.Tensor, width: int, length: int) -> torch.Tensor:
@@ -787,14 +814,19 @@ class _NextTokenTargets:
             "count the targets (labels other than -100, padding left out) of the whole accumulated batch."
         )
 
-    def at_depth(self, k: int, token_mask: torch.Tensor | None) -> torch.Tensor:
+    def at_depth(self, k: int, token_mask: torch.Tensor | None, documents: torch.Tensor | None = None) -> torch.Tensor:
         """Targets [B, T−k] of MTP depth k (0 = the main head): position i predicts ``aligned[i + k]``
-        (= ``t_{i+k+1}``); -100 where a source token ``t_i..t_{i+k}`` (or, from ``labels``, the target) is padding."""
+        (= ``t_{i+k+1}``); -100 where a source token ``t_i..t_{i+k}`` (or, from ``labels``, the target) is padding,
+        or, in a packed row (``documents``, MTP depths only), lies in another document than ``t_i``. The main head's
+        targets stay the caller's there, as in transformers' class (DataCollatorWithFlattening puts -100 at every
+        document's first token)."""
         length = self.aligned.shape[1] - k
         targets = self.aligned[:, k:]
         if token_mask is not None:
             real = _window_all(token_mask.to(targets.device), k + self.window, length)
             targets = targets.masked_fill(~real, -100)
+        if documents is not None and k > 0:
+            targets = targets.masked_fill(~_same_document(documents.to(targets.device), k + self.window, length), -100)
         return targets
 
 
