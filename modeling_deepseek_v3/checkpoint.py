@@ -173,6 +173,10 @@ class DeepseekV3FP8HfQuantizer(HfQuantizer):
         if dtype is not None:
             check_dequantize_dtype(dtype, "`model.dequantize(dtype=...)`")
         model = super().dequantize(model, dtype=dtype)
+        if model.config.quantizer is not None:
+            # only `fp8_mode='inference'` keeps FP8 layers at load; dequantized, the model holds none, and a folder
+            # saved with that mode in its config would not load again (the mode reads FP8 checkpoints only)
+            model.config.quantizer = None
         if dtype is not None:
             model.to(dtype)  # FP8-free now, so an ordinary cast
             model.config.dtype = dtype

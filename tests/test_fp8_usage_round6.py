@@ -94,3 +94,18 @@ def test_an_fp8_folder_casts_with_half_and_float_like_with_to(folders, cast, dty
     with torch.no_grad():
         logits = model(IDS).logits
     assert logits.dtype == dtype and relative(logits, before) < 3e-2
+
+
+def test_a_dequantized_fp8_inference_model_saves_a_folder_that_loads_again(folders, tmp_path):
+    # loaded with the plugin's inference mode, dequantized, the config still named the mode, which loads FP8 folders
+    # only: the saved folder was refused by this class (transformers' read it)
+    model = DeepseekV3ForCausalLM.from_pretrained(folders / "fp8", quantizer="fp8_block", fp8_mode="inference").eval()
+    plain = model.dequantize()
+    assert plain.config.quantizer is None
+    with torch.no_grad():
+        logits = plain(IDS).logits
+    plain.save_pretrained(tmp_path / "plain")
+    reloaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    assert type(reloaded.model.layers[1].self_attn.o_proj) is torch.nn.Linear
+    with torch.no_grad():
+        assert torch.equal(reloaded(IDS).logits, logits)
