@@ -351,6 +351,9 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
                     config["quantization_config"] = dict(OFFICIAL_FP8_BLOCK)
                 else:
                     config.pop("quantization_config", None)
+                    if config.get("quantizer") is not None and config.get("fp8_mode") == "inference":
+                        # the `fp8_block` plugin's inference mode loads FP8 checkpoints only: the output would not load
+                        config["quantizer"] = None
                     dtype_name = str(self.dtype).removeprefix("torch.")
                     config["dtype" if "dtype" in config else "torch_dtype"] = dtype_name
                     if "torch_dtype" in config:

@@ -109,3 +109,14 @@ def test_a_dequantized_fp8_inference_model_saves_a_folder_that_loads_again(folde
     assert type(reloaded.model.layers[1].self_attn.o_proj) is torch.nn.Linear
     with torch.no_grad():
         assert torch.equal(reloaded(IDS).logits, logits)
+
+
+def test_converting_an_fp8_inference_save_to_bf16_gives_a_folder_that_loads(folders, tmp_path):
+    # the folder's config named the plugin's inference mode (FP8 checkpoints only) and the converter kept it
+    DeepseekV3ForCausalLM.from_pretrained(folders / "fp8", quantizer="fp8_block", fp8_mode="inference").save_pretrained(tmp_path / "inf")
+    DeepseekV3FP8Converter.from_pretrained(tmp_path / "inf", to="bf16").quantize(tmp_path / "bf16", progress=False)
+    ours = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "bf16").eval()
+    assert ours.config.quantizer is None and type(ours.model.layers[1].self_attn.o_proj) is torch.nn.Linear
+    theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "bf16").eval()
+    with torch.no_grad():
+        assert torch.equal(ours(IDS).logits, theirs(IDS).logits)
