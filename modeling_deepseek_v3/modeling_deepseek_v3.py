@@ -554,7 +554,8 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         passes ``num_items_in_batch`` (targets in the whole gradient-accumulation batch), ``CE`` is summed over
         this micro-batch and divided by it, and the per-micro-batch means ``mtp_loss`` and ``aux_loss`` are
         weighted by this micro-batch's share of those targets, so the accumulated gradient is that of the
-        whole batch. ``mtp_loss`` and ``aux_loss`` are reported unweighted.
+        whole batch when every row holds as many targets (with padding, slightly off it: docs/equations.md).
+        ``mtp_loss`` and ``aux_loss`` are reported unweighted.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         # Through **kwargs, as in transformers' causal LMs: transformers.Trainer takes every forward parameter whose name

@@ -3,6 +3,7 @@ documents unpacked, a plain PyTorch loop, or transformers' own class on the same
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import build_model, tiny_config
 from transformers import DataCollatorWithFlattening
@@ -50,3 +51,52 @@ def test_packed_documents_give_the_mtp_loss_and_loads_of_the_documents_alone():
         model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], shift_labels=shift, use_cache=False).mtp_loss,
         by_labels,
     )
+
+
+def rows_of(lengths, seed=0):
+    return [{"input_ids": ids, "labels": ids.clone()} for ids in documents(lengths, seed)]
+
+
+def pad_right(batch):
+    """Right-padded batch; padding is 0 in the ids, -100 in the labels and 0 in the attention mask."""
+    length = max(len(row["input_ids"]) for row in batch)
+    out = {"input_ids": torch.zeros(len(batch), length, dtype=torch.long),
+           "labels": torch.full((len(batch), length), -100), "attention_mask": torch.zeros(len(batch), length, dtype=torch.long)}
+    for i, row in enumerate(batch):
+        n = len(row["input_ids"])
+        out["input_ids"][i, :n], out["labels"][i, :n], out["attention_mask"][i, :n] = row["input_ids"], row["labels"], 1
+    return out
+
+
+def trained(config, data, tmp_path, **arguments):
+    from transformers import Trainer, TrainingArguments
+
+    from modeling_deepseek_v3 import ExpertBiasUpdateCallback
+
+    model = build_model(config)
+    fields = dict(output_dir=str(tmp_path), learning_rate=1e-2, optim="sgd", lr_scheduler_type="constant", max_steps=2,
+                  save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
+                  logging_steps=1)
+    fields.update(arguments)
+    callback = ExpertBiasUpdateCallback()
+    Trainer(model=model, args=TrainingArguments(**fields), train_dataset=data, data_collator=pad_right,
+            callbacks=[callback]).train()
+    return model, callback
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_gradient_accumulation_ends_with_the_parameters_of_the_larger_batch(tmp_path, padded):
+    # equal rows: CE, the MTP loss and the balance loss all accumulate exactly; padded rows: CE does (the padding
+    # is out of the loss and of num_items_in_batch), the per-micro-batch means do not (docs/equations.md)
+    fields = dict(router_bias_update_speed=0.01)
+    fields.update(dict(aux_loss_alpha=0.0) if padded else dict(num_nextn_predict_layers=1, aux_loss_alpha=0.01))
+    config = tiny_config(**fields)
+    data = rows_of((7, 12, 9, 5, 12, 6, 10, 8) if padded else (12,) * 8)
+    large, large_steps = trained(config, data, tmp_path / "large", per_device_train_batch_size=4)
+    small, small_steps = trained(config, data, tmp_path / "small", per_device_train_batch_size=1,
+                                 gradient_accumulation_steps=4)
+    assert len(large_steps.history) == len(small_steps.history) == 2  # one bias step per optimizer step
+    mine = small.state_dict()
+    for name, tensor in large.state_dict().items():
+        torch.testing.assert_close(mine[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert not torch.equal(large.lm_head.weight, build_model(config).lm_head.weight)
