@@ -466,6 +466,18 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             for module, mode in modes:  # each module's own mode back (a frozen part may have been in eval)
                 module.training = mode
 
+    def init_continuous_batching(self, *args, **kwargs):
+        # transformers' continuous batching (`generate_batch`, `init_continuous_batching`, `transformers serve`) runs the
+        # forward over its paged cache of per-head keys and values of one width, which neither attention plugin caches
+        # (mla: the latent c_kv and k_rope; mha: keys and values of two widths). Its generation thread only logged the
+        # failure, so generate_batch returned every request without a token; transformers' own class fails the same.
+        raise NotImplementedError(
+            "Continuous batching (`generate_batch`, `init_continuous_batching`) is not supported by DeepseekV3ForCausalLM: "
+            "transformers' paged cache holds per-head keys and values of one width, which "
+            f"attention_backend={self.config.attention_backend!r} does not cache (mla caches its latent c_kv and k_rope). "
+            "Use `generate` on a left-padded batch (`attention_mask` marks the padding) instead."
+        )
+
     def _check_static_cache_room(self, prompt_len: int, kwargs: dict) -> None:
         """A static cache passed to ``generate`` holds every position but the last one generated: name a cache that is
         too short before the first step, instead of an index error inside a later one."""

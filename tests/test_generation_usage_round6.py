@@ -54,3 +54,17 @@ def test_generation_with_layers_offloaded_to_disk_gives_transformers_tokens(fold
                                            **options) for options in (dict(), dict(num_beams=2))])
     for ours, theirs in zip(*outputs, strict=True):
         assert torch.equal(ours, theirs)
+
+
+def test_continuous_batching_is_refused_by_name(folder, padded_batch):
+    # transformers' paged cache holds per-head keys and values of one width, which MLA does not cache: the generation
+    # thread only logged the failure, so generate_batch returned no token and generate(cache_implementation="paged")
+    # the bare prompt
+    ids, _ = padded_batch
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    config = transformers.GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    for call in (lambda: model.generate_batch(inputs=[ids[0].tolist()], generation_config=config),
+                 lambda: model.generate(ids[:1], max_new_tokens=3, pad_token_id=0, cache_implementation="paged"),
+                 lambda: model.init_continuous_batching()):
+        with pytest.raises(NotImplementedError, match=r"Continuous batching .* attention_backend='mla'"):
+            call()
