@@ -120,3 +120,36 @@ def test_converting_an_fp8_inference_save_to_bf16_gives_a_folder_that_loads(fold
     theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "bf16").eval()
     with torch.no_grad():
         assert torch.equal(ours(IDS).logits, theirs(IDS).logits)
+
+
+@pytest.mark.parametrize("base", ["fp8", "deq32"])
+def test_lora_on_kv_b_proj_counts_in_absorbed_attention(folders, base):
+    # the absorbed path (what `auto` picks for a decoding step) read kv_b_proj's weight and skipped the adapter's
+    # update; over an FP8 base it read the wrapper's FP8 bytes without their scales
+    from peft import LoraConfig, get_peft_model
+
+    from modeling_deepseek_v3.lora import prepare_lora_config
+
+    model = (load_fp8(folders / base, dtype=torch.float32) if base == "fp8"
+             else DeepseekV3ForCausalLM.from_pretrained(folders / base, dtype=torch.float32)).eval()
+    peft_model = get_peft_model(model, prepare_lora_config(model, LoraConfig(r=4, lora_alpha=8, target_modules=["kv_b_proj"])))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    peft_model.eval()
+    ids = IDS[:1, :6]
+    logits = {}
+    for mode in ("expanded", "absorbed"):
+        model.config.mla_mode = mode
+        with torch.no_grad():
+            logits[mode] = peft_model(ids).logits
+    assert torch.equal(logits["absorbed"], logits["expanded"])
+    model.config.mla_mode = "auto"
+    generated = peft_model.generate(ids, max_new_tokens=5, do_sample=False)
+    model.config.mla_mode = "expanded"
+    expected = ids
+    with torch.no_grad():
+        for _ in range(5):
+            expected = torch.cat([expected, peft_model(expected).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(generated, expected)

@@ -143,6 +143,12 @@ class MultiHeadLatentAttention(AttentionPlugin):
             # except while kv_b_proj itself runs, which only the expanded path does (the absorbed one reads the weight
             # directly). Both give the same result.
             return False
+        layer = self.kv_b_proj
+        if not isinstance(layer, nn.Linear) and not callable(getattr(layer, "dequantize_weight", None)):
+            # Wrapped by an adapter (PEFT's LoRA): its forward adds the adapter's update, which the absorbed path, reading
+            # the weight alone, would miss (and over an FP8 base it would read the wrapper's FP8 bytes without their
+            # scales). The expanded path runs that forward.
+            return False
         if mode != "auto":
             return mode == "absorbed"
         return absorbed_is_cheaper(query_len, key_len, self.kv_lora_rank, self.qk_nope_head_dim, self.v_head_dim)
