@@ -487,8 +487,11 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         config = kwargs.get("generation_config") or self.generation_config
         max_new = kwargs.get("max_new_tokens", None if "max_length" in kwargs else config.max_new_tokens)
         max_length = prompt_len + max_new if max_new is not None else kwargs.get("max_length", config.max_length)
-        if max_length is not None:
-            input_checks.check_static_cache_room(capacity, max_length)
+        if max_length is None:
+            # no length set anywhere: transformers generates its default 20 new tokens (its default `max_length`, then
+            # counted from the prompt), at most up to max_position_embeddings
+            max_length = min(prompt_len + 20, self.config.max_position_embeddings)
+        input_checks.check_static_cache_room(capacity, max_length)
 
     def _get_candidate_generator(self, generation_config, *args, **kwargs):
         # `generate(..., use_mtp=True)`: our MTP modules draft inside transformers' assisted-decoding loop (see

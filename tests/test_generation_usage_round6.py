@@ -68,3 +68,16 @@ def test_continuous_batching_is_refused_by_name(folder, padded_batch):
                  lambda: model.init_continuous_batching()):
         with pytest.raises(NotImplementedError, match=r"Continuous batching .* attention_backend='mla'"):
             call()
+
+
+def test_a_static_cache_too_short_for_the_default_length_is_named(folder, padded_batch):
+    # with no max_new_tokens / max_length anywhere transformers generates its default 20 new tokens: the room check
+    # read no length and let the generation fail in the cache with an IndexError (as transformers' class does)
+    ids, mask = padded_batch
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    short = transformers.StaticCache(config=model.config, max_cache_len=12)
+    with pytest.raises(ValueError, match=r"holds 12 positions .* up to `max_length=26` tokens \(prompt \+ new\) needs 25"):
+        model.generate(ids, attention_mask=mask, pad_token_id=0, past_key_values=short)
+    with torch.no_grad():  # a cache with room for them generates the 20 tokens
+        roomy = transformers.StaticCache(config=model.config, max_cache_len=25)
+        assert model.generate(ids, attention_mask=mask, pad_token_id=0, past_key_values=roomy).shape == (2, 26)
