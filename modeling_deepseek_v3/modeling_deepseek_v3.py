@@ -570,7 +570,9 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         this micro-batch and divided by it, and the per-micro-batch means ``mtp_loss`` and ``aux_loss`` are
         weighted by this micro-batch's share of those targets, so the accumulated gradient is that of the
         whole batch when every row holds as many targets (with padding, slightly off it: docs/equations.md).
-        ``mtp_loss`` and ``aux_loss`` are reported unweighted.
+        ``num_items_in_batch`` counts the labels other than -100, as the Trainer does; where a label follows padding
+        (a left-padded row) it is no target here, and the count is scaled to this micro-batch's targets
+        (``_as_counted_here``). ``mtp_loss`` and ``aux_loss`` are reported unweighted.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         # Through **kwargs, as in transformers' causal LMs: transformers.Trainer takes every forward parameter whose name
@@ -627,6 +629,8 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             token_mask = token_mask_from_attention_mask(attention_mask, targets.aligned.shape[1])
             main_targets = targets.at_depth(0, token_mask)
             targets.check_values(self.config.vocab_size, main_targets, num_items_in_batch)
+            if num_items_in_batch is not None:
+                num_items_in_batch = _as_counted_here(num_items_in_batch, targets.aligned, main_targets)
             fused = self.config.fused_kernels
             loss, num_targets = _cross_entropy(logits, main_targets[:, slice_indices], num_items_in_batch, fused)
             extra = None  # the per-micro-batch means added to CE
@@ -844,6 +848,21 @@ class _NextTokenTargets:
         if documents is not None and k > 0:
             targets = targets.masked_fill(~_same_document(documents.to(targets.device), k + self.window, length), -100)
         return targets
+
+
+def _as_counted_here(num_items_in_batch, aligned: torch.Tensor, main_targets: torch.Tensor):
+    """``num_items_in_batch`` in this model's targets. transformers.Trainer counts every label other than -100
+    (``labels[..., 1:]``), while a target here also needs a real source: in a left-padded row the first real token,
+    predicted from padding, is no target (nor is a label the caller left on padding). Divided by the Trainer's count,
+    the loss of a left-padded batch (eval_loss included) came out below its mean by that share. The count is scaled by
+    this micro-batch's ratio of the two: exact for a whole batch (evaluation, no accumulation), the same count where
+    they agree (no padding, right padding with -100), and under accumulation each micro-batch weighted by its share of
+    the Trainer's count. No host read."""
+    counted = (aligned != -100).sum()
+    here = (main_targets != -100).sum()
+    num_items_in_batch = torch.as_tensor(num_items_in_batch, device=here.device)
+    scaled = num_items_in_batch * (here / counted.clamp(min=1))
+    return torch.where(here == counted, num_items_in_batch, scaled)
 
 
 def _at_least_one(count, device) -> torch.Tensor:

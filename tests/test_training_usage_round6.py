@@ -100,3 +100,33 @@ def test_gradient_accumulation_ends_with_the_parameters_of_the_larger_batch(tmp_
     for name, tensor in large.state_dict().items():
         torch.testing.assert_close(mine[name], tensor, rtol=0, atol=1e-6, msg=name)
     assert not torch.equal(large.lm_head.weight, build_model(config).lm_head.weight)
+
+
+def test_trainer_losses_of_left_padded_batches_are_the_model_s_mean(tmp_path):
+    # transformers.Trainer passes num_items_in_batch, its count of the labels other than -100, to training and
+    # evaluation forwards alike. In a left-padded row the first real token is predicted from padding, no target of
+    # this model's: divided by the Trainer's count, eval_loss and the training loss came out below the loss of the
+    # same batch by the share of those labels (about 8% here)
+    from datasets import Dataset
+    from transformers import ByT5Tokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    tokenizer = ByT5Tokenizer(padding_side="left")
+    texts = ["hello world", "ab", "the quick brown fox", "abc def", "xyz", "lorem ipsum dolor"]
+    data = Dataset.from_dict({"text": texts}).map(lambda row: tokenizer(row["text"]), remove_columns=["text"])
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    batch = collator([data[i] for i in range(len(texts))])
+    assert (batch["attention_mask"][:, 0] == 0).sum() > 2 and (batch["labels"][:, 1:] != -100).sum() > 0
+    model = build_model(tiny_config(vocab_size=384, pad_token_id=0, eos_token_id=1, num_nextn_predict_layers=1,
+                                    aux_loss_alpha=0.01))
+    with torch.no_grad():
+        evaluated = model.eval()(**batch).loss.item()
+        trained = model.train()(**batch).loss.item()
+    for router in routers(model).values():
+        router.reset_counts()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=6, per_device_eval_batch_size=6,
+                             max_steps=1, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
+                             disable_tqdm=True, train_sampling_strategy="sequential")
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data, data_collator=collator)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(evaluated, rel=1e-6)
+    trainer.train()
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(trained, rel=1e-6)
