@@ -79,7 +79,7 @@ class FP8Experts(KeepsStorageDtype, ExpertsPlugin):
             return new
         inter = new.intermediate_dim
         gate, up = experts.gate_up_proj.detach().split(inter, dim=1)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):  # autocast's cat refuses float8 tensors
             for weight, scale, parts in (
                 (new.gate_up_proj, new.gate_up_proj_scale_inv, (gate, up)),
                 (new.down_proj, new.down_proj_scale_inv, (experts.down_proj.detach(),)),

@@ -494,7 +494,8 @@ def quantize_expert_weights(weight: torch.Tensor, power_of_two: bool):
         q, s = quantize_weight(weight.reshape(e * n, k), power_of_two, "expert weight")
         return q.view(e, n, k), s.view(e, n // BLOCK, -1)
     q, s = zip(*(quantize_weight(weight[i], power_of_two, "expert weight") for i in range(e)))
-    return torch.stack(q), torch.stack(s)
+    with torch.autocast(weight.device.type, enabled=False):  # autocast's stack refuses float8 tensors
+        return torch.stack(q), torch.stack(s)
 
 
 def grouped_wgrad_kernels(grad_out: torch.Tensor, x: torch.Tensor, m_offsets: torch.Tensor, power_of_two: bool,

@@ -153,3 +153,26 @@ def test_lora_on_kv_b_proj_counts_in_absorbed_attention(folders, base):
         for _ in range(5):
             expected = torch.cat([expected, peft_model(expected).logits[:, -1:].argmax(-1)], 1)
     assert torch.equal(generated, expected)
+
+
+def test_fp8_block_trains_under_autocast_with_experts_quantized_one_by_one():
+    # an expert side that is not a multiple of 128 quantizes expert by expert, and autocast's stack (transformers'
+    # Trainer with bf16=True) refused the FP8 pieces: 'Unexpected floating ScalarType in at::autocast::prioritize'
+    config = tiny_config(quantizer="fp8_block")
+    assert (2 * config.moe_intermediate_size) % 128 and config.hidden_size % 128
+    model = build_model(config).train()
+    reference = build_model(tiny_config()).train()
+    ids = IDS
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+        expected = reference(ids, labels=ids).loss
+    loss.backward()
+    expected.backward()
+    grads = [(p.grad, r.grad) for p, r in zip(model.parameters(), reference.parameters()) if r.grad is not None]
+    assert all(g is not None and g.dtype == torch.float32 for g, _ in grads)
+    flat, flat_ref = (torch.cat([g.flatten() for g in gs]) for gs in zip(*grads))
+    assert abs(loss.item() - expected.item()) < 2e-2 and relative(flat, flat_ref) < 0.1  # FP8 (and bf16) rounding
+    # the inference mode quantizes the experts the same way when the model is built under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        frozen = build_model(tiny_config(quantizer="fp8_block", fp8_mode="inference"))
+    assert frozen.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.float8_e4m3fn
