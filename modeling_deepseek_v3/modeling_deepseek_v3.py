@@ -187,6 +187,19 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
             return nn.Module.float(self, *args)
         return super().float(*args)
 
+    def dequantize(self, dtype=None):
+        # a model the `quantizer` plugin quantized in memory has no hf_quantizer, for which transformers only says
+        # "first quantize your model": the plugin undoes itself, and the model holds `dtype` (default: its own) throughout
+        plugin = self.config.plugin("quantizer") if self.config.quantizer is not None else None
+        if getattr(self, "hf_quantizer", None) is not None or not hasattr(plugin, "dequantize"):
+            return super().dequantize(dtype=dtype)
+        dtype = dtype or self.dtype
+        plugin.dequantize(self, dtype)
+        self.config.quantizer = None
+        self.to(dtype)
+        self.config.dtype = dtype
+        return self
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         # official layout (MTP copies of embedding/head), written to a temporary folder then renamed, plus README.md
         return checkpoint.save_pretrained(self, super().save_pretrained, save_directory, *args, **kwargs)
@@ -628,7 +641,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         if targets is not None:
             token_mask = token_mask_from_attention_mask(attention_mask, targets.aligned.shape[1])
             main_targets = targets.at_depth(0, token_mask)
-            targets.check_values(self.config.vocab_size, main_targets, num_items_in_batch)
+            targets.check_values(self.config.vocab_size, num_items_in_batch)
             if num_items_in_batch is not None:
                 num_items_in_batch = _as_counted_here(num_items_in_batch, targets.aligned, main_targets)
             fused = self.config.fused_kernels
@@ -807,17 +820,17 @@ class _NextTokenTargets:
             return cls(shift_labels.long(), window=1)
         return cls(nn.functional.pad(labels[:, 1:].long(), (0, 1), value=-100), window=2)
 
-    def check_values(self, vocab_size: int, main_targets: torch.Tensor, num_items_in_batch=None) -> None:
-        """Every target is -100 or a token id in ``[0, vocab_size)``, and ``num_items_in_batch`` (the targets of the
-        whole accumulated batch) is not fewer than the ``main_targets`` (this micro-batch's, padding left out) alone:
-        fewer would scale the loss up (0 made the loss a sum). One host read per training forward (a GPU's
+    def check_values(self, vocab_size: int, num_items_in_batch=None) -> None:
+        """Every target is -100 or a token id in ``[0, vocab_size)``, and ``num_items_in_batch`` (the labels other
+        than -100 of the whole accumulated batch, as transformers.Trainer counts them) is not fewer than this
+        micro-batch's alone: fewer would scale the loss up (0 made the loss a sum). One host read per training forward (a GPU's
         cross-entropy would otherwise stop on a device-side assert that names nothing); skipped in compiled graphs."""
         if torch.compiler.is_compiling():
             return
         bad = ((self.aligned < 0) & (self.aligned != -100)) | (self.aligned >= vocab_size)
         wrong = bad.any()
         if num_items_in_batch is not None:
-            count = (main_targets != -100).sum()
+            count = (self.aligned != -100).sum()  # the Trainer's count, padding or not (see _as_counted_here)
             given = num_items_in_batch.detach().to(count.device) if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch
             wrong = wrong | (count > given)
         if not wrong:  # the one read; the error paths below read again to say what is wrong
@@ -831,7 +844,8 @@ class _NextTokenTargets:
         given = given.item() if isinstance(given, torch.Tensor) else given
         raise ValueError(
             f"`num_items_in_batch` ({given:g}) is fewer than the {int(count)} targets of this micro-batch alone: it must "
-            "count the targets (labels other than -100, padding left out) of the whole accumulated batch."
+            "count the targets of the whole accumulated batch, as transformers.Trainer does: the labels other than -100 "
+            "(`labels[..., 1:]`, or `shift_labels`)."
         )
 
     def at_depth(self, k: int, token_mask: torch.Tensor | None, documents: torch.Tensor | None = None) -> torch.Tensor:

@@ -176,3 +176,23 @@ def test_fp8_block_trains_under_autocast_with_experts_quantized_one_by_one():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         frozen = build_model(tiny_config(quantizer="fp8_block", fp8_mode="inference"))
     assert frozen.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("mode", ["inference", "train"])
+def test_model_dequantize_undoes_the_fp8_block_plugin(mode, tmp_path):
+    # such a model has no hf_quantizer, and transformers' dequantize said "first quantize your model"
+    model = build_model(tiny_config(quantizer="fp8_block", fp8_mode=mode)).eval()
+    with torch.no_grad():
+        fp8 = model(IDS).logits
+    plain = model.dequantize()
+    assert plain.config.quantizer is None and plain.config._experts_implementation != "deepseek_fp8"
+    assert all(type(m) is torch.nn.Linear for n, m in plain.named_modules() if n.endswith(("o_proj", "kv_b_proj")))
+    assert {p.dtype for p in plain.parameters()} == {torch.float32}
+    with torch.no_grad():
+        logits = plain(IDS).logits
+    assert 1e-4 < relative(logits, fp8) < 0.1  # the FP8 GEMMs' rounding is gone
+    plain.save_pretrained(tmp_path / "plain")
+    with torch.no_grad():
+        assert torch.equal(DeepseekV3ForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32).eval()(IDS).logits, logits)
+    with pytest.raises(ValueError, match="first quantize"):
+        build_model(tiny_config()).dequantize()  # an unquantized model keeps transformers' answer
