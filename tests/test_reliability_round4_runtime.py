@@ -209,9 +209,11 @@ def test_num_items_in_batch_below_the_micro_batch_targets_is_named(model):
             model(IDS, labels=IDS, num_items_in_batch=given)
     padding = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
     with torch.no_grad():
-        # padding is left out of the targets (8 here), and a count of the whole accumulated batch is larger
-        summed = model(IDS, labels=IDS, attention_mask=padding, num_items_in_batch=8).loss
-        torch.testing.assert_close(model(IDS, labels=IDS, attention_mask=padding, num_items_in_batch=torch.tensor(16)).loss, summed / 2)
+        # the count is the Trainer's (the 10 labels other than -100, padding or not); padding is left out of the
+        # targets (8 here), so the batch alone gives the model's mean, and a count of a larger accumulated batch less
+        alone = model(IDS, labels=IDS, attention_mask=padding, num_items_in_batch=10).loss
+        torch.testing.assert_close(alone, model(IDS, labels=IDS, attention_mask=padding).loss)
+        torch.testing.assert_close(model(IDS, labels=IDS, attention_mask=padding, num_items_in_batch=torch.tensor(20)).loss, alone / 2)
 
 
 def test_generate_arguments_transformers_misreads_are_named(model, mtp_model):
