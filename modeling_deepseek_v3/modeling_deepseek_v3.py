@@ -630,6 +630,9 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            # the base model would follow `config.return_dict=False` and give a tuple; this forward reads its fields
+            # (and @can_return_tuple makes its own output a tuple then)
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state

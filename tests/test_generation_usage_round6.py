@@ -81,3 +81,20 @@ def test_a_static_cache_too_short_for_the_default_length_is_named(folder, padded
     with torch.no_grad():  # a cache with room for them generates the 20 tokens
         roomy = transformers.StaticCache(config=model.config, max_cache_len=25)
         assert model.generate(ids, attention_mask=mask, pad_token_id=0, past_key_values=roomy).shape == (2, 26)
+
+
+def test_config_return_dict_false_gives_tuples(folder, padded_batch):
+    # the base model followed config.return_dict=False and gave a tuple, which the causal LM's forward read by field
+    # names: every forward and generate failed with "'tuple' object has no attribute 'last_hidden_state'" (as
+    # transformers' class still does)
+    ids, mask = padded_batch
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, labels=ids)
+        tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        model.config.return_dict = False
+        loss, logits, cache = model(ids, attention_mask=mask, labels=ids)
+        assert torch.equal(loss, expected.loss) and torch.equal(logits, expected.logits)
+        assert isinstance(cache, transformers.Cache)
+        assert isinstance(model(ids, attention_mask=mask, return_dict=True), transformers.utils.ModelOutput)
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0), tokens)
