@@ -106,7 +106,10 @@ def check_cache(past_key_values, batch_size: int, seq_len: int, widths: tuple[in
     if widths is not None and isinstance(values, torch.Tensor) and (keys.shape[-1], values.shape[-1]) != tuple(widths):
         raise ValueError(
             f"`past_key_values` caches keys and values of widths {[keys.shape[-1], values.shape[-1]]}, but this model's "
-            f"attention caches {list(widths)}: the cache was filled by a model of another config."
+            f"attention caches {list(widths)}: the cache was filled by a model of another config, or built for "
+            "attention that caches per-head keys and values of one width, as PEFT's prefix tuning builds its virtual "
+            "tokens, which this model's attention does not read: prefix tuning does not apply to it (prompt tuning, "
+            "p-tuning and LoRA do)."
         )
     if (model_dtype is not None and isinstance(keys, torch.Tensor) and keys.dtype != model_dtype
             and not torch.is_autocast_enabled(keys.device.type)):

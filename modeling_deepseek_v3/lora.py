@@ -68,6 +68,8 @@ def prepare_lora_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
     _check_scaling(config)
     _check_target_modules(model, config.target_modules)
     _check_target_parameters(model, config.target_parameters)
+    config.target_parameters = _select_target_parameters(model, config)
+    _check_init(model, config)
     _check_patterns(model, config)
     _check_modules_to_save(model, config.modules_to_save, config.task_type)
     return register_fp8_lora_layers(config)
@@ -263,10 +265,7 @@ def _expert_hint(name: str) -> str:
 def _check_target_parameters(model: nn.Module, targets) -> None:
     if not targets:
         return
-    owners = {}  # "module.param" -> owning module
-    for module_name, module in _named_modules(model).items():
-        for param_name, _ in module.named_parameters(recurse=False):
-            owners[f"{module_name}.{param_name}" if module_name else param_name] = module
+    owners = _parameter_owners(model)
     for target in sorted(targets):
         matched = {key: m for key, m in owners.items() if key == target or key.endswith("." + target)}
         if not matched:
@@ -304,6 +303,100 @@ def _check_target_parameters(model: nn.Module, targets) -> None:
                     f"LoRA target parameter {key!r} has shape {list(param.shape)}: LoRA adapts a matrix [out, in] or "
                     "stacked matrices [experts, out, in]."
                 )
+
+
+def _parameter_owners(model: nn.Module) -> dict[str, nn.Module]:
+    """``{"module.param": owning module}`` of ``model`` as it is without adapters."""
+    owners = {}
+    for module_name, module in _named_modules(model).items():
+        for param_name, _ in module.named_parameters(recurse=False):
+            owners[f"{module_name}.{param_name}" if module_name else param_name] = module
+    return owners
+
+
+def _matched_parameters(model: nn.Module, targets) -> list[str]:
+    """The full names of the parameters ``targets`` reaches, matched as PEFT matches them (the name or its end)."""
+    return sorted(key for key in _parameter_owners(model)
+                  if any(key == target or key.endswith("." + target) for target in targets))
+
+
+def _excluded(config: LoraConfig, module_name: str) -> bool:
+    """``module_name`` is left out by ``exclude_modules``, read as PEFT reads it for target modules."""
+    exclude = getattr(config, "exclude_modules", None)
+    if not exclude:
+        return False
+    if isinstance(exclude, str):
+        return re.fullmatch(exclude, module_name) is not None
+    return any(module_name == entry or module_name.endswith("." + entry) for entry in exclude)
+
+
+def _in_transformed_layers(config: LoraConfig, module_name: str) -> bool:
+    """``module_name`` sits in a layer of ``layers_to_transform`` (all of them when unset), the layer index found
+    as PEFT finds it for target modules: the first numbered name segment, or the one after ``layers_pattern``."""
+    indexes = getattr(config, "layers_to_transform", None)
+    if indexes is None or (isinstance(indexes, list) and not indexes):
+        return True
+    patterns = getattr(config, "layers_pattern", None)
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns or [])
+    key = module_name + "."
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        matches = (re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key) for pattern in patterns)
+        match = next((m for m in matches if m is not None), None)
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == indexes if isinstance(indexes, int) else index in indexes
+
+
+def _select_target_parameters(model: nn.Module, config: LoraConfig):
+    """``target_parameters`` with ``exclude_modules`` and ``layers_to_transform`` applied. PEFT applies them to
+    target modules only and adapts every parameter a target name reaches, in every layer (for transformers' own class
+    too), so ``layers_to_transform=[3]`` with the stacked experts would still adapt the experts of every MoE layer and
+    MTP module, and ``exclude_modules`` would not keep an adapter off the dense MLPs ``"all-linear"`` adapts through
+    their weights. When they leave some parameters out, the kept ones are listed by their full names (which PEFT
+    matches exactly, and which the saved adapter config carries, so a reload adapts the same ones)."""
+    targets = config.target_parameters
+    if not targets:
+        return targets
+    matched = _matched_parameters(model, targets)
+    kept = [key for key in matched
+            if not _excluded(config, key.rpartition(".")[0]) and _in_transformed_layers(config, key.rpartition(".")[0])]
+    if len(kept) == len(matched):
+        return targets
+    if not kept:
+        selection = " and ".join(f"{field}={getattr(config, field)!r}" for field in ("exclude_modules", "layers_to_transform")
+                                 if getattr(config, field, None) not in (None, []))
+        raise ValueError(
+            f"LoRA target_parameters {sorted(targets)}: {selection} leave out every parameter they reach "
+            f"({', '.join(matched)}), so none would be adapted."
+        )
+    return kept
+
+
+# `init_lora_weights` values whose initialisation reads the adapted layer's weight matrix (an SVD, a QR, a
+# quantization of it): PEFT reads `.weight` of the module holding a target parameter, which the stacked experts do
+# not have (their tensors are `gate_up_proj` and `down_proj`, one matrix per expert), and fails with an
+# AttributeError naming neither the option nor the parameter.
+_WEIGHT_READING_INITS = ("pissa", "corda", "olora", "loftq", "orthogonal", "lora_ga")
+
+
+def _check_init(model: nn.Module, config: LoraConfig) -> None:
+    init = config.init_lora_weights
+    if not isinstance(init, str) or not init.lower().startswith(_WEIGHT_READING_INITS) or not config.target_parameters:
+        return
+    owners = _parameter_owners(model)
+    stacked = [key for key in _matched_parameters(model, config.target_parameters)
+               if isinstance(owners[key], DeepseekV3Experts)]
+    if stacked:
+        more = f" and {len(stacked) - 1} more" if len(stacked) > 1 else ""
+        raise ValueError(
+            f"LoRA `init_lora_weights={init!r}` initialises an adapter from its layer's weight matrix, which PEFT "
+            f"cannot do for the stacked routed-expert tensor {stacked[0]!r}{more}, one matrix per expert. Use "
+            "init_lora_weights=True or 'gaussian' with the experts, or leave them out of target_parameters "
+            "(with target_modules='all-linear': exclude_modules=['experts'])."
+        )
 
 
 def set_fp8_merge(model: nn.Module, fp8: str = "requantize", dtype: torch.dtype = torch.bfloat16) -> list[FP8LoraLinear]:
