@@ -320,12 +320,14 @@ def per_expert_layout(model: nn.Module, headers: dict) -> list[tuple[str, nn.Mod
 _EXPERT_INDEX = re.compile(r"^(\d+)\.(?:gate|up|down)_proj\.")
 
 
-def check_every_expert(model: nn.Module, headers: dict) -> None:
+def check_every_expert(model: nn.Module, headers: dict, ignore_mismatched_sizes: bool = False) -> None:
     """A checkpoint in the per-expert layout must hold every projection of every routed expert of each stacked
     experts module, and no expert beyond them (the loader stacks them; a missing or extra one would only surface as a
     shape mismatch of the stack). The count is the config's `n_routed_experts`: under expert parallelism a rank's
-    module holds only its share, but the checkpoint holds them all."""
-    num_experts = model.config.n_routed_experts
+    module holds only its share, but the checkpoint holds them all. With ``ignore_mismatched_sizes`` another count
+    is a size mismatch of the stacked tensors and the router, which transformers re-initialises and reports (as for
+    any other tensor, and as its own class does: a new `n_routed_experts` on purpose), so the checkpoint's experts
+    need only be complete among themselves."""
     for name, module in per_expert_layout(model, headers):
         both = [f"{name}.{stacked}" for stacked in ("gate_up_proj", "down_proj") if f"{name}.{stacked}" in headers]
         if both:
@@ -339,20 +341,21 @@ def check_every_expert(model: nn.Module, headers: dict) -> None:
                 f"The checkpoint's tensor {odd!r} numbers its expert with a leading zero: expert numbers are plain "
                 f"integers ({name}.3.gate_proj.weight, not {name}.03.gate_proj.weight)."
             )
-        stored = {int(number) for number in numbers}
-        if max(stored) >= num_experts:
-            raise CheckpointError(
-                f"The checkpoint holds {max(stored) + 1} routed experts for {name!r} (e.g. {name}.{max(stored)}), but the "
-                f"config's `n_routed_experts` is {num_experts}."
-            )
-        for expert in range(num_experts):
+        count, configured = max({int(number) for number in numbers}) + 1, model.config.n_routed_experts
+        for expert in range(count):
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 key = f"{name}.{expert}.{proj}.weight"
                 if key not in headers:
                     raise CheckpointError(
-                        f"The checkpoint has no {key!r}: every one of the {num_experts} routed experts of {name!r} "
+                        f"The checkpoint has no {key!r}: every one of the {count} routed experts of {name!r} "
                         "needs its gate_proj, up_proj and down_proj (official layout: docs/checkpoint-format.md)."
                     )
+        if count != configured and not ignore_mismatched_sizes:
+            raise CheckpointError(
+                f"The checkpoint holds {count} routed experts for {name!r} (e.g. {name}.{count - 1}), but the config's "
+                f"`n_routed_experts` is {configured}; `ignore_mismatched_sizes=True` re-initialises the experts and the "
+                "routers at the config's count."
+            )
 
 
 def expected_tensors(model: nn.Module, headers: dict) -> dict[str, tuple[tuple, torch.dtype]]:
@@ -466,7 +469,7 @@ def validate_checkpoint_files(model: nn.Module, files, ignore_mismatched_sizes: 
     Returns ``{tensor name: (file, header entry)}``."""
     headers = checkpoint_headers([os.fspath(f) for f in files])
     report_unbuilt_layers(model, headers)
-    check_every_expert(model, headers)
+    check_every_expert(model, headers, ignore_mismatched_sizes)
     expected = expected_tensors(model, headers)
     for name, (shape, dtype) in expected.items():
         if name not in headers or (ignore_mismatched_sizes and tuple(headers[name][1]["shape"]) != shape):

@@ -438,7 +438,12 @@ def load_per_expert_entries(module: torch.nn.Module, state_dict: dict, prefix: s
         if both:
             # which of the two copies would load is arbitrary
             raise CheckpointError(f"The state dict holds {prefix.rstrip('.')!r} both per expert and stacked ({both[0]}): keep one layout.")
-        merged = {name: tensor.detach().clone() for name, tensor in held.items()}
+        # A module on the meta device (built under `torch.device("meta")` for `load_state_dict(..., assign=True)`) has
+        # no rows to keep: its stacked tensors are made on the entries' device and dtype, and filled from them alone
+        # (a clone of the meta tensor would be assigned, and the experts stay meta behind "All keys matched").
+        given_for = {names[m["proj"]]: state_dict[key] for key, m in entries.items() if m["leaf"] == leaf}  # one each
+        merged = {name: torch.empty(tensor.shape, dtype=given_for[name].dtype, device=given_for[name].device)
+                  if tensor.is_meta and name in given_for else tensor.detach().clone() for name, tensor in held.items()}
         num_experts = merged[names["down"]].shape[0]
         given = set()
         for key, match in entries.items():
@@ -461,9 +466,16 @@ def load_per_expert_entries(module: torch.nn.Module, state_dict: dict, prefix: s
                 )
             rows.copy_(tensor)
             given.add((expert, proj))
-        state_dict.update({prefix + name: tensor for name, tensor in merged.items()})
-        missing_keys.extend(f"{prefix}{e}.{proj}_proj.{leaf}" for e in range(num_experts) for proj in ("gate", "up", "down")
-                            if (e, proj) not in given)
+        lacking = [(e, proj) for e in range(num_experts) for proj in ("gate", "up", "down") if (e, proj) not in given]
+        gap = next(((e, proj) for e, proj in lacking if names[proj] in given_for and held[names[proj]].is_meta), None)
+        if gap is not None:
+            raise CheckpointError(
+                f"The state dict has no '{prefix}{gap[0]}.{gap[1]}_proj.{leaf}', and {prefix.rstrip('.')!r} is on the meta "
+                f"device, where the rows a state dict does not give have no values: give every expert's {gap[1]}_proj."
+            )
+        # a stacked tensor on the meta device that no entry names stays there, reported missing (as torch leaves it)
+        state_dict.update({prefix + name: tensor for name, tensor in merged.items() if not tensor.is_meta})
+        missing_keys.extend(f"{prefix}{e}.{proj}_proj.{leaf}" for e, proj in lacking)
 
 
 __all__ = [
