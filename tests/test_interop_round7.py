@@ -129,3 +129,122 @@ def test_ignore_mismatched_sizes_still_names_a_hole_in_the_experts(mtp_model, tm
     edit_tensors(folder / "model.safetensors", lambda t: t.pop("model.layers.2.mlp.experts.5.down_proj.weight"))
     with pytest.raises(CheckpointError, match=r"no 'model\.layers\.2\.mlp\.experts\.5\.down_proj\.weight'"):
         DeepseekV3ForCausalLM.from_pretrained(folder, ignore_mismatched_sizes=True, n_routed_experts=16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# folders written by transformers' own class, and read by it
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mtp, tied", [(0, False), (1, False), (0, True), (1, True)])
+def test_sharded_folders_pass_bit_exact_between_transformers_class_and_ours(tmp_path, mtp, tied):
+    model = build_model(tiny_config(num_nextn_predict_layers=mtp, tie_word_embeddings=tied), seed=3)
+    model.save_pretrained(tmp_path / "ours", max_shard_size="100KB")
+    assert (tmp_path / "ours" / "model.safetensors.index.json").exists()
+    theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32)
+    theirs.save_pretrained(tmp_path / "theirs", max_shard_size="100KB")
+    ours_on_disk, theirs_on_disk = saved_tensors(tmp_path / "ours"), saved_tensors(tmp_path / "theirs")
+    # the same names (per expert) and bytes, but the MTP layer, which transformers' class does not build
+    mtp_keys = {k for k in ours_on_disk if k.startswith("model.layers.3.")}
+    assert bool(mtp_keys) == bool(mtp) and set(ours_on_disk) - mtp_keys == set(theirs_on_disk)
+    for name, tensor in theirs_on_disk.items():
+        assert tensor.dtype == ours_on_disk[name].dtype and torch.equal(tensor, ours_on_disk[name]), name
+    if mtp:  # the MTP layer's copies of the (tied) embedding and head
+        assert torch.equal(ours_on_disk["model.layers.3.shared_head.head.weight"], model.lm_head.weight)
+        assert torch.equal(ours_on_disk["model.layers.3.embed_tokens.weight"], model.model.embed_tokens.weight)
+    back = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "theirs", num_nextn_predict_layers=0)
+    assert_same_weights(back, model, skip="model.layers.3.")
+    assert (back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()) == tied
+
+
+def test_folders_with_stacked_expert_names_load_both_ways(mtp_model, tmp_path):
+    # save_original_format=False writes transformers' in-memory names (mlp.experts.gate_up_proj)
+    model, folder = mtp_model
+    theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    theirs.save_pretrained(tmp_path / "theirs", save_original_format=False, max_shard_size="60KB")
+    assert "model.layers.1.mlp.experts.gate_up_proj" in saved_tensors(tmp_path / "theirs")
+    assert_same_weights(DeepseekV3ForCausalLM.from_pretrained(tmp_path / "theirs", num_nextn_predict_layers=0), theirs)
+    model.save_pretrained(tmp_path / "ours", save_original_format=False)
+    assert "model.layers.1.mlp.experts.gate_up_proj" in saved_tensors(tmp_path / "ours")
+    assert_same_weights(transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32), theirs)
+    assert_same_weights(DeepseekV3ForCausalLM.from_pretrained(tmp_path / "ours"), model)
+
+
+def test_save_stays_safetensors_and_a_variant_reloads(mtp_model, tmp_path):
+    model, _ = mtp_model
+    model.save_pretrained(tmp_path / "unsafe", safe_serialization=False)
+    names = sorted(os.listdir(tmp_path / "unsafe"))
+    assert "model.safetensors" in names and not [n for n in names if n.endswith((".bin", ".pt", ".pth"))]
+    model.save_pretrained(tmp_path / "variant", variant="v1", push_to_hub=False)
+    assert (tmp_path / "variant" / "model.v1.safetensors").exists()
+    assert_same_weights(DeepseekV3ForCausalLM.from_pretrained(tmp_path / "variant", variant="v1"), model)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config API and config.json
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_config_api_round_trips(tmp_path):
+    config = tiny_config(num_nextn_predict_layers=1, experts_backend="eager", mla_mode="absorbed")
+    assert copy.deepcopy(config) == config and "DeepseekV3Config" in repr(config)
+    again, unused = DeepseekV3Config.from_dict(config.to_dict(), return_unused_kwargs=True, not_a_field=1, aux_loss_alpha=0.5)
+    assert unused == {"not_a_field": 1} and again.aux_loss_alpha == 0.5 and again.mla_mode == "absorbed"
+    assert {k: v for k, v in again.to_dict().items() if k != "aux_loss_alpha"} == {
+        k: v for k, v in config.to_dict().items() if k != "aux_loss_alpha"}
+    config.save_pretrained(tmp_path / "a")
+    loaded = transformers.AutoConfig.from_pretrained(tmp_path / "a")
+    assert type(loaded) is DeepseekV3Config and loaded._experts_implementation == "eager"
+    loaded.save_pretrained(tmp_path / "b")
+    assert DeepseekV3Config.from_pretrained(tmp_path / "b") == loaded  # a loaded config reloads equal
+    assert (tmp_path / "a" / "config.json").read_text() == (tmp_path / "b" / "config.json").read_text()
+    diff = json.loads(config.to_json_string(use_diff=True))
+    assert diff["scoring_func"] == "sigmoid" and diff["mla_mode"] == "absorbed"
+    loaded.update({"mla_mode": "expanded", "topk_method": "greedy"})
+    assert loaded.mla_mode == "expanded" and loaded.scoring_func == "sigmoid"  # the file's, written explicitly
+    assert type(transformers.AutoModelForCausalLM.from_config(loaded)) is DeepseekV3ForCausalLM
+    assert type(transformers.AutoModel.from_config(loaded)).__name__ == "DeepseekV3Model"
+
+
+# the fields vLLM and SGLang read from a DeepSeek-V3 config.json
+ENGINE_FIELDS = (
+    "architectures", "model_type", "n_routed_experts", "n_shared_experts", "moe_intermediate_size", "first_k_dense_replace",
+    "moe_layer_freq", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim", "topk_method",
+    "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob", "scoring_func", "num_nextn_predict_layers",
+    "num_experts_per_tok", "quantization_config", "tie_word_embeddings", "max_position_embeddings", "vocab_size",
+)
+
+
+def test_released_config_json_keeps_what_serving_engines_read(tmp_path):
+    released = json.loads(open(OFFICIAL).read())
+    (tmp_path / "released").mkdir()
+    (tmp_path / "released" / "config.json").write_text(json.dumps(released))
+    DeepseekV3Config.from_pretrained(tmp_path / "released").save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    for field in ENGINE_FIELDS:
+        assert saved[field] == released[field] and type(saved[field]) is type(released[field]), field
+    legacy = saved["rope_scaling"]
+    assert {k: v for k, v in legacy.items() if k != "rope_theta"} == released["rope_scaling"]
+    assert type(legacy["factor"]) is int and legacy["type"] == "yarn"
+    assert saved["dtype"] == released["torch_dtype"]
+
+
+def test_a_saved_model_writes_the_engine_fields_with_the_released_types(tmp_path):
+    released = json.loads(open(OFFICIAL).read())
+    small = dict(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8,
+                 qk_nope_head_dim=12, v_head_dim=10, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=3,
+                 first_k_dense_replace=1, max_position_embeddings=128, bos_token_id=0, eos_token_id=1)
+    fields = {k: v for k, v in released.items() if k not in ("quantization_config", "auto_map")} | small
+    fields["rope_scaling"] = dict(released["rope_scaling"], original_max_position_embeddings=32)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text(json.dumps(fields))
+    build_model(DeepseekV3Config.from_pretrained(tmp_path / "src")).save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    for field in ENGINE_FIELDS:
+        if field != "quantization_config":
+            expected = fields[field]
+            assert saved[field] == expected and type(saved[field]) is type(expected), field
+    assert "quantization_config" not in saved
+    theirs = transformers.AutoConfig.for_model(**{k: v for k, v in saved.items() if k != "model_type"}, model_type="deepseek_v3")
+    assert theirs.rope_parameters["rope_type"] == "yarn" and theirs.rope_parameters["factor"] == 40
