@@ -156,3 +156,31 @@ def test_mtp_adapters_train_through_the_mtp_loss_reload_and_decode(mtp_folder, t
     for options in (dict(cache_implementation="static"), dict(use_mtp=True),
                     dict(use_mtp=True, cache_implementation="static")):
         assert torch.equal(peft_model.generate(prompt, max_new_tokens=6, do_sample=False, **options), reference), options
+
+
+def test_oft_on_the_mla_projections_trains_and_merges_into_what_transformers_reads(mtp_folder, tmp_path):
+    # kv_b_proj got the latent as [B, 1, S, r], which PEFT's OFT reshapes as a Conv2d input ("shape '[272, 4, 4]' is
+    # invalid for input of size 0"; transformers' class fails the same way)
+    import transformers
+
+    model = load(mtp_folder)
+    config = peft.OFTConfig(r=0, oft_block_size=4, target_modules=["q_a_proj", "kv_b_proj", "o_proj"])
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "oft_R" in name:
+                param.normal_(0, 0.2)  # a rotation away from the identity the default initialisation gives
+    peft_model.train()
+    peft_model(input_ids=IDS, labels=IDS).loss.backward()
+    kv_b = [p for n, p in peft_model.named_parameters() if "kv_b_proj.oft_R" in n]
+    assert kv_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in kv_b)
+    peft_model.eval()
+    with torch.no_grad():
+        expected = peft_model(IDS).logits
+        with peft_model.disable_adapter():
+            assert not torch.allclose(peft_model(IDS).logits, expected, atol=1e-3)
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(IDS).logits, expected, atol=1e-5, rtol=1e-5)

@@ -210,7 +210,8 @@ class MultiHeadLatentAttention(AttentionPlugin):
 
     def _attend_expanded(self, q_nope, q_rope, c_kv, k_rope, attention_mask, **kwargs):
         batch_size, _, seq_len, _ = q_nope.shape
-        kv = self.kv_b_proj(c_kv).view(batch_size, -1, q_nope.shape[1], self.qk_nope_head_dim + self.v_head_dim)
+        # The latent as [B, S, r], a Linear's usual input: PEFT's OFT reads a 4-D input as a Conv2d's feature map.
+        kv = self.kv_b_proj(c_kv[:, 0]).view(batch_size, -1, q_nope.shape[1], self.qk_nope_head_dim + self.v_head_dim)
         k_nope, value = kv.transpose(1, 2).split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         key = torch.cat((k_nope, k_rope.expand(-1, q_nope.shape[1], -1, -1)), dim=-1)  # [B, H, S, nope+rope]
         query = torch.cat((q_nope, q_rope), dim=-1)
