@@ -248,3 +248,61 @@ def test_a_saved_model_writes_the_engine_fields_with_the_released_types(tmp_path
     assert "quantization_config" not in saved
     theirs = transformers.AutoConfig.for_model(**{k: v for k, v in saved.items() if k != "model_type"}, model_type="deepseek_v3")
     assert theirs.rope_parameters["rope_type"] == "yarn" and theirs.rope_parameters["factor"] == 40
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# from_pretrained keywords and the generation side files, against transformers' class
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_runtime_overrides_of_from_pretrained_match_transformers_class(mtp_model):
+    _, folder = mtp_model
+    ids = torch.randint(1, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, output_router_logits=True, attn_implementation="eager").eval()
+    ours = DeepseekV3ForCausalLM.from_pretrained(folder, output_router_logits=True, attn_implementation="eager").eval()
+    assert ours.config._attn_implementation == "eager" and ours.config.output_router_logits
+    mine, reference = ours(ids, labels=ids), theirs(ids, labels=ids)
+    assert len(mine.router_logits) == len(reference.router_logits) == 2
+    for a, b in zip(mine.router_logits, reference.router_logits):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(mine.logits, reference.logits)
+    torch.testing.assert_close(mine.loss, reference.loss)
+    absorbed = DeepseekV3ForCausalLM.from_pretrained(folder, mla_mode="absorbed").eval()
+    assert absorbed.config.mla_mode == "absorbed"
+    torch.testing.assert_close(absorbed(ids).logits, reference.logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"`mla_mode` must be one of"):
+        DeepseekV3ForCausalLM.from_pretrained(folder, mla_mode="fast")
+
+
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+def test_the_dtype_a_config_json_declares_is_the_default_as_in_transformers_class(tmp_path, key):
+    build_model(tiny_config(), seed=3).to(torch.bfloat16).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("dtype")
+    config[key] = "bfloat16"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ours = DeepseekV3ForCausalLM.from_pretrained(tmp_path)
+    assert ours.dtype == transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path).dtype == torch.bfloat16
+    assert ours.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+    ours.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@torch.no_grad()
+def test_generation_config_json_is_read_used_and_written_back(tmp_path):
+    model = build_model(tiny_config(bos_token_id=1, eos_token_id=2), seed=3)
+    model.save_pretrained(tmp_path)
+    assert model.can_generate() and json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == 2
+    written = {"bos_token_id": 1, "eos_token_id": [2, 5], "max_new_tokens": 6, "do_sample": False, "repetition_penalty": 1.3}
+    (tmp_path / "generation_config.json").write_text(json.dumps(written))
+    ours = DeepseekV3ForCausalLM.from_pretrained(tmp_path)
+    theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert ours.name_or_path == os.fspath(tmp_path)
+    assert ours.generation_config.max_new_tokens == 6 and ours.generation_config.eos_token_id == [2, 5]
+    ids = torch.tensor([[1, 7, 8, 9]])
+    assert torch.equal(ours.generate(ids), theirs.generate(ids))
+    ours.save_pretrained(tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "generation_config.json").read_text())
+    assert {k: again[k] for k in written} == written
