@@ -1,6 +1,7 @@
 """Checks of the model's inputs where they enter ``forward`` and ``generate``: types, shapes and dtypes only, so
 they cost no device read and trace under ``torch.compile`` (the value checks that need one read run together in
-``DeepseekV3Model._check_inputs``). Each error names the argument and what it must be."""
+``DeepseekV3Model._check_inputs``; a tensor of ``logits_to_keep`` positions, which only a caller passes, is read
+here). Each error names the argument and what it must be."""
 
 from __future__ import annotations
 
@@ -232,6 +233,16 @@ def check_logits_to_keep(logits_to_keep, seq_len: int | None = None) -> None:
                 f"over the {seq_len if seq_len is not None else 'seq_len'} positions), got dtype {logits_to_keep.dtype} "
                 f"of shape {list(logits_to_keep.shape)}."
             )
+        if logits_to_keep.dtype != torch.bool and seq_len is not None and logits_to_keep.numel() and not torch.compiler.is_compiling():
+            # positions outside the sequence fail inside the indexing with an error that names nothing (on a GPU, a
+            # device-side assert); one host read, only for a tensor of positions (generate passes an int)
+            low, high = torch.aminmax(logits_to_keep)
+            low, high = torch.stack([low, high]).tolist()
+            if low < -seq_len or high >= seq_len:
+                raise ValueError(
+                    f"`logits_to_keep` holds positions in [{low}, {high}], outside the input's {seq_len} positions "
+                    f"(valid: -{seq_len} .. {seq_len - 1})."
+                )
         return
     if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, numbers.Integral) or logits_to_keep < 0:
         raise ValueError(
@@ -242,10 +253,18 @@ def check_logits_to_keep(logits_to_keep, seq_len: int | None = None) -> None:
 
 def check_num_items_in_batch(num_items_in_batch) -> None:
     """What the Trainer passes: the target count of the whole accumulated batch, an int or a device tensor (whose
-    value is not read here: that would cost a host sync per micro-batch)."""
-    if num_items_in_batch is None or isinstance(num_items_in_batch, torch.Tensor):
+    value is not read here: that would cost a host sync per micro-batch; the labels check reads it with its own)."""
+    if num_items_in_batch is None:
         return
-    if (isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float))
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1 or num_items_in_batch.dtype == torch.bool or num_items_in_batch.dtype.is_complex:
+            raise ValueError(
+                f"`num_items_in_batch` must be the number of targets in the whole batch: a tensor of one number, got "
+                f"dtype {num_items_in_batch.dtype} of shape {list(num_items_in_batch.shape)}."
+            )
+        return
+    # numbers.Real: Python's int and float and NumPy's scalars (a count read from an array); a bool is no count
+    if (isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real)
             or not math.isfinite(num_items_in_batch) or num_items_in_batch < 0):
         raise ValueError(
             f"`num_items_in_batch` must be the number of targets in the whole batch (an int ≥ 0 or a tensor), got "
@@ -350,7 +369,10 @@ def check_generate_kwargs(kwargs: dict, generation_config) -> None:
     num_beams = value("num_beams")
     if num_beams is not None and (isinstance(num_beams, bool) or not isinstance(num_beams, numbers.Integral) or num_beams < 1):
         raise ValueError(f"`num_beams` must be an int ≥ 1 (1 = no beam search), got {num_beams!r}.")
-    if value("use_mtp") and num_beams is not None and num_beams > 1:
+    use_mtp = value("use_mtp")
+    if use_mtp is not None and not isinstance(use_mtp, bool):  # a string such as "no" would switch it on
+        raise TypeError(f"`use_mtp` must be True or False, got {use_mtp!r}.")
+    if use_mtp and num_beams is not None and num_beams > 1:
         raise ValueError(
             f"`use_mtp=True` drafts for greedy decoding and sampling only; with `num_beams={num_beams}` the drafts would "
             "be dropped: drop `use_mtp` for beam search, or `num_beams`."

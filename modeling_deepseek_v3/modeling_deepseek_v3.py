@@ -9,6 +9,7 @@ at the official names ``model.layers.{num_hidden_layers + k}.*``; the main forwa
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -303,13 +304,14 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             )
 
     def _check_inputs(self, input_ids, position_ids, attention_mask, past_key_values, decoding: bool,
-                      inputs_embeds=None, cache_position=None, past=None, capacity=None) -> None:
+                      inputs_embeds=None, cache_position=None, past=None, capacity=None, restarts=False) -> bool:
         """Clear errors for bad input values. They read the device once, so they are skipped where that would cost a
         host sync per generated token: a one-token step over a cache (``decoding``; its token came from the model's
         own vocabulary) and compiled graphs. ``past`` and ``capacity`` are the cache's ``input_checks.cached_length``
-        and ``static_capacity``, read once by the forward."""
+        and ``static_capacity``, read once by the forward. With ``restarts``, returns whether ``position_ids`` restart
+        (packed documents) in the same read."""
         if decoding or torch.compiler.is_compiling():
-            return
+            return False
         # One host read for all checks.
         extremes = {"first_position": position_ids.min(), "last_position": position_ids.max()}
         if input_ids is not None:
@@ -321,6 +323,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.dtype != torch.bool:
             # transformers reads a 2-D mask as bool: an additive mask (0 / -inf) would silently keep only the padding
             extremes["non_binary_mask_values"] = ((attention_mask != 0) & (attention_mask != 1)).sum()
+        if restarts:
+            extremes["restarts"] = (torch.diff(position_ids, dim=-1) != 1).sum()
         if capacity is not None:  # a static layer's length is a device tensor
             extremes["cached"] = torch.as_tensor(past_key_values.get_seq_length())
         if cache_position is not None and (capacity is not None or past is not None):
@@ -364,6 +368,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
                 f"Position {last_position} is beyond `max_position_embeddings`={self.config.max_position_embeddings}: "
                 "the model was not trained on inputs this long (plus any cached prefix), expect degraded outputs."
             )
+        return found.get("restarts", 0) > 0
 
     @merge_with_config_defaults
     @capture_outputs
@@ -394,7 +399,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         input_checks.check_attention_mask(
             attention_mask, (batch_size, seq_len), past, capacity, self.config.num_attention_heads, model_dtype,
         )
-        if use_cache and past_key_values is None:
+        fresh_cache = use_cache and past_key_values is None
+        if fresh_cache:
             past_key_values = DynamicCache(config=self.config)
         if position_ids is None:
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -403,8 +409,15 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         # `past` (read before a default cache was made) is 0 for a first forward: a one-token prompt is checked like
         # any prompt (its ids came from the caller, not from the model)
         decoding = past_key_values is not None and past != 0 and (seq_len == 1 or self._verifying_drafts)
-        self._check_inputs(input_ids, position_ids, attention_mask, past_key_values, decoding=decoding,
-                           inputs_embeds=inputs_embeds, cache_position=cache_position, past=past, capacity=capacity)
+        packed = self._check_inputs(input_ids, position_ids, attention_mask, past_key_values, decoding=decoding,
+                                    inputs_embeds=inputs_embeds, cache_position=cache_position, past=past,
+                                    capacity=capacity, restarts=fresh_cache and attention_mask is None)
+        # transformers' mask builder reads packed documents from `position_ids` (no attention_mask, positions
+        # restarting at 0) only when it is handed no cache, and `use_cache` defaults to the config's True: a forward
+        # over packed rows outside transformers.Trainer (which sets use_cache=False) attended across documents, while
+        # the MTP modules kept to each one. A cache made here holds no prefix, so the builder is told there is none
+        # where the rows are packed (known from the input check's read; in a compiled graph it cannot be read).
+        mask_cache = None if fresh_cache and (packed or torch.compiler.is_compiling()) else past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
 
@@ -412,7 +425,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            past_key_values=mask_cache,
             position_ids=position_ids,
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
@@ -835,7 +848,8 @@ class _NextTokenTargets:
         if num_items_in_batch is not None:
             count = (self.aligned != -100).sum()  # the Trainer's count, padding or not (see _as_counted_here)
             given = num_items_in_batch.detach().to(count.device) if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch
-            wrong = wrong | (count > given)
+            # a nan or inf count (a tensor's: a Python number is checked with the arguments) made the loss nan or 0
+            wrong = wrong | (count > given) | ~torch.isfinite(torch.as_tensor(given, dtype=torch.float32, device=count.device))
         if not wrong:  # the one read; the error paths below read again to say what is wrong
             return
         if bad.any():
@@ -845,6 +859,8 @@ class _NextTokenTargets:
                 f"{values.numel()} value(s) outside, e.g. {values[:4].tolist()}."
             )
         given = given.item() if isinstance(given, torch.Tensor) else given
+        if not math.isfinite(given):
+            raise ValueError(f"`num_items_in_batch` must be the number of targets in the whole batch, got {given}.")
         raise ValueError(
             f"`num_items_in_batch` ({given:g}) is fewer than the {int(count)} targets of this micro-batch alone: it must "
             "count the targets of the whole accumulated batch, as transformers.Trainer does: the labels other than -100 "

@@ -1,0 +1,77 @@
+"""Bad or unusual input to the features added last: `num_items_in_batch` given by hand, tensor `logits_to_keep`
+positions, `use_mtp` flags, packed rows under the default cache, the TRL trainers' models and datasets,
+`set_experts_implementation` on FP8 experts, configs too large to build. Each gets a clear error naming the
+argument, or (packed rows) the result of the documents run one by one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_model, tiny_config
+
+IDS = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def mtp_model():
+    return build_model(tiny_config(num_nextn_predict_layers=1))
+
+
+def test_num_items_in_batch_of_nan_inf_or_several_numbers_is_named(mtp_model):
+    model = mtp_model.train()
+    # a nan tensor made the loss nan, an inf one made it 0, a tensor of two counts failed on an ambiguous bool
+    for count in (torch.tensor(float("nan")), torch.tensor(float("inf"))):
+        with pytest.raises(ValueError, match=r"`num_items_in_batch` must be the number of targets in the whole batch, got"):
+            model(IDS, labels=IDS, num_items_in_batch=count)
+    with pytest.raises(ValueError, match=r"a tensor of one number, got dtype torch.int64 of shape \[2\]"):
+        model(IDS, labels=IDS, num_items_in_batch=torch.tensor([16, 16]))
+    # a count read from a NumPy array is a count (it was refused as not "an int ≥ 0"), in any integer or float dtype
+    expected = model(IDS, labels=IDS, num_items_in_batch=16).loss
+    for count in (np.int64(16), np.float32(16.0), torch.tensor(16, dtype=torch.int32), torch.tensor(16.0, dtype=torch.bfloat16)):
+        torch.testing.assert_close(model(IDS, labels=IDS, num_items_in_batch=count).loss, expected)
+    with pytest.raises(ValueError, match=r"\(0\) is fewer than the 16 targets"):
+        model(IDS, labels=IDS, num_items_in_batch=np.int64(0))
+    model.eval()
+
+
+@torch.no_grad()
+def test_logits_to_keep_positions_outside_the_input_are_named(mtp_model):
+    # they failed inside the indexing with "index 9 is out of bounds for dimension 0 with size 9", naming nothing
+    for positions in ([9], [0, 12], [-10]):
+        with pytest.raises(ValueError, match=r"`logits_to_keep` holds positions in \[.*\], outside the input's 9 positions"):
+            mtp_model(IDS, logits_to_keep=torch.tensor(positions))
+    full = mtp_model(IDS).logits
+    torch.testing.assert_close(mtp_model(IDS, logits_to_keep=torch.tensor([0, -1, 8])).logits, full[:, [0, 8, 8]])
+    assert mtp_model(IDS, logits_to_keep=100).logits.shape == full.shape  # an int past the length keeps all, as transformers
+
+
+def test_use_mtp_must_be_a_bool(mtp_model):
+    # a string switched MTP decoding on: "no" as much as "yes"
+    for flag in ("no", 1):
+        with pytest.raises(TypeError, match=r"`use_mtp` must be True or False, got"):
+            mtp_model.generate(IDS[:1], max_new_tokens=2, use_mtp=flag)
+    plain = mtp_model.generate(IDS[:1], max_new_tokens=3, do_sample=False)
+    assert torch.equal(mtp_model.generate(IDS[:1], max_new_tokens=3, do_sample=False, use_mtp=False), plain)
+
+
+def test_packed_rows_attend_within_documents_under_the_default_cache(mtp_model):
+    # transformers' mask builder reads packed documents from position_ids only when it gets no cache; `use_cache`
+    # defaults to True, so a packed row run outside Trainer (which sets use_cache=False) attended across documents in
+    # the main model (transformers' class does the same) while the MTP modules kept to each document
+    ids = IDS[:1]
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]])
+    with torch.no_grad():
+        alone = torch.cat([mtp_model(ids[:, a:b]).logits for a, b in ((0, 4), (4, 7), (7, 9))], dim=1)
+        for use_cache in ({}, {"use_cache": True}, {"use_cache": False}):
+            torch.testing.assert_close(mtp_model(ids, position_ids=positions, **use_cache).logits, alone)
+        # an unpacked row keeps its cache for decoding
+        out = mtp_model(ids, position_ids=torch.arange(9)[None])
+        assert out.past_key_values.get_seq_length() == 9
+    model = mtp_model.train()
+    labels = ids.masked_fill(positions == 0, -100)
+    default = model(ids, labels=labels, position_ids=positions)
+    without = model(ids, labels=labels, position_ids=positions, use_cache=False)
+    torch.testing.assert_close(default.loss, without.loss)
+    torch.testing.assert_close(default.mtp_loss, without.mtp_loss)
+    model.eval()
