@@ -99,7 +99,7 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         sequences, for `noaux_tc` (the paper's complementary sequence-wise loss), over the whole batch for `greedy`
         (the classic auxiliary loss). 0 disables it.
     mtp_loss_weight (`float`, defaults to 0.3):
-        λ weighting the MTP loss in the training loss.
+        λ weighting the MTP loss in the training loss. 0 disables the MTP objective: training skips the MTP modules.
     fp8_mode (`str`, defaults to `"train"`):
         What `quantizer: "fp8_block"` builds: `"train"` keeps high-precision master weights and runs all three GEMMs
         in FP8 (trainable); `"inference"` stores the weights in FP8 with their block scales (not trainable).

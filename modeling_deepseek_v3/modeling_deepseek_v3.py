@@ -586,7 +586,9 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             ignored only as a source (the targets are the caller's).
         return_mtp_loss (`bool`, *optional*):
             Run the ``num_nextn_predict_layers`` MTP modules and compute ``mtp_loss`` (needs ``labels``). Defaults to
-            ``self.training``: training gets the MTP objective, inference skips the modules.
+            ``self.training``: training gets the MTP objective, inference skips the modules. With
+            ``mtp_loss_weight=0`` training skips them too, and with ``return_mtp_loss=True`` they report ``mtp_loss``
+            but add nothing to ``loss`` (their routers' balance loss included).
 
         With labels, ``loss = CE + mtp_loss_weight · mtp_loss + aux_loss`` (docs/equations.md): ``CE`` the next-token
         cross-entropy, ``mtp_loss = (1/D) Σ_k CE_k`` with ``CE_k`` the cross-entropy of MTP module k predicting
@@ -617,6 +619,10 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         run_mtp = targets is not None and depth > 0 and (self.training if return_mtp_loss is None else return_mtp_loss)
         if run_mtp:
             input_checks.check_loss_weight(self.config.mtp_loss_weight, "mtp_loss_weight")
+            # λ = 0 switches the MTP objective off: training then skips the modules (a decoder layer and a head over
+            # the vocabulary per depth) unless the loss is asked for by name
+            run_mtp = return_mtp_loss is True or self.config.mtp_loss_weight != 0
+        if run_mtp:
             if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
                 # the MTP modules build their own causal mask from a 2-D padding mask: a prepared one (packed
                 # documents) would hold for the main model only, and the MTP modules would attend across it
@@ -669,9 +675,12 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
                 mtp_loss, mtp_aux_loss = self._mtp_forward(
                     hidden_states, embeds, targets, token_mask, position_ids, documents
                 )
-                extra = self.config.mtp_loss_weight * mtp_loss
-                if mtp_aux_loss is not None:
-                    aux_loss = mtp_aux_loss if aux_loss is None else aux_loss + mtp_aux_loss.to(aux_loss.device)
+                # With λ = 0 (return_mtp_loss=True) the modules only report mtp_loss: neither it nor their routers'
+                # balance loss, whose gradient reaches the main model through hnorm(h^0), enters the loss.
+                if self.config.mtp_loss_weight != 0:
+                    extra = self.config.mtp_loss_weight * mtp_loss
+                    if mtp_aux_loss is not None:
+                        aux_loss = mtp_aux_loss if aux_loss is None else aux_loss + mtp_aux_loss.to(aux_loss.device)
             if aux_loss is not None:
                 extra = aux_loss.to(loss.device) if extra is None else extra + aux_loss.to(loss.device)
             if extra is not None:
