@@ -26,6 +26,7 @@ Needs the ``finetune`` extra. Each trainer is TRL's, plus what TRL does not know
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -35,10 +36,12 @@ from peft import LoraConfig, PeftModel
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from trl import DPOTrainer, GRPOTrainer, RewardTrainer, SFTTrainer
+from trl.data_utils import get_dataset_column_names
 from trl.trainer.utils import create_model_from_path, is_async_callable
 
 from .balance_hooks import BalanceLossTap
 from .lora import prepare_lora_config
+from .modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3ForSequenceClassification, DeepseekV3PreTrainedModel
 from .quantization.lora import register_fp8_lora_layers
 from .training import ExpertBiasUpdateCallback
 
@@ -127,6 +130,52 @@ def _policy_from_path(model, args, kwargs: dict):
     return policy
 
 
+def check_model_head(model, head: type, trainer: str, role: str = "model") -> None:
+    """A model of this package whose head is not the one the trainer scores through: TRL failed on it with an
+    AttributeError (a classification model has no `generation_config`, a reference's missing LM head was None) or, for
+    a causal LM given to the reward trainer, said `num_labels=2` of a model that has no score head at all."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base = getattr(base, "module", base)
+    if not isinstance(base, DeepseekV3PreTrainedModel) or isinstance(base, head):
+        return  # a path, or another architecture: TRL's own checks
+    way_out = (
+        "load it with AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1) (a causal LM's folder "
+        "gives it a new score head)" if head is DeepseekV3ForSequenceClassification
+        else "load it with AutoModelForCausalLM.from_pretrained(folder)"
+    )
+    raise ValueError(f"{trainer} needs a {head.__name__} as its `{role}`, got a {type(base).__name__}: {way_out}.")
+
+
+_PREFERENCE_COLUMNS = ("chosen", "rejected")
+
+
+def check_preference_columns(trainer: str, bound: dict, tokenized=()) -> None:
+    """The preference datasets hold `chosen` and `rejected` (TRL's format; `prompt` may be implicit in both), or the
+    columns ``tokenized`` of an already tokenized one: TRL failed on another with a bare KeyError inside
+    `datasets.map`."""
+    for role in ("train_dataset", "eval_dataset"):
+        datasets = bound.get(role)
+        for split, dataset in (datasets.items() if isinstance(datasets, Mapping) else [(None, datasets)]):
+            if dataset is None or not hasattr(dataset, "column_names"):
+                continue  # not a `datasets` dataset: TRL reads it as it is
+            columns = get_dataset_column_names(dataset)
+            if any(all(c in columns for c in names) for names in tokenized):
+                continue
+            missing = [c for c in _PREFERENCE_COLUMNS if c not in columns]
+            if missing:
+                which = role if split is None else f"{role}[{split!r}]"
+                raise ValueError(
+                    f"{trainer}: `{which}` has no {' and no '.join(f'`{c}`' for c in missing)} column (its columns: "
+                    f"{', '.join(map(str, columns))}). Preference data holds `chosen` and `rejected`, and optionally "
+                    "`prompt`, as TRL documents."
+                )
+
+
+def _bound(init, args: tuple, kwargs: dict) -> dict:
+    """The arguments of a trainer's ``__init__`` by name, however they were passed."""
+    return inspect.signature(init).bind_partial(None, *args, **kwargs).arguments
+
+
 def _prepare_peft(model, peft_config):
     if not isinstance(peft_config, LoraConfig):
         return peft_config
@@ -170,6 +219,7 @@ class DeepseekV3SFTTrainer(_DeepseekV3Balancing, SFTTrainer):
     """``trl.SFTTrainer`` with DeepSeek-V3's balancing (see the module doc)."""
 
     def __init__(self, model, args=None, *rest, peft_config=None, **kwargs):
+        check_model_head(model, DeepseekV3ForCausalLM, type(self).__name__)
         model = _policy_from_path(model, args, kwargs)
         self._tap_model(model)
         super().__init__(model, args, *rest, peft_config=_prepare_peft(model, peft_config), **kwargs)
@@ -201,6 +251,10 @@ class DeepseekV3DPOTrainer(_DeepseekV3Balancing, DPOTrainer):
                 "or, when the reference is the policy's own base, the policy with a `peft_config` and no `ref_model` "
                 "(the reference is then the policy with its adapters disabled)."
             )
+        check_model_head(model, DeepseekV3ForCausalLM, type(self).__name__)
+        if ref_model is not None:
+            check_model_head(ref_model, DeepseekV3ForCausalLM, type(self).__name__, "ref_model")
+        check_preference_columns(type(self).__name__, _bound(DPOTrainer.__init__, (model, ref_model, args, *rest), kwargs))
         model = _policy_from_path(model, args, kwargs)
         ref_model = _reference_from_folder(model, ref_model, peft_config,
                                            needed=not getattr(args, "precompute_ref_log_probs", False))
@@ -266,6 +320,7 @@ class DeepseekV3GRPOTrainer(_DeepseekV3Balancing, GRPOTrainer):
     checked, naming the function (one real number or None per completion, none infinite)."""
 
     def __init__(self, model, reward_funcs=None, args=None, *rest, peft_config=None, **kwargs):
+        check_model_head(model, DeepseekV3ForCausalLM, type(self).__name__)
         model = _policy_from_path(model, args, kwargs)
         _refuse_rebuilt_reference(model, peft_config, getattr(args, "beta", 0.0))
         self._tap_model(model)
@@ -292,6 +347,9 @@ class DeepseekV3RewardTrainer(_DeepseekV3Balancing, RewardTrainer):
     sequences from the head's logits, which drops the backbone's balance loss."""
 
     def __init__(self, model, args=None, *rest, peft_config=None, **kwargs):
+        check_model_head(model, DeepseekV3ForSequenceClassification, type(self).__name__)
+        check_preference_columns(type(self).__name__, _bound(RewardTrainer.__init__, (model, args, *rest), kwargs),
+                                 tokenized=(("chosen_ids", "rejected_ids"), ("chosen_input_ids", "rejected_input_ids")))
         self._tap_model(model)
         super().__init__(model, args, *rest, peft_config=_prepare_peft(model, peft_config), **kwargs)
         self._finish_setup()
@@ -303,4 +361,4 @@ class DeepseekV3RewardTrainer(_DeepseekV3Balancing, RewardTrainer):
 
 
 __all__ = ["ARCHITECTURE_FIELDS", "DeepseekV3DPOTrainer", "DeepseekV3GRPOTrainer", "DeepseekV3RewardTrainer",
-           "DeepseekV3SFTTrainer", "check_reference_model"]
+           "DeepseekV3SFTTrainer", "check_model_head", "check_preference_columns", "check_reference_model"]

@@ -75,3 +75,35 @@ def test_packed_rows_attend_within_documents_under_the_default_cache(mtp_model):
     torch.testing.assert_close(default.loss, without.loss)
     torch.testing.assert_close(default.mtp_loss, without.mtp_loss)
     model.eval()
+
+
+def _preference_rows(columns=("prompt", "chosen", "rejected")):
+    from datasets import Dataset
+
+    return Dataset.from_list([{c: f"{c} {i}" for c in columns} for i in range(4)])
+
+
+def test_trl_trainers_name_a_model_with_the_wrong_head_and_missing_preference_columns():
+    pytest.importorskip("trl")
+    from modeling_deepseek_v3 import DeepseekV3ForSequenceClassification
+    from modeling_deepseek_v3.trl_trainers import (DeepseekV3DPOTrainer, DeepseekV3GRPOTrainer, DeepseekV3RewardTrainer,
+                                                   DeepseekV3SFTTrainer)
+
+    causal = build_model(tiny_config(num_hidden_layers=2))
+    scorer = DeepseekV3ForSequenceClassification(tiny_config(num_hidden_layers=2, num_labels=1))
+    # TRL's reward trainer said "The model has `num_labels=2`" of a causal LM; the others failed on an AttributeError
+    with pytest.raises(ValueError, match=r"DeepseekV3RewardTrainer needs a DeepseekV3ForSequenceClassification as its "
+                                         r"`model`, got a DeepseekV3ForCausalLM: load it with AutoModelForSequenceClassification"):
+        DeepseekV3RewardTrainer(causal, train_dataset=_preference_rows())
+    for trainer in (DeepseekV3SFTTrainer, DeepseekV3DPOTrainer, DeepseekV3GRPOTrainer):
+        with pytest.raises(ValueError, match=rf"{trainer.__name__} needs a DeepseekV3ForCausalLM as its `model`, got a "
+                                             r"DeepseekV3ForSequenceClassification"):
+            trainer(scorer)
+    with pytest.raises(ValueError, match=r"as its `ref_model`, got a DeepseekV3ForSequenceClassification"):
+        DeepseekV3DPOTrainer(causal, scorer, train_dataset=_preference_rows())
+    # a bare KeyError: 'rejected' inside datasets.map, positional or keyword, train or eval
+    with pytest.raises(ValueError, match=r"DeepseekV3RewardTrainer: `train_dataset` has no `rejected` column \(its "
+                                         r"columns: prompt, chosen\)"):
+        DeepseekV3RewardTrainer(scorer, None, None, _preference_rows(("prompt", "chosen")))
+    with pytest.raises(ValueError, match=r"`eval_dataset\['dev'\]` has no `chosen` and no `rejected` column \(its columns: text\)"):
+        DeepseekV3DPOTrainer(causal, train_dataset=_preference_rows(), eval_dataset={"dev": _preference_rows(("text",))})
