@@ -420,12 +420,15 @@ def atomic_save(save_directory: str | os.PathLike, write) -> None:
 _PER_EXPERT_ENTRY = re.compile(r"^(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.(?P<leaf>weight|weight_scale_inv)$")
 
 
-def load_per_expert_entries(module: torch.nn.Module, state_dict: dict, prefix: str, missing_keys: list) -> None:
+def load_per_expert_entries(module: torch.nn.Module, state_dict: dict, prefix: str, missing_keys: list,
+                            assign: bool = False) -> None:
     """``load_state_dict``'s pre-hook of a stacked experts module (``ExpertsPlugin``): the official per-expert entries
     under ``prefix`` (``{e}.{gate,up,down}_proj.weight``, and ``.weight_scale_inv`` for the FP8 module) replace those
     experts' rows of the module's stacked tensors, which then load as the stacked entries. An expert projection the
     state dict lacks keeps its current values and is reported missing under its per-expert name, as any tensor a
-    state dict lacks: a strict load names it, a partial one (one shard of a sharded checkpoint) goes on."""
+    state dict lacks: a strict load names it, a partial one (one shard of a sharded checkpoint) goes on. With
+    ``assign`` (``load_state_dict(..., assign=True)``) the stacked tensors take the entries' dtype and device, as
+    every other tensor assigned does."""
     entries = {key: match for key in state_dict
                if key.startswith(prefix) and (match := _PER_EXPERT_ENTRY.match(key[len(prefix):]))}
     for leaf in sorted({match["leaf"] for match in entries.values()}):
@@ -442,8 +445,15 @@ def load_per_expert_entries(module: torch.nn.Module, state_dict: dict, prefix: s
         # no rows to keep: its stacked tensors are made on the entries' device and dtype, and filled from them alone
         # (a clone of the meta tensor would be assigned, and the experts stay meta behind "All keys matched").
         given_for = {names[m["proj"]]: state_dict[key] for key, m in entries.items() if m["leaf"] == leaf}  # one each
-        merged = {name: torch.empty(tensor.shape, dtype=given_for[name].dtype, device=given_for[name].device)
-                  if tensor.is_meta and name in given_for else tensor.detach().clone() for name, tensor in held.items()}
+        merged = {}
+        for name, tensor in held.items():
+            like = given_for.get(name) if assign or tensor.is_meta else None
+            if like is None:
+                merged[name] = tensor.detach().clone()
+            elif tensor.is_meta:
+                merged[name] = torch.empty(tensor.shape, dtype=like.dtype, device=like.device)
+            else:
+                merged[name] = tensor.detach().to(dtype=like.dtype, device=like.device, copy=True)
         num_experts = merged[names["down"]].shape[0]
         given = set()
         for key, match in entries.items():

@@ -83,7 +83,7 @@ class ExpertsPlugin(nn.Module):
 
 
 def _load_per_expert_entries(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    load_per_expert_entries(module, state_dict, prefix, missing_keys)
+    load_per_expert_entries(module, state_dict, prefix, missing_keys, assign=local_metadata.get("assign_to_params_buffers", False))
 
 
 class MTPPlugin(_ConfigChecked, nn.Module):

@@ -84,6 +84,20 @@ def test_a_meta_model_given_some_experts_of_a_projection_names_the_first_it_lack
     assert not empty.model.layers[1].mlp.experts.down_proj.is_meta
 
 
+def test_an_assigned_state_dict_gives_the_experts_its_dtype_as_every_other_tensor(tmp_path):
+    # assign=True keeps the state dict's tensors (dtype included): the per-expert entries were merged into the
+    # module's own fp32 tensors, so a bf16 checkpoint left the experts alone in fp32
+    build_model(tiny_config(), seed=3).to(torch.bfloat16).save_pretrained(tmp_path)
+    model = build_model(tiny_config(), seed=4)
+    model.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True, assign=True)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.model.layers[1].mlp.experts.gate_up_proj.requires_grad
+    # without assign the model keeps its dtype, experts included
+    model = build_model(tiny_config(), seed=4)
+    model.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 def test_state_dict_round_trips_are_strict_and_bit_exact_in_both_names(mtp_model):
     model, folder = mtp_model
     for state_dict in (model.state_dict(), saved_tensors(folder)):
