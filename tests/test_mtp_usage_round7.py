@@ -279,3 +279,24 @@ def test_speculative_decoding_edge_cases_give_plain_greedy(trained):
         generate(use_mtp=True, do_sample=True, num_return_sequences=2)
     with torch.no_grad(), pytest.raises(ValueError, match="batch_size = 1"):
         trained.generate(prompt.expand(2, -1), max_new_tokens=3, do_sample=False, use_mtp=True, pad_token_id=0)
+
+
+@pytest.mark.parametrize("cache", [{}, {"cache_implementation": "static"}], ids=["dynamic", "static"])
+def test_a_left_padded_prompt_drafts_what_module_1_computes_on_the_unpadded_one(cache):
+    # two MTP modules: module 1 drafts. Over a left-padded prompt (batch 1), each draft must be what the module gives
+    # without a cache on the unpadded output, and the tokens plain greedy's
+    from test_speculative import reference_drafts
+
+    model = build_model(tiny_config(num_nextn_predict_layers=2, initializer_range=0.3), seed=2)
+    prompt, pads = IDS[:1, :4], 8
+    padded = torch.cat([torch.zeros(1, pads, dtype=torch.long), prompt], dim=-1)
+    kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, **cache)
+    with torch.no_grad():
+        plain = model.generate(prompt, **kwargs)
+        out = model.generate(padded, attention_mask=(padded != 0).long(), use_mtp=True, **kwargs)
+    assert torch.equal(out[:, pads:], plain)
+    reference = reference_drafts(model, plain)
+    drafts = model.mtp_draft_stats.drafts
+    assert len(drafts) > 5
+    for target, draft in drafts:
+        assert int(draft) == int(reference[target - pads - 2]), f"draft for position {target}"
