@@ -44,8 +44,9 @@ output-capturing hooks it runs them too; they read a context variable that ``tor
 transformers' own compiled forward. The MTP step therefore runs with output capturing off
 (``compat.without_output_capture``), and compiles as one graph.
 
-Limits: batch 1 (both loops; over a static cache a larger batch is an error naming it); one draft token per round
-(module 1 of D; deeper modules would draft from drafted tokens); over a static cache, an empty cache at the start,
+Limits: batch 1 (both loops; over a static cache a larger batch is an error naming it); not under PEFT's prompt
+learning (``check_no_prompt_learning``); one draft token per round (module 1 of D; deeper modules would draft from
+drafted tokens); over a static cache, an empty cache at the start,
 ``input_ids`` rather than ``inputs_embeds``, no ``synced_gpus``, and ``return_dict_in_generate`` gives ``scores``
 and ``logits`` but not attentions or hidden states.
 """
@@ -96,6 +97,23 @@ def check_single_draft_source(generation_config, assistant_model=None) -> None:
         )
 
 
+def check_no_prompt_learning(model) -> None:
+    """PEFT's prompt learning (prompt tuning, p-tuning, ...) generates through its own ``prepare_inputs_for_generation``,
+    set on the model for the call, which puts its virtual tokens in front of the prompt and, once they are in the
+    cache, keeps only the last token of a step's input: a verification step (the last accepted token and the draft)
+    would lose one, and the draft would read the main model's hidden states shifted by the virtual tokens, so the
+    output silently differed from plain greedy decoding (and the static loop failed on mismatched shapes)."""
+    owner = getattr(model.prepare_inputs_for_generation, "__self__", model)
+    peft_config = getattr(owner, "active_peft_config", None)
+    if owner is not model and getattr(peft_config, "is_prompt_learning", False):
+        raise ValueError(
+            f"`use_mtp=True` does not run under PEFT's prompt learning "
+            f"({getattr(peft_config.peft_type, 'value', peft_config.peft_type)}): its virtual tokens "
+            "shift the positions the MTP draft reads, and its generation inputs keep one token of each verification "
+            "step. Generate without `use_mtp`."
+        )
+
+
 class MTPDraftCandidateGenerator(CandidateGenerator):
     """Candidate source for transformers' assisted decoding that drafts one token with MTP module 1."""
 
@@ -108,6 +126,7 @@ class MTPDraftCandidateGenerator(CandidateGenerator):
             raise ValueError("`use_mtp=True` needs MTP modules: this model has `num_nextn_predict_layers=0`.")
         if model_kwargs is not None and model_kwargs.get("inputs_embeds") is not None:
             raise ValueError("MTP speculative decoding needs `input_ids`, not `inputs_embeds`: each draft embeds the prompt's tokens.")
+        check_no_prompt_learning(model)
         self.model = model
         self.module = model.model.mtp_layers[0]
         self.cache = DynamicCache()  # grows lazily up to the module's layer index num_hidden_layers
@@ -266,6 +285,7 @@ def mtp_static_decoding(model, input_ids, logits_processor, stopping_criteria, g
         )
     if config.num_nextn_predict_layers < 1:
         raise ValueError("`use_mtp=True` needs MTP modules: this model has `num_nextn_predict_layers=0`.")
+    check_no_prompt_learning(model)
     if synced_gpus:
         # generate sets it by itself for a model sharded by transformers' engine (FSDP), whose forwards are collectives
         raise ValueError(

@@ -109,7 +109,7 @@ def test_pissa_over_all_linear_without_the_experts_starts_at_the_base(mtp_folder
 # --- other PEFT methods -----------------------------------------------------------------------------------------
 
 
-def test_prefix_tuning_is_refused_by_name_and_prompt_tuning_decodes(mtp_folder):
+def test_prefix_tuning_is_refused_by_name_and_prompt_tuning_decodes_without_mtp(mtp_folder):
     # PEFT's prefix tuning builds per-head keys and values; MLA caches the latent and the rotary key, and the refusal
     # said only "a model of another config"
     peft_model = get_peft_model(load(mtp_folder), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
@@ -122,6 +122,11 @@ def test_prefix_tuning_is_refused_by_name_and_prompt_tuning_decodes(mtp_folder):
         for _ in range(4):
             ids = torch.cat([ids, peft_model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out[:, -ids.shape[1]:], ids)
+    # MTP speculative decoding would verify drafts through PEFT's step inputs, which keep one token of each
+    # verification step once the virtual tokens are cached: the output silently differed from the greedy one
+    for options in (dict(), dict(cache_implementation="static")):
+        with pytest.raises(ValueError, match=r"`use_mtp=True` does not run under PEFT's prompt learning \(PROMPT_TUNING\)"):
+            peft_model.generate(input_ids=IDS[:1], max_new_tokens=4, do_sample=False, use_mtp=True, **options)
 
 
 # --- AutoPeftModel, MTP adapters, decoding ----------------------------------------------------------------------
