@@ -37,11 +37,10 @@ class PaperMTP:
         self.blocks = transformers.DeepseekV3ForCausalLM.from_pretrained(folder, num_hidden_layers=N + depth, **kwargs).eval()
         self.eps = self.main.config.rms_norm_eps
 
-    @torch.no_grad()
     def loss(self, rows, targets):
         """L_MTP / λ = (1/D) Σ_k CE_k, each CE_k the mean over all rows' targets. ``rows``: 1-D tensors of real tokens
         (each run alone, no padding); ``targets(r, k)``: row r's depth-k targets [T - k], -100 ignored."""
-        sums, counts = [0.0] * self.depth, [0] * self.depth
+        sums, counts = [torch.zeros(())] * self.depth, [0] * self.depth
         for r, row in enumerate(rows):
             ids, length = row[None], row.shape[0]
             h = self.main.model(ids).last_hidden_state
@@ -63,9 +62,13 @@ class PaperMTP:
                 logits = rms_norm(h, t[p + "shared_head.norm.weight"], self.eps) @ t[p + "shared_head.head.weight"].T
                 target = targets(r, k)
                 keep = (target != -100).nonzero()[:, 0]
-                sums[k - 1] += float(-logits[0].log_softmax(-1)[keep, target[keep]].sum())
+                sums[k - 1] = sums[k - 1] - logits[0].log_softmax(-1)[keep, target[keep]].sum()
                 counts[k - 1] += keep.numel()
         return sum(s / max(c, 1) for s, c in zip(sums, counts)) / self.depth  # eq. 25 without λ
+
+    def value(self, rows, targets) -> float:
+        with torch.no_grad():
+            return self.loss(rows, targets).item()
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["D1", "D2"])
@@ -86,7 +89,7 @@ def test_mtp_loss_is_the_papers_with_ignored_labels_and_shift_labels(saved):
         out = ours(IDS, labels=labels, return_mtp_loss=True)
         without = ours(IDS, labels=labels, return_mtp_loss=False)
     # the target of depth k at position i is t_{i+k+1} = labels[i + k + 1]
-    expected = paper.loss([IDS[0], IDS[1]], lambda r, k: labels[r, k + 1:])
+    expected = paper.value([IDS[0], IDS[1]], lambda r, k: labels[r, k + 1:])
     assert out.mtp_loss.item() == pytest.approx(expected, rel=1e-5)
     # the main head's logits and CE are those of transformers' class, whether or not the MTP modules ran
     with torch.no_grad():
@@ -101,7 +104,7 @@ def test_mtp_loss_is_the_papers_with_ignored_labels_and_shift_labels(saved):
     shift[0, 3] = -100
     with torch.no_grad():
         out = ours(IDS, shift_labels=shift, return_mtp_loss=True)
-    assert out.mtp_loss.item() == pytest.approx(paper.loss([IDS[0], IDS[1]], lambda r, k: shift[r, k:]), rel=1e-5)
+    assert out.mtp_loss.item() == pytest.approx(paper.value([IDS[0], IDS[1]], lambda r, k: shift[r, k:]), rel=1e-5)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -115,14 +118,44 @@ def test_mtp_loss_of_a_padded_batch_is_the_papers_on_each_row_alone(saved, side)
         where = slice(0, n) if side == "right" else slice(IDS.shape[1] - n, None)
         padded[r, where], mask[r, where], padded_labels[r, where] = IDS[r, :n], 1, labels[r, :n]
     rows = [IDS[r, :n] for r, n in enumerate(lengths)]
-    expected = paper.loss(rows, lambda r, k: labels[r, k + 1 : lengths[r]])
+    expected = paper.value(rows, lambda r, k: labels[r, k + 1 : lengths[r]])
     with torch.no_grad():
         out = ours(padded, attention_mask=mask, labels=padded_labels, return_mtp_loss=True)
         # labels left on the padding (pad ids, not -100) are ignored too: the mask decides
         on_padding = ours(padded, attention_mask=mask, labels=padded, return_mtp_loss=True)
     assert out.mtp_loss.item() == pytest.approx(expected, rel=1e-5)
-    expected = paper.loss(rows, lambda r, k: IDS[r, k + 1 : lengths[r]])
+    expected = paper.value(rows, lambda r, k: IDS[r, k + 1 : lengths[r]])
     assert on_padding.mtp_loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_mtp_loss_gradients_are_the_papers_through_the_shared_embedding_head_and_trunk(saved):
+    # the MTP objective trains the main model too: through h^0 (the trunk and its final norm), the shared embedding
+    # (Emb(t_{i+k}) and the trunk's input) and the shared output head
+    ours, paper = saved
+    ours.zero_grad()
+    ours(IDS, labels=IDS, return_mtp_loss=True).mtp_loss.backward()
+    tensors = paper.tensors
+    for tensor in tensors.values():
+        tensor.requires_grad_(True)
+    paper.main.zero_grad()
+    paper.blocks.zero_grad()
+    paper.loss([IDS[0], IDS[1]], lambda r, k: IDS[r, k + 1:]).backward()
+    expected = {f"model.{n}": p.grad for n, p in paper.main.model.named_parameters() if p.grad is not None}
+    copies = [f"model.layers.{N + k}." for k in range(paper.depth)]
+    expected["model.embed_tokens.weight"] = expected["model.embed_tokens.weight"] + sum(
+        tensors[p + "embed_tokens.weight"].grad for p in copies)
+    expected["lm_head.weight"] = sum(tensors[p + "shared_head.head.weight"].grad for p in copies)
+    for p in copies:
+        for name in ("eh_proj.weight", "enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
+            expected[p + name] = tensors[p + name].grad
+        for name, parameter in paper.blocks.model.layers[int(p.split(".")[2])].named_parameters():
+            if parameter.grad is not None:
+                expected[p + name] = parameter.grad
+    got = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys()
+    assert expected["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"].norm() > 0  # the trunk does learn
+    for name, grad in expected.items():
+        assert relative_error(got[name], grad) < 1e-4, name
 
 
 # --- training -------------------------------------------------------------------------------------------------------
