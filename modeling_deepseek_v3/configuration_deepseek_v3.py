@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import re
 from types import SimpleNamespace
@@ -635,6 +636,11 @@ def validate_config(config) -> None:
     check_rope_parameters(rope)
 
 
+def _numpy_hint(value) -> str:
+    # a NumPy integer is an integer, but not one config.json can hold (transformers' own config refuses it as well)
+    return " (a NumPy integer: pass int(value))" if isinstance(value, numbers.Integral) and not isinstance(value, int) else ""
+
+
 def validate_fields(config) -> None:
     """Raise ``ValueError`` naming the field for any value a model cannot be built from."""
     if config.fused_kernels not in FUSED_KERNEL_MODES:
@@ -642,11 +648,11 @@ def validate_fields(config) -> None:
     for field in _POSITIVE_INT_FIELDS:
         value = getattr(config, field)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"Config field `{field}` must be a positive integer, got {value!r}.")
+            raise ValueError(f"Config field `{field}` must be a positive integer, got {value!r}{_numpy_hint(value)}.")
     for field in _NON_NEGATIVE_INT_FIELDS:
         value = getattr(config, field)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"Config field `{field}` must be a non-negative integer, got {value!r}.")
+            raise ValueError(f"Config field `{field}` must be a non-negative integer, got {value!r}{_numpy_hint(value)}.")
     for field in _NON_NEGATIVE_FLOAT_FIELDS:
         value = getattr(config, field)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GenericForTokenClassification
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -52,6 +53,47 @@ def token_mask_from_attention_mask(attention_mask: torch.Tensor | None, seq_len:
     if attention_mask is None or attention_mask.dim() != 2:
         return None
     return attention_mask[:, -seq_len:].bool()
+
+
+def check_fits_in_memory(config: DeepseekV3Config) -> None:
+    """A config whose weights cannot fit the memory of the device they are built on (a typo such as
+    ``n_routed_experts=10**9``) is named before anything is allocated: the build otherwise failed in an allocator
+    message that names no field, or, where the system overcommits memory, filled it until the process was killed.
+    The count is a lower bound (embedding and MLPs; attention and norms left out), so a model that fits is never
+    refused; a build on the meta device (transformers' loading, ``torch.device("meta")``) allocates nothing."""
+    if is_deepspeed_zero3_enabled():
+        return  # zero.Init partitions each parameter over the ranks as it is made
+    probe = nn.Module()  # where a new parameter lands: the meta device under transformers' and accelerate's empty init
+    probe.register_parameter("weight", nn.Parameter(torch.empty(0)))
+    device = probe.weight.device
+    if device.type == "cpu":
+        import psutil  # accelerate's dependency
+
+        memory = psutil.virtual_memory().total + psutil.swap_memory().total
+    elif device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        return
+    c, h = config, config.hidden_size
+    moe_layers = c.num_hidden_layers - c.first_k_dense_replace + c.num_nextn_predict_layers  # MTP modules are MoE layers
+    experts = c.n_routed_experts + c.n_shared_experts
+    parts = {
+        f"the experts: (n_routed_experts={c.n_routed_experts} + n_shared_experts={c.n_shared_experts}) × 3 × "
+        f"hidden_size={h} × moe_intermediate_size={c.moe_intermediate_size} in each of the {moe_layers} MoE layers "
+        f"(num_hidden_layers={c.num_hidden_layers} − first_k_dense_replace={c.first_k_dense_replace} + "
+        f"num_nextn_predict_layers={c.num_nextn_predict_layers})": moe_layers * experts * 3 * h * c.moe_intermediate_size,
+        f"the embedding: vocab_size={c.vocab_size} × hidden_size={h}": c.vocab_size * h,
+        f"the dense MLPs: first_k_dense_replace={c.first_k_dense_replace} × 3 × hidden_size={h} × "
+        f"intermediate_size={c.intermediate_size}": c.first_k_dense_replace * 3 * h * c.intermediate_size,
+    }
+    dtype = torch.get_default_dtype()
+    size = sum(parts.values()) * dtype.itemsize
+    if size > memory:
+        raise ValueError(
+            f"This config's weights take at least {size / 2**30:,.0f} GiB in {dtype}, more than the {memory / 2**30:,.0f} "
+            f"GiB of the {device.type} device they would be built on; most of it is {max(parts, key=parts.get)}. Check "
+            "those config fields, or build the model on the meta device (`with torch.device('meta'):`) to inspect it."
+        )
 
 
 class DeepseekV3PreTrainedModel(PreTrainedModel):
@@ -96,7 +138,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
             raise ValueError(
                 f"The routed experts are stored in FP8 (e.g. {fp8!r}), which run their own grouped FP8 GEMMs: "
                 f"experts_implementation={requested!r} applies to high-precision experts only. Dequantize the model "
-                "first (DeepseekV3FP8Config(dequantize=True) at load) to choose an implementation."
+                "first (`model.dequantize()`, or DeepseekV3FP8Config(dequantize=True) at load) to choose an implementation."
             )
         return super().set_experts_implementation(experts_implementation)
 
@@ -115,6 +157,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
 
     def __init__(self, config: DeepseekV3Config, *inputs, **kwargs):
         DeepseekV3Config.check_for_model(config)  # ours, and still valid after fields were set on it
+        check_fits_in_memory(config)
         super().__init__(config, *inputs, **kwargs)
         # Checkpoints carry copies of the shared embedding/head inside each MTP layer, and MTP layers beyond the
         # configured depth (e.g. `num_nextn_predict_layers=0`): neither is a parameter of ours.

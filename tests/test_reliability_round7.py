@@ -107,3 +107,38 @@ def test_trl_trainers_name_a_model_with_the_wrong_head_and_missing_preference_co
         DeepseekV3RewardTrainer(scorer, None, None, _preference_rows(("prompt", "chosen")))
     with pytest.raises(ValueError, match=r"`eval_dataset\['dev'\]` has no `chosen` and no `rejected` column \(its columns: text\)"):
         DeepseekV3DPOTrainer(causal, train_dataset=_preference_rows(), eval_dataset={"dev": _preference_rows(("text",))})
+
+
+@pytest.mark.parametrize("fields, part", [
+    (dict(n_routed_experts=10**9, n_group=1, topk_group=1), r"the experts: \(n_routed_experts=1000000000 \+ n_shared_experts=1\)"),
+    (dict(vocab_size=10**12), r"the embedding: vocab_size=1000000000000 × hidden_size=64"),
+    (dict(num_hidden_layers=10**7), r"the experts: .* in each of the 9999999 MoE layers \(num_hidden_layers=10000000"),
+])
+def test_a_config_too_large_for_the_device_is_named_before_anything_is_allocated(fields, part):
+    # the build failed in the allocator ("you tried to allocate 256000000000 bytes", no field named) or, where memory
+    # is overcommitted, filled it; on the meta device (transformers' loading) nothing is allocated and it builds
+    from modeling_deepseek_v3 import DeepseekV3ForCausalLM
+
+    config = tiny_config(**fields)
+    with pytest.raises(ValueError, match=r"This config's weights take at least [\d,]+ GiB in torch.float32, more than the "
+                                         r"[\d,]+ GiB of the cpu device they would be built on; most of it is " + part):
+        DeepseekV3ForCausalLM(config)
+    if "num_hidden_layers" not in fields:  # ten million layers take long to build even on the meta device
+        with torch.device("meta"):
+            assert DeepseekV3ForCausalLM(config).model.embed_tokens.weight.is_meta
+
+
+def test_config_integers_from_numpy_and_fp8_expert_switches_say_what_to_do():
+    from modeling_deepseek_v3 import DeepseekV3Config
+
+    with pytest.raises(ValueError, match=r"`n_group` must be a positive integer, got np.int64\(2\) \(a NumPy integer: pass int\(value\)\)"):
+        DeepseekV3Config(n_group=np.int64(2))
+    with pytest.raises(ValueError, match=r"`n_group` must be a positive integer, got True\.$"):  # a bool gets no hint
+        DeepseekV3Config(n_group=True)
+    # a model the fp8_block plugin quantized in memory has no FP8 load config to change: model.dequantize() is the way
+    model = build_model(tiny_config(quantizer="fp8_block", fp8_mode="inference"))
+    with pytest.raises(ValueError, match=r"stored in FP8 .* \(`model\.dequantize\(\)`, or DeepseekV3FP8Config"):
+        model.set_experts_implementation("eager")
+    model.dequantize()
+    model.set_experts_implementation("eager")
+    assert model.config._experts_implementation == "eager"
