@@ -18,7 +18,7 @@ from modeling_deepseek_v3.quantization.converter import DeepseekV3FP8Converter
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", nargs="?")
     parser.add_argument("destination", nargs="?")
     parser.add_argument("--to", default="fp8", choices=["fp8", "bf16", "fp32"])

@@ -6,9 +6,9 @@
   model's training loss.
 
 Writes `metrics.csv` (step, loss, mtp_loss, aux_loss, MaxVio per MoE layer) and, when matplotlib is installed
-(`pip install modeling-deepseek-v3[plot]`), `training.png`, to --output-dir.
+(`pip install -e ".[plot]"` from the repository root), `training.png`, to --output-dir.
 
-    python examples/finetune_trainer.py --steps 60 --output-dir runs/tiny
+    python examples/finetune_trainer.py --steps 60 --output-dir outputs/tiny
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def plot(rows: list[dict], path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install modeling-deepseek-v3[plot]); wrote the CSV only")
+        print('matplotlib is not installed (pip install -e ".[plot]" from the repository root); wrote the CSV only')
         return False
     steps = [r["step"] for r in rows]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -110,8 +110,8 @@ def plot(rows: list[dict], path: Path) -> bool:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/finetune_trainer"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs/finetune_trainer"))
     parser.add_argument("--steps", type=positive(int), default=60)
     parser.add_argument("--seq-len", type=positive(int), default=64)
     parser.add_argument("--batch-size", type=positive(int), default=4)

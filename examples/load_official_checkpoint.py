@@ -31,7 +31,7 @@ def tiny_fp8_checkpoint(folder: str) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", nargs="?")
     parser.add_argument("--dequantize", action="store_true")
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Push a DeepSeek-V3 model to the Hugging Face Hub in the official layout, with a generated model card.
 
-    huggingface-cli login
+    hf auth login
     python examples/push_to_hub.py /path/to/checkpoint your-name/your-repo [--private]
 
 Goes through transformers' own `push_to_hub`; the README.md it uploads is our card (parameter counts, plugin
@@ -15,7 +15,7 @@ import modeling_deepseek_v3  # noqa: F401  (registers the deepseek_v3 classes)
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("repo_id")
     parser.add_argument("--private", action="store_true")

@@ -44,7 +44,7 @@ def batches(seq_len: int, batch_size: int):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=positive(int), default=20)
     parser.add_argument("--seq-len", type=positive(int), default=64)
     parser.add_argument("--batch-size", type=positive(int), default=4, help="per process and micro-batch")
