@@ -1,7 +1,8 @@
 """DeepSeek-V3 (arXiv 2412.19437) for the Hugging Face stack, as a plugin framework.
 
-``import modeling_deepseek_v3`` registers the built-in plugins and our classes with ``AutoConfig``,
-``AutoModel`` and ``AutoModelForCausalLM`` for ``model_type == "deepseek_v3"``.
+``import modeling_deepseek_v3`` registers the built-in plugins and our classes with ``AutoConfig``, ``AutoModel``,
+``AutoModelForCausalLM``, ``AutoModelForSequenceClassification`` and ``AutoModelForTokenClassification`` for
+``model_type == "deepseek_v3"``.
 """
 
 from transformers import (
@@ -14,6 +15,7 @@ from transformers import (
 
 from . import plugins, quantization  # noqa: F401  (importing registers the built-in plugins)
 from .checkpoint import DeepseekV3FP8Config
+from .checkpoint_io import CheckpointError  # what a refused checkpoint folder raises, to catch by name
 from .configuration_deepseek_v3 import DeepseekV3Config
 from .modeling_deepseek_v3 import (
     DeepseekV3ForCausalLM,
@@ -36,6 +38,7 @@ AutoModelForTokenClassification.register(DeepseekV3Config, DeepseekV3ForTokenCla
 
 __version__ = "0.1.0"
 __all__ = [
+    "CheckpointError",
     "DeepseekV3Config",
     "DeepseekV3FP8Config",
     "DeepseekV3Model",
