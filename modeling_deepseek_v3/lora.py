@@ -289,6 +289,8 @@ def _check_target_parameters(model: nn.Module, targets) -> None:
                 )
             if isinstance(module, DeepseekV3Experts) and getattr(module, key.rpartition(".")[2]).dim() != 3:
                 raise ValueError(f"LoRA target parameter {key!r} is not a stacked [experts, out, in] tensor.")
+            if isinstance(module, DeepseekV3Experts):
+                _check_experts_not_split(model, key)
             param = getattr(module, key.rpartition(".")[2])
             if isinstance(module, FP8Linear) or param.dtype == FP8_DTYPE:
                 # PEFT's parameter LoRA adds ΔW to the stored tensor: to e4m3 bytes that are scaled per block
@@ -303,6 +305,25 @@ def _check_target_parameters(model: nn.Module, targets) -> None:
                     f"LoRA target parameter {key!r} has shape {list(param.shape)}: LoRA adapts a matrix [out, in] or "
                     "stacked matrices [experts, out, in]."
                 )
+
+
+def _check_experts_not_split(model: nn.Module, key: str) -> None:
+    """PEFT's parameter LoRA adds one [E, out, in] update to the whole stacked tensor. Split by transformers'
+    distributed engine over expert-parallel ranks (each holds a block of experts) or tensor-parallel ranks (each a
+    slice of every expert), the tensor is a DTensor the update cannot be added to: the forward failed mixing a
+    DTensor with PEFT's plain tensors (ep_size) or get_peft_model found no `weight` (tp_size). FSDP alone gathers
+    whole experts for each forward, so the update applies there."""
+    distributed_config = getattr(getattr(model, "config", None), "distributed_config", None)
+    split = {name: getattr(distributed_config, name, 1) for name in ("ep_size", "tp_size")}
+    split = {name: size for name, size in split.items() if isinstance(size, int) and size > 1}
+    if split:
+        sizes = ", ".join(f"{name}={size}" for name, size in split.items())
+        raise ValueError(
+            f"LoRA target parameter {key!r}: the routed experts are split over ranks by DistributedConfig({sizes}), "
+            "and PEFT's per-expert update cannot be added to a sharded stacked tensor. Load with fsdp_size only "
+            "(FSDP gathers whole experts for each forward) for LoRA on the experts, or leave them out of "
+            "target_parameters."
+        )
 
 
 def _parameter_owners(model: nn.Module) -> dict[str, nn.Module]:
