@@ -173,9 +173,11 @@ def check_attention_mask(attention_mask: torch.Tensor | None, shape, past: int |
     if attention_mask.dim() == 2:
         # A longer mask than the cached + new positions would be read from its start by the attention and from its
         # end by the loss and the routers' padding mask: there is no one right reading, so it is refused.
-        keys = f"past + seq_len = {past} + {seq_len}" if past else f"seq_len = {seq_len}"
         wrong_length = attention_mask.shape[1] < seq_len if past is None else attention_mask.shape[1] != past + seq_len
         if attention_mask.shape[0] != batch or wrong_length:
+            # the messages are formatted only on the way out: under torch.compile with dynamic shapes the sizes are
+            # symbolic, and formatting one breaks the graph (a compiled decode step with `fullgraph=True` raises)
+            keys = f"past + seq_len = {past} + {seq_len}" if past else f"seq_len = {seq_len}"
             expected = f"past + seq_len ≥ {seq_len}" if past is None else keys
             raise ValueError(
                 f"`attention_mask` must have shape [batch={batch}, {expected}] for input of shape {[batch, seq_len]}"
@@ -201,17 +203,18 @@ def check_attention_mask(attention_mask: torch.Tensor | None, shape, past: int |
             f"A float 4-D `attention_mask` must be {allowed}, got {attention_mask.dtype}: SDPA refuses other mask "
             f"dtypes (`attention_mask.to({model_dtype})`)."
         )
-    if past is not None:
-        keys = past + seq_len
-        expected_keys = f"keys = past + seq_len = {past} + {seq_len}" if past else f"keys = seq_len = {seq_len}"
-    elif capacity is not None:
-        keys, expected_keys = capacity, f"keys = the static cache's max_cache_len = {capacity}"
-    else:
-        keys, expected_keys = None, f"keys ≥ {seq_len}"
+    keys = past + seq_len if past is not None else capacity
     wrong_keys = attention_mask.shape[3] < seq_len if keys is None else attention_mask.shape[3] != keys
     heads = (1,) if num_heads is None else (1, num_heads)
     if (attention_mask.shape[0] not in (1, batch) or attention_mask.shape[1] not in heads
             or attention_mask.shape[2] != seq_len or wrong_keys):
+        # formatted only here, as above: a compiled static-cache step has a symbolic max_cache_len
+        if past is not None:
+            expected_keys = f"keys = past + seq_len = {past} + {seq_len}" if past else f"keys = seq_len = {seq_len}"
+        elif capacity is not None:
+            expected_keys = f"keys = the static cache's max_cache_len = {capacity}"
+        else:
+            expected_keys = f"keys ≥ {seq_len}"
         batch_entry = f"batch={batch}" + (" (or 1)" if batch > 1 else "")
         heads_note = "" if num_heads is None else f" (heads = {num_heads})"
         raise ValueError(

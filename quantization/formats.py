@@ -70,6 +70,10 @@ def check_fp8(q: torch.Tensor, scale: torch.Tensor, name: str, scale_shape: tupl
 
 def check_scales_finite(scale: torch.Tensor, name: str) -> None:
     """A tile with inf/nan has an infinite amax (nan is counted as inf), hence a non-finite scale."""
+    if torch.compiler.is_compiling():
+        # the check reads the device on the host: inside a compiled graph it would break the graph (a compiled
+        # FP8 step with `fullgraph=True` fails), so compiled graphs skip it, as the GPU kernels' policy does
+        return
     bad = ~torch.isfinite(scale)
     if bool(bad.any()):
         raise ValueError(

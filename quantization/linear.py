@@ -62,7 +62,7 @@ _warned_fallback = False
 #                      tensor) and skip in inference (no_grad / inference_mode) and inside compiled graphs;
 #   "on"             — check everywhere except inside compiled graphs (where a host read would break the graph);
 #   "off"            — never (training throughput).
-# The CPU reference always checks (a host read costs nothing there).
+# The CPU reference always checks (a host read costs nothing there), except inside compiled graphs.
 CHECK_FINITE_POLICIES = ("auto", "on", "off")
 _LEGACY_POLICY = {"1": "on", "0": "off", "true": "on", "false": "off"}
 _check_finite = os.environ.get("DEEPSEEK_V3_FP8_CHECK_FINITE", "auto").lower()

@@ -9,7 +9,8 @@ While training with ``aux_loss_alpha > 0`` it also returns the complementary seq
 The bias moves only in ``update_bias``, once per optimizer step, from the loads that ``update_expert_bias``
 (``modeling_deepseek_v3.training``) sums over every rank.
 A router that trains for ``warn_after_forwards`` forwards with γ > 0 and no update warns: the bias would stay
-frozen, which is almost always a forgotten ``ExpertBiasUpdateCallback``.
+frozen, which is almost always a forgotten ``ExpertBiasUpdateCallback``. Forwards inside compiled graphs are not
+counted (a Python counter there would recompile every training step).
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ class NoAuxTCRouter(TopKRouter):
         return logits, topk_weight, topk_idx, aux_loss
 
     def _warn_if_never_updated(self) -> None:
+        if torch.compiler.is_compiling():  # the count is not kept inside compiled graphs (see count_tokens)
+            return
         if self.forwards_since_update == self.warn_after_forwards + 1 and self.config.router_bias_update_speed > 0:
             # Every router of a model reaches the count in the same forward; Python's warning registry shows the
             # message once per call site.

@@ -111,7 +111,10 @@ class TopKRouter(RouterPlugin):
                 self._tokens_per_expert = counts
             else:
                 self._tokens_per_expert = self._tokens_per_expert.to(counts.device) + counts
-        self.forwards_since_update += 1
+        if not torch.compiler.is_compiling():
+            # A Python int the graph reads is a guard on its value: counted inside a compiled training step it would
+            # recompile the step at every forward. Compiled forwards are not counted (nor warned about).
+            self.forwards_since_update += 1
 
     def scale_weights(self, topk_weight: torch.Tensor) -> torch.Tensor:
         if self.norm_topk_prob:
