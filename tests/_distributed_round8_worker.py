@@ -24,7 +24,6 @@ Scenarios (EP 2 × FSDP 2 unless said otherwise):
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -32,6 +31,7 @@ from torch.distributed.tensor import DTensor
 
 import modeling_deepseek_v3  # noqa: F401  (registers our classes with the Auto factories)
 from modeling_deepseek_v3.training import routers
+from _expert_parallel_worker import run_scenarios  # the script's folder (tests/) is on sys.path
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, DistributedConfig
 
 LR = 1e-3
@@ -171,13 +171,7 @@ def run(checkpoint: str, out: str, name: str) -> dict:
 
 
 def main() -> None:
-    checkpoint, out, *names = sys.argv[1:]
-    torch.set_num_threads(1)
-    for name in names:
-        result = run(checkpoint, out, name)
-        torch.save(result, os.path.join(out, f"{name}.rank{dist.get_rank()}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    run_scenarios(run)
 
 
 if __name__ == "__main__":

@@ -160,7 +160,9 @@ def save_and_resume(model, optimizer, distributed_config, folder: str):
     return resumed, resumed_optimizer
 
 
-def main() -> None:
+def run_scenarios(run) -> None:
+    """``<checkpoint> <out> <scenario>...`` from the command line: each scenario's ``run(checkpoint, out, name)``
+    result saved per rank as ``<out>/<name>.rank<r>.pt`` (the round-8 worker runs its scenarios the same way)."""
     checkpoint, out, *names = sys.argv[1:]
     torch.set_num_threads(1)
     for name in names:
@@ -168,6 +170,10 @@ def main() -> None:
         torch.save(result, os.path.join(out, f"{name}.rank{dist.get_rank()}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def main() -> None:
+    run_scenarios(run)
 
 
 if __name__ == "__main__":

@@ -175,3 +175,12 @@ def pytest_runtest_makereport(item, call):
     report = yield
     item.stash.setdefault(PHASE_REPORTS, {})[report.when] = report
     return report
+
+
+@pytest.fixture(scope="module")
+def padded_batch():
+    """Two prompts of 6 tokens (ids below the tiny vocabulary of 97), the second left-padded by 2 (pad id 0)."""
+    ids = torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    return ids.masked_fill(mask == 0, 0), mask

@@ -27,15 +27,6 @@ def pair(tmp_path_factory):
     return ours, theirs
 
 
-@pytest.fixture(scope="module")
-def padded_batch():
-    """Two prompts of 6 tokens, the second left-padded by 2 (pad id 0)."""
-    ids = torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    return ids.masked_fill(mask == 0, 0), mask
-
-
 def both(pair, *args, **kwargs):
     """The same generate call on both classes, each from the same sampling seed."""
     outputs = []

@@ -18,14 +18,6 @@ def folder(tmp_path_factory):
     return save_checkpoint(tiny_config(), tmp_path_factory.mktemp("usage6"))
 
 
-@pytest.fixture(scope="module")
-def padded_batch():
-    ids = torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    return ids.masked_fill(mask == 0, 0), mask
-
-
 def test_a_one_token_input_is_checked_against_the_vocabulary(folder):
     # a one-token input without a cached prefix skipped the id check (taken for a decoding step over the default
     # cache the forward had just made): the embedding failed with "index out of range in self"
