@@ -75,7 +75,7 @@ from .checkpoint_io import (
 )
 from .quantization.experts import FP8Experts
 from .quantization.formats import BLOCK, FP8_DTYPE, ceil_div
-from .quantization.linear import FP8Linear, FP8TrainingLinear, KeepsStorageDtype, check_dequantize_dtype
+from .quantization.linear import FP8Linear, FP8TrainingLinear, KeepsStorageDtype
 from .quantization.quantizer import is_fp8_eligible
 from .registry import ExpertsPlugin
 
@@ -164,22 +164,6 @@ class DeepseekV3FP8HfQuantizer(HfQuantizer):
             if model.config.quantizer is not None:
                 # the `fp8_block` plugin (fp8_mode='train') wraps the dequantized layers again, as at construction
                 model.config.plugin("quantizer")(model.config).apply(model)
-        return model
-
-    def dequantize(self, model, dtype=None):
-        """``model.dequantize(dtype)``: the FP8 layers become high-precision ones and the quantization config goes.
-        With a ``dtype`` other than the model's, transformers dequantizes the FP8 layers only, so the forward then
-        mixed two dtypes and failed in the first matmul: the other tensors follow it (the router biases stay fp32)."""
-        if dtype is not None:
-            check_dequantize_dtype(dtype, "`model.dequantize(dtype=...)`")
-        model = super().dequantize(model, dtype=dtype)
-        if model.config.quantizer is not None:
-            # only `fp8_mode='inference'` keeps FP8 layers at load; dequantized, the model holds none, and a folder
-            # saved with that mode in its config would not load again (the mode reads FP8 checkpoints only)
-            model.config.quantizer = None
-        if dtype is not None:
-            model.to(dtype)  # FP8-free now, so an ordinary cast
-            model.config.dtype = dtype
         return model
 
     def _dequantize(self, model, dtype=None):

@@ -42,7 +42,6 @@ from .quantization.experts import FP8Experts
 from .quantization.formats import FP8_DTYPE
 from .quantization.linear import FP8Linear
 from .quantization.lora import FP8LoraLinear, check_dense_dtype, register_fp8_lora_layers
-from .quantization.quantizer import FP8BlockQuantizer
 from .registry import ExpertsPlugin
 
 logger = logging.getLogger(__name__)
@@ -461,16 +460,12 @@ def merge_and_unload(peft_model: PeftModel, fp8: str = "requantize", dtype: torc
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Every FP8 layer of ``model`` back to high precision in ``dtype``, the quantization config dropped, and the model
-    cast to ``dtype`` (the routers' fp32 bias stays fp32)."""
+    cast to ``dtype`` (the routers' fp32 bias stays fp32): the model's own ``dequantize`` (either kind of FP8 model),
+    a plain cast for a model that holds no FP8 layers."""
     check_dense_dtype(dtype)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.dequantize(dtype)  # transformers' path: our quantizer's dequantize, then the config is removed
-    else:
-        FP8BlockQuantizer.dequantize(model, dtype)
-        if getattr(model.config, "quantizer", None) is not None:
-            model.config.quantizer = None
-    return model.to(dtype)
-
+    if getattr(model, "hf_quantizer", None) is None and getattr(model.config, "quantizer", None) is None:
+        return model.to(dtype)
+    return model.dequantize(dtype)
 
 __all__ = ["FP8_MERGES", "STACKED_EXPERT_PARAMETERS", "dequantize_model", "merge_and_unload", "prepare_lora_config",
            "set_fp8_merge"]

@@ -32,7 +32,7 @@ from .configuration_deepseek_v3 import DeepseekV3Config
 from . import kernels
 from .layers import DeepseekV3DecoderLayer, DeepseekV3Experts, DeepseekV3RMSNorm, DeepseekV3RotaryEmbedding
 from .quantization.experts import FP8Experts
-from .quantization.linear import FP8Linear
+from .quantization.linear import FP8Linear, check_dequantize_dtype
 from .registry import AttentionPlugin, RouterPlugin
 from .training import update_expert_bias
 
@@ -232,16 +232,23 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         return super().float(*args)
 
     def dequantize(self, dtype=None):
-        # a model the `quantizer` plugin quantized in memory has no hf_quantizer, for which transformers only says
-        # "first quantize your model": the plugin undoes itself, and the model holds `dtype` (default: its own) throughout
+        """Every FP8 layer back to high precision, by the one route both kinds of FP8 model take: a loaded FP8 folder
+        through transformers' quantizer (its ``hf_quantizer``), FP8 layers the ``quantizer`` plugin made in memory by
+        the plugin's own undo (transformers only says "first quantize your model" there). Either way the quantizer
+        leaves the config (a folder saved with ``fp8_mode='inference'`` would not load again: that mode reads FP8
+        checkpoints only), and with a ``dtype`` the whole model follows it (transformers casts the FP8 layers alone,
+        and the forward then mixed two dtypes; the router biases stay fp32)."""
+        if dtype is not None:
+            check_dequantize_dtype(dtype, "`model.dequantize(dtype=...)`")
         plugin = self.config.plugin("quantizer") if self.config.quantizer is not None else None
         if getattr(self, "hf_quantizer", None) is not None or not hasattr(plugin, "dequantize"):
-            return super().dequantize(dtype=dtype)
-        dtype = dtype or self.dtype
-        plugin.dequantize(self, dtype)
+            super().dequantize(dtype=dtype)  # transformers' error when nothing is quantized
+        else:
+            plugin.dequantize(self, dtype or self.dtype)
         self.config.quantizer = None
-        self.to(dtype)
-        self.config.dtype = dtype
+        if dtype is not None:
+            self.to(dtype)  # FP8-free now, so an ordinary cast
+            self.config.dtype = dtype
         return self
 
     def save_pretrained(self, save_directory, *args, **kwargs):
