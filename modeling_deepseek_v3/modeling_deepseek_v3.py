@@ -21,7 +21,12 @@ from transformers.generation import GenerationMixin
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GenericForTokenClassification
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_outputs import (
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+    SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
+)
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
@@ -977,12 +982,135 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, num_items_in_bat
     return total / denominator, count
 
 
-class DeepseekV3ForSequenceClassification(GenericForSequenceClassification, DeepseekV3PreTrainedModel):
-    """Sequence classification (e.g. a reward model) on the last non-padding token, transformers' generic head."""
+@dataclass
+class DeepseekV3SequenceClassifierOutputWithPast(SequenceClassifierOutputWithPast):
+    r"""
+    aux_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Sum of the routers' balance losses (already multiplied by ``aux_loss_alpha``), in training.
+    router_logits (`tuple(torch.FloatTensor)`, *optional*, with ``output_router_logits=True``):
+        The routers' logits [tokens, n_routed_experts], one per MoE layer.
+    """
+
+    aux_loss: torch.FloatTensor | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
-class DeepseekV3ForTokenClassification(GenericForTokenClassification, DeepseekV3PreTrainedModel):
-    """Token classification, transformers' generic head."""
+@dataclass
+class DeepseekV3TokenClassifierOutput(TokenClassifierOutput):
+    r"""
+    aux_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Sum of the routers' balance losses (already multiplied by ``aux_loss_alpha``), in training.
+    router_logits (`tuple(torch.FloatTensor)`, *optional*, with ``output_router_logits=True``):
+        The routers' logits [tokens, n_routed_experts], one per MoE layer.
+    """
+
+    aux_loss: torch.FloatTensor | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+
+
+class _DeepseekV3ClassificationHead:
+    """What our heads add to transformers' generic ones, whose forward they run: with labels, in training, the
+    routers' balance loss joins the loss as in the causal LM (the generic heads read only the backbone's last hidden
+    state, so a Trainer fine-tuning a classifier trained without it), and the output carries ``aux_loss`` and the
+    ``router_logits`` that ``output_router_logits=True`` asked for (dropped by the generic heads)."""
+
+    _generic_head: type
+    _output_class: type
+
+    # transformers.Trainer passes `num_items_in_batch` to a forward that takes **kwargs and then takes its loss for one
+    # already divided by the items of the whole accumulated batch; the generic heads return the mean of the
+    # micro-batch, so the loss and its gradients came out `gradient_accumulation_steps` times too large (and times
+    # the process count with `average_tokens_across_devices`). Declared here, the Trainer averages the means itself.
+    accepts_loss_kwargs = False
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ):
+        if labels is not None:
+            inputs = input_ids if input_ids is not None else inputs_embeds
+            if inputs is not None and self._labels_are_class_ids(labels):
+                shape = inputs.shape[:1] if self._generic_head is GenericForSequenceClassification else inputs.shape[:2]
+                _check_class_ids(labels, self.config.num_labels, tuple(shape))
+        backbone = []
+        hook = self.model.register_forward_hook(lambda module, args, output: backbone.append(output))
+        try:
+            # the undecorated generic forward hands `return_dict=True` on to the backbone, which would otherwise
+            # follow `config.return_dict=False` and give a tuple the generic head cannot read (@can_return_tuple
+            # above makes this forward's own output a tuple then)
+            output = self._generic_head.forward.__wrapped__(
+                self, input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                return_dict=True, **kwargs,
+            )
+        finally:
+            hook.remove()
+        aux_loss, loss = backbone[-1].aux_loss, output.loss
+        if loss is not None and aux_loss is not None:
+            loss = loss + aux_loss.to(loss.device)
+        return self._output_class(
+            **{**output, "loss": loss}, aux_loss=aux_loss, router_logits=backbone[-1].router_logits
+        )
+
+
+def _check_class_ids(labels: torch.Tensor, num_labels: int, shape: tuple[int, ...]) -> None:
+    """Labels of a cross-entropy head: one per sequence (token), each -100 or a class id in ``[0, num_labels)``. One
+    host read per forward with labels (a GPU's cross-entropy would otherwise stop on a device-side assert that names
+    nothing, a CPU's say "Target 3 is out of bounds"); the value check is skipped in compiled graphs."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"`labels` must be a torch.Tensor, got {type(labels).__name__}.")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"`labels` must hold class ids in [0, num_labels={num_labels}) or -100, got dtype {labels.dtype}.")
+    if labels.numel() != math.prod(shape):
+        raise ValueError(f"`labels` must hold one class id per {'token' if len(shape) == 2 else 'sequence'}, "
+                         f"{list(shape)}, got shape {list(labels.shape)}.")
+    if torch.compiler.is_compiling():
+        return
+    bad = ((labels < 0) & (labels != -100)) | (labels >= num_labels)
+    if bad.any():
+        values = labels[bad]
+        raise ValueError(f"`labels` must be -100 or class ids in [0, num_labels={num_labels}), got {values.numel()} "
+                         f"value(s) outside, e.g. {values[:4].tolist()}.")
+
+
+class DeepseekV3ForSequenceClassification(
+    _DeepseekV3ClassificationHead, GenericForSequenceClassification, DeepseekV3PreTrainedModel
+):
+    """Sequence classification (e.g. a reward model) on the last non-padding token, transformers' generic head
+    (plus the balance loss and router logits, see ``_DeepseekV3ClassificationHead``)."""
+
+    _generic_head = GenericForSequenceClassification
+    _output_class = DeepseekV3SequenceClassifierOutputWithPast
+
+    def _labels_are_class_ids(self, labels) -> bool:
+        # transformers' loss takes integer labels for classes unless `problem_type` says otherwise (float labels
+        # are multi-label targets, one label is regression)
+        problem_type = self.config.problem_type
+        if problem_type is None:
+            integer = isinstance(labels, torch.Tensor) and labels.dtype in (torch.long, torch.int)
+            return self.config.num_labels > 1 and integer
+        return problem_type == "single_label_classification"
+
+
+class DeepseekV3ForTokenClassification(
+    _DeepseekV3ClassificationHead, GenericForTokenClassification, DeepseekV3PreTrainedModel
+):
+    """Token classification, transformers' generic head (plus the balance loss and router logits, see
+    ``_DeepseekV3ClassificationHead``)."""
+
+    _generic_head = GenericForTokenClassification
+    _output_class = DeepseekV3TokenClassifierOutput
+
+    def _labels_are_class_ids(self, labels) -> bool:
+        return True  # transformers' token-classification loss is always a cross-entropy
 
 
 __all__ = [
@@ -993,4 +1121,6 @@ __all__ = [
     "DeepseekV3ForTokenClassification",
     "DeepseekV3CausalLMOutputWithPast",
     "DeepseekV3ModelOutputWithPast",
+    "DeepseekV3SequenceClassifierOutputWithPast",
+    "DeepseekV3TokenClassifierOutput",
 ]
