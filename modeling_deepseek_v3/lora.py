@@ -36,7 +36,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
-from . import compat
+from . import compat, parallel_plans
 from .layers import DeepseekV3Experts
 from .quantization.experts import FP8Experts
 from .quantization.formats import FP8_DTYPE
@@ -162,6 +162,49 @@ def _check_matched_modules(model: nn.Module, target: str, matched: dict[str, nn.
                 f"adapts Linear and Embedding layers). Linear layers of {type(model).__name__}: "
                 f"{_linear_leaf_names(model)}."
             )
+        _check_module_follows_tensor_parallel(model, name)
+
+
+# Tensor-parallel styles whose split PEFT's LoRA layer follows: it shards lora_B like a column-wise base layer and
+# the embedding's adapter like a row-wise embedding; a module the plan does not name is whole on every rank.
+_LORA_TP_STYLES = (None, "colwise", "embedding_rowwise")
+_LORA_TP_FAILURES = {
+    "rowwise": "PEFT gives its lora_A this rank's input width as in_features, which transformers' row-wise forward "
+    "reads as the whole width: the forward fails on a shape mismatch",
+    "mla_kv_a_proj": "PEFT adds the adapter's output beside the layer's own, after the all-reduce the style puts on the "
+    "gradient of the rotary key: the adapter's gradients would miss the other ranks' share (silently wrong training)",
+    "colwise_gather_output": "PEFT adds this rank's slice of the adapter's output to the gathered output: the forward "
+    "fails on a shape mismatch",
+}
+
+
+def _tensor_parallel(model: nn.Module) -> tuple[int, dict]:
+    """The ``tp_size`` transformers' engine split ``model`` with (1 when it did not) and the plan it applied."""
+    size = getattr(getattr(getattr(model, "config", None), "distributed_config", None), "tp_size", 1)
+    if not isinstance(size, int) or size <= 1:
+        return 1, {}
+    return size, dict(getattr(model, "tp_plan", None) or {})
+
+
+def _check_module_follows_tensor_parallel(model: nn.Module, name: str) -> None:
+    """Under ``tp_size`` PEFT reads the engine's plan by module name (as this does) and splits the adapter of a
+    column-wise layer like the layer; an adapter over another style is wrong in shape or in its gradient (the same
+    with transformers' own class on the layers its plan splits that way)."""
+    size, plan = _tensor_parallel(model)
+    style = plan.get(parallel_plans.wildcard(name))
+    if size == 1 or style in _LORA_TP_STYLES:
+        return
+    supported = sorted({n.rpartition(".")[2] for n, m in _named_modules(model).items()
+                        if isinstance(m, (nn.Linear, FP8Linear, nn.Embedding))
+                        and plan.get(parallel_plans.wildcard(n)) in _LORA_TP_STYLES}
+                       - _peft_renamed_targets(model))
+    reason = _LORA_TP_FAILURES.get(style, "PEFT's LoRA layer follows the colwise and embedding_rowwise styles only")
+    raise ValueError(
+        f"LoRA target module {name}: DistributedConfig(tp_size={size}) splits it with the {style!r} tensor-parallel "
+        f"style, and {reason}. Under tensor parallelism LoRA adapts the modules split column-wise or kept whole on "
+        f"every rank ({supported}); load with fsdp_size instead of tp_size (FSDP gathers whole weights for each "
+        "forward) to adapt it."
+    )
 
 
 def _check_scaling(config: LoraConfig) -> None:
@@ -290,6 +333,7 @@ def _check_target_parameters(model: nn.Module, targets) -> None:
                 raise ValueError(f"LoRA target parameter {key!r} is not a stacked [experts, out, in] tensor.")
             if isinstance(module, DeepseekV3Experts):
                 _check_experts_not_split(model, key)
+            _check_parameter_not_split(model, key)
             param = getattr(module, key.rpartition(".")[2])
             if isinstance(module, FP8Linear) or param.dtype == FP8_DTYPE:
                 # PEFT's parameter LoRA adds ΔW to the stored tensor: to e4m3 bytes that are scaled per block
@@ -321,6 +365,21 @@ def _check_experts_not_split(model: nn.Module, key: str) -> None:
             f"LoRA target parameter {key!r}: the routed experts are split over ranks by DistributedConfig({sizes}), "
             "and PEFT's per-expert update cannot be added to a sharded stacked tensor. Load with fsdp_size only "
             "(FSDP gathers whole experts for each forward) for LoRA on the experts, or leave them out of "
+            "target_parameters."
+        )
+
+
+def _check_parameter_not_split(model: nn.Module, key: str) -> None:
+    """PEFT's parameter LoRA adds a whole [out, in] update to the weight, which a tensor-parallel rank holds a slice
+    of (a DTensor): the forward failed mixing a DTensor with PEFT's plain update."""
+    size, plan = _tensor_parallel(model)
+    module_name = key.rpartition(".")[0]
+    style = plan.get(parallel_plans.wildcard(key)) or plan.get(parallel_plans.wildcard(module_name))
+    if size > 1 and style is not None:
+        raise ValueError(
+            f"LoRA target parameter {key!r}: DistributedConfig(tp_size={size}) splits it with the {style!r} "
+            "tensor-parallel style, and PEFT's update of the whole tensor cannot be added to a rank's slice. Load with "
+            "fsdp_size instead of tp_size (FSDP gathers whole weights for each forward), or leave it out of "
             "target_parameters."
         )
 

@@ -74,10 +74,15 @@ PP_PLAN = {
 _LAYER_NUMBER = re.compile(r"\.\d+(\.|$)")
 
 
+def wildcard(name: str) -> str:
+    """``name`` with its layer numbers written ``*``, as plan rules name modules and parameters."""
+    return _LAYER_NUMBER.sub(lambda m: ".*" + m.group(1), name)
+
+
 def wildcard_names(module) -> set[str]:
     """Every module and parameter name of ``module`` with layer numbers written ``*``, as plan rules name them."""
     names = [n for n, _ in module.named_modules()] + [n for n, _ in module.named_parameters()]
-    return {_LAYER_NUMBER.sub(lambda m: ".*" + m.group(1), name) for name in names}
+    return {wildcard(name) for name in names}
 
 
 def unmatched_rules(plan: dict, names: set[str]) -> list[str]:
@@ -85,4 +90,4 @@ def unmatched_rules(plan: dict, names: set[str]) -> list[str]:
     return sorted(rule for rule in plan if rule not in names)
 
 
-__all__ = ["EP_PLAN", "TP_PLAN", "tp_plan", "FSDP_PLAN", "PP_PLAN", "wildcard_names", "unmatched_rules"]
+__all__ = ["EP_PLAN", "TP_PLAN", "tp_plan", "FSDP_PLAN", "PP_PLAN", "wildcard", "wildcard_names", "unmatched_rules"]
