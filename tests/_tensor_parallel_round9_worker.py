@@ -8,7 +8,8 @@ against one process into ``OUT/SCENARIO.rank{r}.pt``.
 Scenarios:
 
 - ``forward``: training-mode logits, loss and the gathered gradients of one backward.
-- ``generate``: greedy decoding with dynamic and static caches, and MTP self-speculative decoding (``use_mtp=True``).
+- ``generate``: greedy decoding with dynamic and static caches, of left-padded prompts, and MTP self-speculative
+  decoding (``use_mtp=True``).
 - ``mla_modes``: eval logits and greedy decoding with ``config.mla_mode`` set to each of ``MLA_MODES`` in turn.
 - ``tp_ep`` (``tp_size=2, ep_size=2``): as ``forward``, the routed experts split by experts, attention by heads.
 - ``lora``: the messages of ``prepare_lora_config`` for the targets tensor parallelism splits in a way PEFT's LoRA
@@ -50,6 +51,14 @@ def batch() -> torch.Tensor:
 
 def prompts() -> torch.Tensor:
     return batch()[:, :5]
+
+
+def padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    """``prompts()`` with the second row left-padded by 2 tokens."""
+    ids = prompts().clone()
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    return ids.masked_fill(mask == 0, 0), mask
 
 
 def lora_config(**targets):
@@ -95,8 +104,9 @@ def run(checkpoint: str, out: str, name: str) -> dict:
         return backward(model.train())
     if name == "generate":
         model.eval()
+        padded, mask = padded_prompts()
         return {"dynamic": greedy(model, prompts()), "static": greedy(model, prompts(), cache_implementation="static"),
-                "mtp": greedy(model, prompts()[:1], use_mtp=True)}
+                "mtp": greedy(model, prompts()[:1], use_mtp=True), "padded": greedy(model, padded, attention_mask=mask)}
     if name == "mla_modes":
         model.eval()
         result = {}

@@ -74,10 +74,13 @@ def test_greedy_and_mtp_decoding_under_tp2_are_one_process(ranks, checkpoint):
     static = worker.greedy(model, worker.prompts(), cache_implementation="static")
     mtp = worker.greedy(model, worker.prompts()[:1], use_mtp=True)
     assert torch.equal(mtp, expected[:1])  # speculative decoding decodes greedy's tokens
+    ids, mask = worker.padded_prompts()
+    padded = worker.greedy(model, ids, attention_mask=mask)
     for rank in ranks["generate"]:
         assert torch.equal(rank["dynamic"], expected)
         assert torch.equal(rank["static"], static)
         assert torch.equal(rank["mtp"], mtp)
+        assert torch.equal(rank["padded"], padded)
 
 
 def test_every_mla_mode_under_tp2_is_one_process(ranks, checkpoint):
