@@ -22,6 +22,8 @@ private API                                                what we use it for
                                                            on to transformers' loop
 ``GenerationMixin._valid_auto_compile_criteria``           whether that loop compiles its forward, decided as
                                                            transformers' decoding loop decides it
+``GenerationMixin._optimize_model_for_decode``             generate's switch of ``grouped_mm`` experts to ``batched_mm``
+                                                           for decoding, skipped for experts stored in FP8
 ``StaticLayer.cumulative_length``                          a static cache layer's length as a device tensor, which
                                                            that loop lowers to forget rejected drafts (no host read)
 dataclass fields of transformers' ``DeepseekV3Config``     the defaults of the official fields, to validate a config
@@ -72,6 +74,7 @@ _HOOKS = {
     "GenerationMixin._valid_auto_compile_criteria": (
         GenerationMixin, "_valid_auto_compile_criteria", ("model_kwargs", "generation_config")
     ),
+    "GenerationMixin._optimize_model_for_decode": (GenerationMixin, "_optimize_model_for_decode", ()),
 }
 
 

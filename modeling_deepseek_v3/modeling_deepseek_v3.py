@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -203,8 +204,8 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         return (model, info) if want_info else model
 
     # The private hooks overridden here (_load_pretrained_model, _upload_modified_files, and in the causal LM
-    # _get_candidate_generator and _assisted_decoding) and the private APIs used are listed and version-checked in
-    # compat.py.
+    # _get_candidate_generator, _assisted_decoding and _optimize_model_for_decode) and the private APIs used are
+    # listed and version-checked in compat.py.
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
         # header checks (clear errors naming tensor and file) before transformers reads, MTP report after
@@ -546,6 +547,18 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         finally:
             for module, mode in modes:  # each module's own mode back (a frozen part may have been in eval)
                 module.training = mode
+
+    @contextmanager
+    def _optimize_model_for_decode(self):
+        # On an accelerator transformers switches `grouped_mm` experts to `batched_mm` for the decoding steps. Experts
+        # stored in FP8 run their own grouped FP8 GEMMs whatever the setting says, and `set_experts_implementation`
+        # refuses to switch them: generate failed at its first step on every FP8 folder kept in FP8 on a GPU (and on
+        # the CPU where an offloaded embedding puts `self.device` on the meta device). There is nothing to switch.
+        if any(isinstance(module, FP8Experts) for module in self.modules()):
+            yield
+            return
+        with super()._optimize_model_for_decode():
+            yield
 
     def init_continuous_batching(self, *args, **kwargs):
         # transformers' continuous batching (`generate_batch`, `init_continuous_batching`, `transformers serve`) runs the
