@@ -158,7 +158,8 @@ class DeepseekV3FP8HfQuantizer(HfQuantizer):
             if isinstance(module, KeepsStorageDtype):
                 for name in module.storage_dtype_names:
                     getattr(module, name).requires_grad_(False)
-        check_scale_values({n: p.detach() for n, p in model.named_parameters() if n.endswith("scale_inv")}, "the checkpoint")
+        scales = {n: offloaded_values(model, n, p) for n, p in model.named_parameters() if n.endswith("scale_inv")}
+        check_scale_values({n: s for n, s in scales.items() if not s.is_meta}, "the checkpoint")
         if self.quantization_config.dequantize:
             self._dequantize(model, self.load_dtype)
             if model.config.quantizer is not None:
@@ -238,8 +239,22 @@ def with_mtp_copies(state_dict: dict[str, torch.Tensor], model: nn.Module) -> di
         return state_dict
     for copy_name, main_name in mtp_shared_keys(model.config).items():
         if main_name in state_dict and copy_name not in state_dict:
-            state_dict[copy_name] = state_dict[main_name].detach().clone()
+            # a tensor accelerate offloaded is meta in the state dict (transformers' save reads the store for the
+            # model's own names only): its copy is made from the offload store
+            state_dict[copy_name] = offloaded_values(model, main_name, state_dict[main_name]).clone()
     return state_dict
+
+
+def offloaded_values(model: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The values of ``model``'s tensor ``name``. accelerate keeps a tensor of a module it offloaded (a ``device_map``
+    with "disk" entries, or "cpu" ones beside a GPU) on the meta device except while that module runs: its values are
+    then read from the offload store of the module's hook (still meta where there is none)."""
+    if tensor.is_meta:
+        module, _, leaf = name.rpartition(".")
+        store = getattr(getattr(model.get_submodule(module), "_hf_hook", None), "weights_map", None)
+        if store is not None and leaf in store:
+            return store[leaf]
+    return tensor.detach()
 
 
 def report_missing_mtp(model, missing_keys) -> None:
@@ -710,8 +725,34 @@ def check_no_missing_weights(model: nn.Module, missing_keys, source) -> None:
     )
 
 
+def offloaded_modules(device_map) -> list[str]:
+    """The entries of a resolved ``device_map`` whose weights accelerate's dispatch offloads: "disk", and "cpu" when
+    another device runs the model (``accelerate.dispatch_model``'s rule; a map of "cpu" alone is no offload)."""
+    if not isinstance(device_map, dict):
+        return []
+    devices = {str(d) for d in device_map.values()}
+    offloaded = {"disk"} if devices <= {"cpu", "disk"} else {"cpu", "disk"}
+    return [name for name, d in device_map.items() if str(d) in offloaded]
+
+
+def check_dequantize_not_offloaded(hf_quantizer, device_map) -> None:
+    """An FP8 folder dequantized at load cannot have offloaded modules: their FP8 weights go to the offload store as
+    they are read, and the dequantization after loading would replace each layer by one of meta tensors (the forward
+    failed deep inside a GEMM)."""
+    offloaded = offloaded_modules(device_map)
+    if offloaded and isinstance(hf_quantizer, DeepseekV3FP8HfQuantizer) and hf_quantizer.quantization_config.dequantize:
+        raise ValueError(
+            f"This FP8 checkpoint would be dequantized at load (`dequantize=True`, the default without CUDA), which "
+            f"cannot be done for modules the `device_map` offloads ({', '.join(repr(n) for n in offloaded[:3])}"
+            f"{', ...' if len(offloaded) > 3 else ''}). Keep the FP8 weights (`quantization_config="
+            "DeepseekV3FP8Config(dequantize=False)`), or convert the folder once (`deepseek-v3-convert SRC DST --to "
+            "bf16`) and offload that."
+        )
+
+
 def load_pretrained_model(base_load, model, state_dict, checkpoint_files, load_config, *args, **kwargs):
     """transformers' ``_load_pretrained_model`` with the header checks before and the MTP report after."""
+    check_dequantize_not_offloaded(getattr(load_config, "hf_quantizer", None), getattr(load_config, "device_map", None))
     if state_dict is None and checkpoint_files:
         pickled = [os.fspath(f) for f in checkpoint_files if not str(f).endswith(".safetensors")]
         if pickled:  # a Hub repo without safetensors (local folders were checked before: check_index_of)

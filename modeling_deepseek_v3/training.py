@@ -104,9 +104,21 @@ def update_expert_bias(model: nn.Module, update_speed: float | None = None, proc
     if not found:
         return stats
     names = list(found)
-    # One all-reduce for all layers, on the device the routers live on (NCCL needs CUDA tensors, gloo CPU ones).
-    device = next(found[n].weight.device for n in names)
-    counts = torch.stack([found[n].tokens_per_expert.to(device=device, dtype=torch.float32) for n in names])  # [L, E]
+    offloaded = [n for n in names if getattr(getattr(found[n], _BIAS, None), "is_meta", False)]
+    if offloaded:
+        # accelerate with `offload_buffers=True` keeps the bias in its offload store and hands the router a copy while
+        # it runs: a step on the module's (meta) tensor would be lost
+        raise ValueError(
+            f"update_expert_bias: the routing bias (`{_BIAS}`) of {', '.join(offloaded)} is on the meta device (offloaded "
+            "by accelerate with `offload_buffers=True`, or never loaded), where no bias step can be applied. Load the "
+            "model with `offload_buffers=False` (the default: buffers stay on the device their module runs on)."
+        )
+    # One all-reduce for all layers, on the device the routers live on (NCCL needs CUDA tensors, gloo CPU ones). A
+    # router accelerate offloaded (a device_map with "cpu" or "disk" entries) has its weight on the meta device except
+    # while it runs: its counts are on the device it ran on.
+    counted = [found[n].tokens_per_expert for n in names]
+    device = next((found[n].weight.device for n in names if not found[n].weight.is_meta), counted[0].device)
+    counts = torch.stack([c.to(device=device, dtype=torch.float32) for c in counted])  # [L, E]
     if dist.is_available() and dist.is_initialized():
         replicas = batch_replicas(model) if process_group is None else 1
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=process_group)
