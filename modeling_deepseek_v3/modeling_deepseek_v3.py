@@ -246,6 +246,15 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         and the forward then mixed two dtypes; the router biases stay fp32)."""
         if dtype is not None:
             check_dequantize_dtype(dtype, "`model.dequantize(dtype=...)`")
+        # A layer accelerate offloaded (a device_map with "disk", or "cpu" beside a GPU) holds meta tensors outside its
+        # forward: its dequantized replacement would hold meta weights and no offload hook (the logits came out nan).
+        meta = next((name for name, m in self.named_modules() if isinstance(m, (FP8Linear, FP8Experts))
+                     and any(t.is_meta for t in m.parameters(recurse=False))), None)
+        if meta is not None:
+            raise ValueError(
+                f"Cannot dequantize {meta!r}: its FP8 weights are on the meta device (offloaded by a `device_map`, or "
+                "never loaded). Convert the folder instead (`deepseek-v3-convert SRC DST --to bf16`) and load that."
+            )
         plugin = self.config.plugin("quantizer") if self.config.quantizer is not None else None
         if getattr(self, "hf_quantizer", None) is not None or not hasattr(plugin, "dequantize"):
             super().dequantize(dtype=dtype)  # transformers' error when nothing is quantized

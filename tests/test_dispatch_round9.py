@@ -100,6 +100,10 @@ def test_an_fp8_folder_kept_in_fp8_loads_offloaded_and_generates_as_a_plain_load
         greedy = plain.generate(ids[:1], max_new_tokens=5, do_sample=False)
         for options in ({"use_mtp": True}, {"use_mtp": True, "cache_implementation": "static"}):
             assert torch.equal(model.generate(ids[:1], max_new_tokens=5, do_sample=False, **options), greedy), options
+    # dequantizing offloaded FP8 layers left layers of meta weights without their hook: nan logits, silently
+    with pytest.raises(ValueError, match=r"Cannot dequantize 'model\.layers\.1\.self_attn\.q_a_proj': its FP8 weights are "
+                                         r"on the meta device \(offloaded by a `device_map`"):
+        model.dequantize()
 
 
 def test_the_scales_of_offloaded_fp8_layers_are_checked(folders, tmp_path):
