@@ -98,7 +98,11 @@ def check_cache(past_key_values, batch_size: int, seq_len: int, widths: tuple[in
         check_cache_depth(layers, grows, num_layers)
         return
     keys = getattr(layer, "keys", None) if getattr(layer, "is_initialized", False) else None
-    if isinstance(keys, torch.Tensor) and keys.dim() > 0 and keys.shape[0] != batch_size:
+    if isinstance(keys, torch.Tensor) and keys.dim() < 2:
+        # An empty placeholder, not the cached states: transformers' quantized caches keep those in their own layout
+        # and leave `keys` a 1-D empty tensor (the fp8 backend always, the others once the residual part is flushed)
+        keys = None
+    if isinstance(keys, torch.Tensor) and keys.shape[0] != batch_size:
         raise ValueError(
             f"`past_key_values` holds a batch of {keys.shape[0]} sequences, the input has {batch_size}: a cache "
             "belongs to the batch it was filled with."
