@@ -626,16 +626,38 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             # transformers' assisted loop keeps appending the accepted tokens of a process that has finished while it
             # runs on for the others (a sharded model's forwards are collectives): its output would run past its EOS
             stopping_criteria, finished_at = _recording_finish(stopping_criteria)
-        output = super()._assisted_decoding(
-            input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=synced_gpus,
-            streamer=streamer, inputs_tensor=inputs_tensor, assistant_model=assistant_model,
-            assistant_tokenizer=assistant_tokenizer, tokenizer=tokenizer, **model_kwargs,
-        )
+        # transformers' assisted loop feeds its first step the whole prompt, also when the cache passed in already
+        # holds a prefix of it (its plain loop's prefill skips that prefix): the prefix went through the model a
+        # second time on top of its cached self and every token after it changed, silently (transformers' class too).
+        # prepare_inputs_for_generation skips it in that step, as the prefill does.
+        cache = model_kwargs.get("past_key_values")
+        self._assisted_cached_prefix = (cache, _cached_prompt_prefix(input_ids, generation_config, model_kwargs))
+        try:
+            output = super()._assisted_decoding(
+                input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=synced_gpus,
+                streamer=streamer, inputs_tensor=inputs_tensor, assistant_model=assistant_model,
+                assistant_tokenizer=assistant_tokenizer, tokenizer=tokenizer, **model_kwargs,
+            )
+        finally:
+            self._assisted_cached_prefix = None
         if synced_gpus and finished_at:
             if isinstance(output, torch.Tensor):
                 return output[:, : finished_at[0]]
             output.sequences = output.sequences[:, : finished_at[0]]
         return output
+
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, past_key_values=None,
+                                      attention_mask=None, inputs_embeds=None, is_first_iteration=False, **kwargs):
+        # the first step of the assisted loop over a cache that holds a prefix of the prompt (see _assisted_decoding);
+        # the cache's identity keeps an assistant's own generate (this model may be its own assistant) out of it
+        cache, prefix = getattr(self, "_assisted_cached_prefix", None) or (None, 0)
+        if prefix and is_first_iteration and next_sequence_length is None and past_key_values is cache:
+            next_sequence_length = input_ids.shape[1] - prefix
+            self._assisted_cached_prefix = None
+        return super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, past_key_values=past_key_values,
+            attention_mask=attention_mask, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs,
+        )
 
     @can_return_tuple
     def forward(
@@ -822,6 +844,18 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             if aux_loss is not None:
                 aux_losses.append(aux_loss)
         return torch.stack(ce_losses).mean(), sum_losses(aux_losses)
+
+
+def _cached_prompt_prefix(input_ids, generation_config, model_kwargs) -> int:
+    """The leading prompt positions a cache passed to ``generate`` already holds, read as transformers' prefill reads
+    them: the prompt is the whole sequence when it is as long as the attention mask (else only the new tokens); 0
+    when there is nothing to skip, or nothing would be left to feed."""
+    cache = model_kwargs.get("past_key_values")
+    past = cache.get_seq_length() if isinstance(cache, Cache) else 0
+    mask = model_kwargs.get("attention_mask")
+    mask_length = mask.shape[1] if mask is not None else getattr(generation_config, "_mask_length", -1)
+    whole = model_kwargs.get("inputs_embeds") is not None or mask_length == input_ids.shape[1]
+    return past if whole and 0 < past < input_ids.shape[1] else 0
 
 
 def _recording_finish(stopping_criteria):

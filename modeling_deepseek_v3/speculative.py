@@ -130,7 +130,8 @@ class MTPDraftCandidateGenerator(CandidateGenerator):
         self.model = model
         self.module = model.model.mtp_layers[0]
         self.cache = DynamicCache()  # grows lazily up to the module's layer index num_hidden_layers
-        self.fed = 0  # positions 0..fed-1 have gone through the MTP module
+        self.fed = 0  # positions start..fed-1 have gone through the MTP module
+        self.start = None  # the first of them, set from the main model's first step
         self.do_sample = bool(generation_config.do_sample)
         self.logits_processor = logits_processor
         self.stats = MTPDraftStats()
@@ -143,6 +144,10 @@ class MTPDraftCandidateGenerator(CandidateGenerator):
         if is_first_iteration or model_outputs is None:
             return input_ids, None  # the main model prefills first; drafting needs its hidden states
         length = input_ids.shape[1]
+        if self.start is None:
+            # a cache passed to generate may hold a prefix of the prompt, which the main model's first step skipped:
+            # there are hidden states for the rest only, and the MTP module (its own cache empty) drafts from those
+            self.start = self.fed = length - 1 - model_outputs.hidden_states[-1].shape[1]
         new = length - 1 - self.fed  # positions fed..length-2 now have final main hidden states and next tokens
         hidden = model_outputs.hidden_states[-1][:, :new]
         positions = torch.arange(self.fed, length - 1, device=input_ids.device)[None]
@@ -150,7 +155,8 @@ class MTPDraftCandidateGenerator(CandidateGenerator):
             positions = model_kwargs["position_ids"][:, self.fed : length - 1]  # left padding shifts positions
         embeds = self.model.model.embed_tokens(input_ids[:, self.fed + 1 : length])
         padding = None if model_kwargs is None else model_kwargs.get("attention_mask")
-        mask = _causal_mask(new, length - 1, padding[:, : length - 1] if padding is not None else None, hidden.dtype, hidden.device)
+        padding = padding[:, self.start : length - 1] if padding is not None else None
+        mask = _causal_mask(new, length - 1 - self.start, padding, hidden.dtype, hidden.device)
         _, normed, _ = self.module(
             hidden,
             embeds,
