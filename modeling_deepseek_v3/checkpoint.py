@@ -251,7 +251,7 @@ def offloaded_values(model: nn.Module, name: str, tensor: torch.Tensor) -> torch
     then read from the offload store of the module's hook (still meta where there is none)."""
     if tensor.is_meta:
         module, _, leaf = name.rpartition(".")
-        store = getattr(getattr(model.get_submodule(module), "_hf_hook", None), "weights_map", None)
+        store = compat.offload_store(model.get_submodule(module))
         if store is not None and leaf in store:
             return store[leaf]
     return tensor.detach()

@@ -1,8 +1,8 @@
-"""The private transformers, huggingface_hub, PEFT and torch APIs this package relies on, in one place.
+"""The private transformers, huggingface_hub, PEFT, accelerate and torch APIs this package relies on, in one place.
 
-Everything else in the package uses public APIs. The few hooks below are not public: transformers, huggingface_hub
-or PEFT may rename or re-sign them in any release. Each is reached only through this module, and :func:`check`
-verifies, for the installed versions, that every one exists with the parameters we call it with;
+Everything else in the package uses public APIs. The few hooks below are not public: transformers, huggingface_hub,
+PEFT or accelerate may rename or re-sign them in any release. Each is reached only through this module, and
+:func:`check` verifies, for the installed versions, that every one exists with the parameters we call it with;
 ``tests/test_compat.py`` runs it, so an incompatible release fails one test whose message names the API instead of
 breaking somewhere deep in loading, pushing, generation or training.
 
@@ -26,6 +26,11 @@ private API                                                what we use it for
                                                            for decoding, skipped for experts stored in FP8
 ``StaticLayer.cumulative_length``                          a static cache layer's length as a device tensor, which
                                                            that loop lowers to forget rejected drafts (no host read)
+``GenerationConfig._mask_length``                          the prompt's length generate records when it drops an
+                                                           all-ones mask: assisted decoding over a cached prefix skips
+                                                           that prefix as transformers' prefill does
+``GenericFor{Sequence,Token}Classification``              the generic heads' forward without ``can_return_tuple``,
+``.forward.__wrapped__``                                   which our classification heads run and extend
 dataclass fields of transformers' ``DeepseekV3Config``     the defaults of the official fields, to validate a config
                                                            before transformers' own ``__init__`` runs
 ``output_capturing._active_collector``                     the MTP draft step runs with output capturing off, so a
@@ -39,6 +44,8 @@ PEFT's ``_MODEL_TO_CONVERSION_PATTERN``,                   the ``target_modules`
                                                            reads it (a float8 cast is refused)
 ``torch._C._current_graph_task_id``                        whether the autograd engine is running a backward pass
                                                            (activation-checkpoint recomputation must not count tokens)
+accelerate's ``module._hf_hook.weights_map``               the offload store of a module accelerate offloaded, whose
+                                                           tensors are meta outside its forward (saving, scale checks)
 =========================================================  ===========================================================
 """
 
@@ -51,7 +58,8 @@ import torch
 from huggingface_hub.serialization import _base as hub_serialization
 from transformers import DeepseekV3Config as TransformersDeepseekV3Config
 from transformers.cache_utils import StaticLayer
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationConfig, GenerationMixin
+from transformers.modeling_layers import GenericForSequenceClassification, GenericForTokenClassification
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import output_capturing
 
@@ -94,6 +102,11 @@ def check() -> None:
         problems.append("transformers.DeepseekV3Config is not a dataclass (its field defaults are read from it)")
     if not _static_layer_length_is_a_tensor():
         problems.append("StaticLayer.cumulative_length is not the layer's length as a tensor")
+    if "_mask_length" not in inspect.get_annotations(GenerationConfig):
+        problems.append("GenerationConfig._mask_length does not exist")
+    for head in (GenericForSequenceClassification, GenericForTokenClassification):
+        if not callable(getattr(head.forward, "__wrapped__", None)):
+            problems.append(f"{head.__name__}.forward is not a decorated function (it has no __wrapped__)")
     collector = getattr(output_capturing, "_active_collector", None)
     if not all(callable(getattr(collector, method, None)) for method in ("get", "set", "reset")):
         problems.append("transformers.utils.output_capturing._active_collector (get/set/reset) does not exist")
@@ -104,6 +117,8 @@ def check() -> None:
         problems.append("torch._C._nn._parse_to does not exist")
     if not callable(getattr(torch._C, "_current_graph_task_id", None)):
         problems.append("torch._C._current_graph_task_id does not exist")
+    if not _offload_store_is_read():
+        problems.append("accelerate's module._hf_hook.weights_map is not the offload store of an AlignDevicesHook")
     if problems:
         import transformers
 
@@ -135,6 +150,30 @@ def _static_layer_length_is_a_tensor() -> bool:
         return False
     layer.update(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))
     return layer.get_seq_length() is length and int(length) == 3
+
+
+def _offload_store_is_read() -> bool:
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    module, store = torch.nn.Linear(1, 1), {"weight": torch.zeros(1, 1)}
+    add_hook_to_module(module, AlignDevicesHook(weights_map=store))
+    return offload_store(module) is store
+
+
+def offload_store(module: torch.nn.Module):
+    """The mapping accelerate's offload hook of ``module`` reads its tensors from while it runs (None without one)."""
+    return getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+
+
+def prefill_mask_length(generation_config) -> int:
+    """The attention mask's length that ``generate`` recorded when it dropped an all-ones mask (-1 when it did not):
+    its prefill compares it with the input's length to tell a whole prompt from its new tokens only."""
+    return getattr(generation_config, "_mask_length", -1)
+
+
+def undecorated_forward(head: type):
+    """``head.forward`` (a transformers generic head) without its output decorator ``can_return_tuple``."""
+    return head.forward.__wrapped__
 
 
 def auto_compile_applies(model, model_kwargs: dict, generation_config) -> bool:
@@ -208,6 +247,6 @@ def in_backward_pass() -> bool:
 
 __all__ = [
     "IncompatibleVersionError", "auto_compile_applies", "base_load_pretrained_model", "check", "dtype_of_to_call",
-    "in_backward_pass", "official_field_defaults", "parse_shard_size", "peft_renamed_targets", "static_layer_length",
-    "without_output_capture",
+    "in_backward_pass", "offload_store", "official_field_defaults", "parse_shard_size", "peft_renamed_targets",
+    "prefill_mask_length", "static_layer_length", "undecorated_forward", "without_output_capture",
 ]

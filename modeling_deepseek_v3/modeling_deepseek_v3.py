@@ -853,7 +853,7 @@ def _cached_prompt_prefix(input_ids, generation_config, model_kwargs) -> int:
     cache = model_kwargs.get("past_key_values")
     past = cache.get_seq_length() if isinstance(cache, Cache) else 0
     mask = model_kwargs.get("attention_mask")
-    mask_length = mask.shape[1] if mask is not None else getattr(generation_config, "_mask_length", -1)
+    mask_length = mask.shape[1] if mask is not None else compat.prefill_mask_length(generation_config)
     whole = model_kwargs.get("inputs_embeds") is not None or mask_length == input_ids.shape[1]
     return past if whole and 0 < past < input_ids.shape[1] else 0
 
@@ -1102,7 +1102,7 @@ class _DeepseekV3ClassificationHead:
             # the undecorated generic forward hands `return_dict=True` on to the backbone, which would otherwise
             # follow `config.return_dict=False` and give a tuple the generic head cannot read (@can_return_tuple
             # above makes this forward's own output a tuple then)
-            output = self._generic_head.forward.__wrapped__(
+            output = compat.undecorated_forward(self._generic_head)(
                 self, input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                 return_dict=True, **kwargs,
