@@ -178,12 +178,17 @@ _LORA_TP_FAILURES = {
 }
 
 
+def _split_sizes(model: nn.Module) -> dict[str, int]:
+    """The ``ep_size`` and ``tp_size`` above 1 that transformers' engine split ``model`` with."""
+    distributed_config = getattr(getattr(model, "config", None), "distributed_config", None)
+    sizes = {name: getattr(distributed_config, name, 1) for name in ("ep_size", "tp_size")}
+    return {name: size for name, size in sizes.items() if isinstance(size, int) and size > 1}
+
+
 def _tensor_parallel(model: nn.Module) -> tuple[int, dict]:
     """The ``tp_size`` transformers' engine split ``model`` with (1 when it did not) and the plan it applied."""
-    size = getattr(getattr(getattr(model, "config", None), "distributed_config", None), "tp_size", 1)
-    if not isinstance(size, int) or size <= 1:
-        return 1, {}
-    return size, dict(getattr(model, "tp_plan", None) or {})
+    size = _split_sizes(model).get("tp_size", 1)
+    return (size, dict(getattr(model, "tp_plan", None) or {})) if size > 1 else (1, {})
 
 
 def _check_module_follows_tensor_parallel(model: nn.Module, name: str) -> None:
@@ -356,9 +361,7 @@ def _check_experts_not_split(model: nn.Module, key: str) -> None:
     slice of every expert), the tensor is a DTensor the update cannot be added to: the forward failed mixing a
     DTensor with PEFT's plain tensors (ep_size) or get_peft_model found no `weight` (tp_size). FSDP alone gathers
     whole experts for each forward, so the update applies there."""
-    distributed_config = getattr(getattr(model, "config", None), "distributed_config", None)
-    split = {name: getattr(distributed_config, name, 1) for name in ("ep_size", "tp_size")}
-    split = {name: size for name, size in split.items() if isinstance(size, int) and size > 1}
+    split = _split_sizes(model)
     if split:
         sizes = ", ".join(f"{name}={size}" for name, size in split.items())
         raise ValueError(
@@ -525,6 +528,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
     if getattr(model, "hf_quantizer", None) is None and getattr(model.config, "quantizer", None) is None:
         return model.to(dtype)
     return model.dequantize(dtype)
+
 
 __all__ = ["FP8_MERGES", "STACKED_EXPERT_PARAMETERS", "dequantize_model", "merge_and_unload", "prepare_lora_config",
            "set_fp8_merge"]
