@@ -40,8 +40,8 @@ from . import compat, parallel_plans
 from .layers import DeepseekV3Experts
 from .quantization.experts import FP8Experts
 from .quantization.formats import FP8_DTYPE
-from .quantization.linear import FP8Linear
-from .quantization.lora import FP8LoraLinear, check_dense_dtype, register_fp8_lora_layers
+from .quantization.linear import FP8Linear, check_dequantize_dtype
+from .quantization.lora import FP8LoraLinear, register_fp8_lora_layers
 from .registry import ExpertsPlugin
 
 logger = logging.getLogger(__name__)
@@ -486,7 +486,7 @@ def set_fp8_merge(model: nn.Module, fp8: str = "requantize", dtype: torch.dtype 
     into ``nn.Linear`` of ``dtype``. Returns those layers."""
     if fp8 not in FP8_MERGES:
         raise ValueError(f"`fp8` must be one of {list(FP8_MERGES)}, got {fp8!r}.")
-    check_dense_dtype(dtype)
+    check_dequantize_dtype(dtype)
     layers = [m for m in model.modules() if isinstance(m, FP8LoraLinear)]
     for layer in layers:
         layer.set_merge_target("fp8" if fp8 == "requantize" else "dense", dtype)
@@ -524,7 +524,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
     """Every FP8 layer of ``model`` back to high precision in ``dtype``, the quantization config dropped, and the model
     cast to ``dtype`` (the routers' fp32 bias stays fp32): the model's own ``dequantize`` (either kind of FP8 model),
     a plain cast for a model that holds no FP8 layers."""
-    check_dense_dtype(dtype)
+    check_dequantize_dtype(dtype)
     if getattr(model, "hf_quantizer", None) is None and getattr(model.config, "quantizer", None) is None:
         return model.to(dtype)
     return model.dequantize(dtype)

@@ -80,7 +80,7 @@ class FP8LoraLinear(nn.Module, LoraLayer):
         """Where ``merge`` writes ``W + ΔW``: ``"fp8"`` (re-quantized FP8Linear) or ``"dense"`` (``nn.Linear`` of ``dtype``)."""
         if target not in MERGE_TARGETS:
             raise ValueError(f"FP8LoraLinear merge target must be one of {list(MERGE_TARGETS)}, got {target!r}.")
-        check_dense_dtype(dtype)
+        check_dequantize_dtype(dtype)  # when it is chosen, not when the merge finally runs
         self.merge_target, self.merge_dtype = target, dtype
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
@@ -140,12 +140,6 @@ class FP8LoraLinear(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
-
-
-def check_dense_dtype(dtype) -> None:
-    """The dtype a merge or a dequantization writes weights in: a high-precision float ``torch.dtype``. Checked when it
-    is chosen, so a wrong one is named there rather than when the merge finally runs."""
-    check_dequantize_dtype(dtype)
 
 
 def _dense_weight(layer: nn.Module) -> torch.Tensor:
@@ -208,4 +202,4 @@ def register_fp8_lora_layers(config: LoraConfig) -> LoraConfig:
     return config
 
 
-__all__ = ["FP8LoraLinear", "MERGE_TARGETS", "check_dense_dtype", "refuse_fp8_experts", "register_fp8_lora_layers"]
+__all__ = ["FP8LoraLinear", "MERGE_TARGETS", "refuse_fp8_experts", "register_fp8_lora_layers"]
