@@ -420,6 +420,19 @@ def atomic_save(save_directory: str | os.PathLike, write) -> None:
 _PER_EXPERT_ENTRY = re.compile(r"^(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.(?P<leaf>weight|weight_scale_inv)$")
 
 
+def _stacked_copy(held: torch.Tensor, entry: torch.Tensor | None, assign: bool) -> torch.Tensor:
+    """The copy of a stacked experts tensor that the per-expert entries are written into; the rows no entry gives keep
+    ``held``'s values. With ``assign`` it takes the entries' dtype and device. A module on the meta device (built
+    under ``torch.device("meta")`` for ``load_state_dict(..., assign=True)``) has no rows to keep: the copy is made
+    on the entries' device and filled from them alone (a clone of the meta tensor would be assigned, and the experts
+    stay meta behind "All keys matched")."""
+    if entry is None or not (assign or held.is_meta):
+        return held.detach().clone()
+    if held.is_meta:
+        return torch.empty(held.shape, dtype=entry.dtype, device=entry.device)
+    return held.detach().to(dtype=entry.dtype, device=entry.device, copy=True)
+
+
 def load_per_expert_entries(module: torch.nn.Module, state_dict: dict, prefix: str, missing_keys: list,
                             assign: bool = False) -> None:
     """``load_state_dict``'s pre-hook of a stacked experts module (``ExpertsPlugin``): the official per-expert entries
@@ -441,19 +454,9 @@ def load_per_expert_entries(module: torch.nn.Module, state_dict: dict, prefix: s
         if both:
             # which of the two copies would load is arbitrary
             raise CheckpointError(f"The state dict holds {prefix.rstrip('.')!r} both per expert and stacked ({both[0]}): keep one layout.")
-        # A module on the meta device (built under `torch.device("meta")` for `load_state_dict(..., assign=True)`) has
-        # no rows to keep: its stacked tensors are made on the entries' device and dtype, and filled from them alone
-        # (a clone of the meta tensor would be assigned, and the experts stay meta behind "All keys matched").
-        given_for = {names[m["proj"]]: state_dict[key] for key, m in entries.items() if m["leaf"] == leaf}  # one each
-        merged = {}
-        for name, tensor in held.items():
-            like = given_for.get(name) if assign or tensor.is_meta else None
-            if like is None:
-                merged[name] = tensor.detach().clone()
-            elif tensor.is_meta:
-                merged[name] = torch.empty(tensor.shape, dtype=like.dtype, device=like.device)
-            else:
-                merged[name] = tensor.detach().to(dtype=like.dtype, device=like.device, copy=True)
+        # one entry per stacked tensor it fills, for that tensor's dtype and device
+        given_for = {names[m["proj"]]: state_dict[key] for key, m in entries.items() if m["leaf"] == leaf}
+        merged = {name: _stacked_copy(tensor, given_for.get(name), assign) for name, tensor in held.items()}
         num_experts = merged[names["down"]].shape[0]
         given = set()
         for key, match in entries.items():
