@@ -15,6 +15,8 @@ private API                                                what we use it for
                                                            ``README.md`` before ``push_to_hub`` uploads
 ``PreTrainedModel._grouped_mm_can_dispatch``               ``grouped_mm`` refused (named) for expert widths torch's
                                                            grouped GEMM cannot align; the default then falls back
+``PreTrainedModel._can_set_experts_implementation``        says our model takes ``set_experts_implementation`` (its
+                                                           experts module lives in ``layers.py``, not the model's file)
 ``GenerationMixin._get_candidate_generator``               ``generate(..., use_mtp=True)``: our MTP drafter inside
                                                            transformers' assisted-decoding loop
 ``GenerationMixin._assisted_decoding``                     ``generate(..., use_mtp=True)`` over a static cache runs
@@ -73,6 +75,7 @@ _HOOKS = {
     "PreTrainedModel._load_pretrained_model": (PreTrainedModel, "_load_pretrained_model", ("model", "state_dict", "checkpoint_files", "load_config")),
     "PreTrainedModel._upload_modified_files": (PreTrainedModel, "_upload_modified_files", ("working_dir", "repo_id")),
     "PreTrainedModel._grouped_mm_can_dispatch": (PreTrainedModel, "_grouped_mm_can_dispatch", ()),
+    "PreTrainedModel._can_set_experts_implementation": (PreTrainedModel, "_can_set_experts_implementation", ()),
     "GenerationMixin._get_candidate_generator": (GenerationMixin, "_get_candidate_generator", ("generation_config",)),
     "GenerationMixin._assisted_decoding": (
         GenerationMixin, "_assisted_decoding",

@@ -203,9 +203,8 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
             checkpoint.check_no_missing_weights(model, info.get("missing_keys", ()), pretrained_model_name_or_path)
         return (model, info) if want_info else model
 
-    # The private hooks overridden here (_load_pretrained_model, _upload_modified_files, and in the causal LM
-    # _get_candidate_generator, _assisted_decoding and _optimize_model_for_decode) and the private APIs used are
-    # listed and version-checked in compat.py.
+    # The private transformers hooks overridden here and in the causal LM, and the private APIs used, are listed and
+    # version-checked in compat.py.
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
         # header checks (clear errors naming tensor and file) before transformers reads, MTP report after
