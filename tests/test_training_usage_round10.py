@@ -73,12 +73,12 @@ class PaperBiasStep(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         expected = {}
         for name, bias in biases(model).items():
-            depth = int(name.split(".")[2]) - model.config.num_hidden_layers + 1  # 0: a decoder layer
+            depth = max(int(name.split(".")[2]) - model.config.num_hidden_layers + 1, 0)  # 0: a decoder layer
             load = torch.zeros_like(bias)
             assert len(self.picks[name]) == len(self.masks)  # one routing per micro-batch, none from evaluation
             for mask, picks in zip(self.masks, self.picks[name]):
-                real = mask[:, : mask.shape[1] - max(depth, 0)].clone()
-                for j in range(1, max(depth, 0) + 1):
+                real = mask[:, : mask.shape[1] - depth].clone()
+                for j in range(1, depth + 1):
                     real &= mask[:, j : j + real.shape[1]]
                 load += torch.bincount(picks[real.reshape(-1)].reshape(-1), minlength=load.numel()).float()
             expected[name] = bias + self.gamma * torch.sign(load.mean() - load)
