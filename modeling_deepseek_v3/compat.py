@@ -46,6 +46,8 @@ PEFT's ``_MODEL_TO_CONVERSION_PATTERN``,                   the ``target_modules`
                                                            reads it (a float8 cast is refused)
 ``torch._C._current_graph_task_id``                        whether the autograd engine is running a backward pass
                                                            (activation-checkpoint recomputation must not count tokens)
+``torch.nn.Module._forward_hooks``                         the forward hooks on a module, to tell whether a TRL
+                                                           trainer's balance-loss tap hooks the model (``training``)
 accelerate's ``module._hf_hook.weights_map``               the offload store of a module accelerate offloaded, whose
                                                            tensors are meta outside its forward (saving, scale checks)
 =========================================================  ===========================================================
@@ -120,6 +122,8 @@ def check() -> None:
         problems.append("torch._C._nn._parse_to does not exist")
     if not callable(getattr(torch._C, "_current_graph_task_id", None)):
         problems.append("torch._C._current_graph_task_id does not exist")
+    if not _forward_hooks_are_listed():
+        problems.append("torch.nn.Module._forward_hooks is not the dict of a module's forward hooks")
     if not _offload_store_is_read():
         problems.append("accelerate's module._hf_hook.weights_map is not the offload store of an AlignDevicesHook")
     if problems:
@@ -153,6 +157,17 @@ def _static_layer_length_is_a_tensor() -> bool:
         return False
     layer.update(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))
     return layer.get_seq_length() is length and int(length) == 3
+
+
+def _forward_hooks_are_listed() -> bool:
+    module, hook = torch.nn.Module(), print
+    module.register_forward_hook(hook)
+    return list(forward_hooks(module)) == [hook]
+
+
+def forward_hooks(module: torch.nn.Module) -> list:
+    """The forward hooks registered on ``module`` (``register_forward_hook``), in order."""
+    return list(getattr(module, "_forward_hooks", {}).values())
 
 
 def _offload_store_is_read() -> bool:
@@ -250,6 +265,6 @@ def in_backward_pass() -> bool:
 
 __all__ = [
     "IncompatibleVersionError", "auto_compile_applies", "base_load_pretrained_model", "check", "dtype_of_to_call",
-    "in_backward_pass", "offload_store", "official_field_defaults", "parse_shard_size", "peft_renamed_targets",
+    "forward_hooks", "in_backward_pass", "offload_store", "official_field_defaults", "parse_shard_size", "peft_renamed_targets",
     "prefill_mask_length", "static_layer_length", "undecorated_forward", "without_output_capture",
 ]

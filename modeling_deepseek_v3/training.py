@@ -45,6 +45,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from . import compat
 from .distributed import batch_replicas
 from .registry import RouterPlugin
 
@@ -315,7 +316,7 @@ def _balance_loss_tapped(model: nn.Module) -> bool:
     return any(
         isinstance(getattr(hook, "__self__", None), BalanceLossTap)
         for module in model.modules()
-        for hook in module._forward_hooks.values()
+        for hook in compat.forward_hooks(module)
     )
 
 

@@ -38,3 +38,9 @@ def test_a_renamed_offload_store_is_named(monkeypatch):
     monkeypatch.setattr(AlignDevicesHook, "__init__", renamed)
     with pytest.raises(compat.IncompatibleVersionError, match=r"_hf_hook\.weights_map"):
         compat.check()
+
+
+def test_renamed_forward_hooks_are_named(monkeypatch):
+    monkeypatch.setattr(compat, "forward_hooks", lambda module: [])  # what a torch without `_forward_hooks` gives
+    with pytest.raises(compat.IncompatibleVersionError, match=r"torch\.nn\.Module\._forward_hooks"):
+        compat.check()
