@@ -265,6 +265,6 @@ def in_backward_pass() -> bool:
 
 __all__ = [
     "IncompatibleVersionError", "auto_compile_applies", "base_load_pretrained_model", "check", "dtype_of_to_call",
-    "forward_hooks", "in_backward_pass", "offload_store", "official_field_defaults", "parse_shard_size", "peft_renamed_targets",
-    "prefill_mask_length", "static_layer_length", "undecorated_forward", "without_output_capture",
+    "forward_hooks", "in_backward_pass", "offload_store", "official_field_defaults", "parse_shard_size",
+    "peft_renamed_targets", "prefill_mask_length", "static_layer_length", "undecorated_forward", "without_output_capture",
 ]
