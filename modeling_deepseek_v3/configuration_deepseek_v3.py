@@ -275,10 +275,12 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
                 f"The config.json of {pretrained_model_name_or_path} has model_type {model_type!r} and none of the "
                 "DeepSeek-V3 fields (kv_lora_rank, n_routed_experts): it is not a DeepSeek-V3 checkpoint."
             )
-        if model_type not in (None, cls.model_type) and model_type in CONFIG_MAPPING:
+        if (model_type not in (None, cls.model_type) and model_type in CONFIG_MAPPING
+                and CONFIG_MAPPING[model_type] is not DeepseekV3Config):
             # a relative that transformers implements as an architecture of its own (DeepSeek-V3.2's sparse-attention
             # indexer, GLM-4.7-Flash, LongCat, ...) carries the MLA and MoE fields too, but its other weights would be
-            # dropped and its computation differ; only a model_type transformers does not know (Kimi K2's) is ours
+            # dropped and its computation differ; only a model_type transformers does not know or that the package maps
+            # to this class (Kimi K2's) is ours
             raise ValueError(
                 f"The config.json of {pretrained_model_name_or_path} has model_type {model_type!r}, which transformers "
                 f"implements as another architecture (its config class: {CONFIG_MAPPING[model_type].__name__}); load it "
