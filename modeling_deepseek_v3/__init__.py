@@ -33,9 +33,9 @@ freeze_builtin_names()
 
 AutoConfig.register("deepseek_v3", DeepseekV3Config, exist_ok=True)
 # Kimi K2 is released as a DeepSeek-V3 under model_type "kimi_k2", a type transformers reads as "deepseek_v3" only
-# inside Kimi K2.5's config: without this mapping AutoConfig refused the folder (or asked to run its remote code). It maps to
-# our config, whose instances read and save as "deepseek_v3" (AutoConfig.register insists the class's own type
-# is the key, hence the mapping's own register).
+# inside Kimi K2.5's config: without this mapping AutoConfig refused the folder (or asked to run its remote code).
+# It maps to our config, whose instances read and save as "deepseek_v3" (AutoConfig.register insists that the
+# class's own type is the key, hence the mapping's own register).
 CONFIG_MAPPING.register("kimi_k2", DeepseekV3Config, exist_ok=True)
 AutoModel.register(DeepseekV3Config, DeepseekV3Model, exist_ok=True)
 AutoModelForCausalLM.register(DeepseekV3Config, DeepseekV3ForCausalLM, exist_ok=True)
