@@ -770,8 +770,11 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             if run_mtp:
                 embeds = inputs_embeds if inputs_embeds is not None else self.model.embed_tokens(input_ids)
                 documents = _packed_documents(position_ids, attention_mask, targets.aligned.shape)
-                mtp_loss, mtp_aux_loss = self._mtp_forward(
-                    hidden_states, embeds, targets, token_mask, position_ids, documents
+                # The MTP modules run after the backbone's output capture ended, so they record nothing; once a call
+                # with `output_attentions`/`output_hidden_states` installed transformers' capturing hooks, those on
+                # their layers read a ContextVar, which a compiled training step cannot trace: kept inactive here.
+                mtp_loss, mtp_aux_loss = compat.without_output_capture(
+                    self._mtp_forward, hidden_states, embeds, targets, token_mask, position_ids, documents
                 )
                 # With λ = 0 (return_mtp_loss=True) the modules only report mtp_loss: neither it nor their routers'
                 # balance loss, whose gradient reaches the main model through hnorm(h^0), enters the loss.
