@@ -697,7 +697,8 @@ def validate_fields(config) -> None:
         )
     if config.topk_group > config.n_group:
         raise ValueError(f"Config field `topk_group` ({config.topk_group}) must not exceed `n_group` ({config.n_group}).")
-    if config.topk_method == "greedy":  # routes over all experts, groups aside (as distributed.py assumes)
+    # the router's class says whether it keeps each token inside `topk_group` groups (as distributed.py reads it too)
+    if not plugin_for(config, "topk_method").group_limited:  # routes over all experts, groups aside
         if config.num_experts_per_tok > config.n_routed_experts:
             raise ValueError(
                 f"Config field `num_experts_per_tok` ({config.num_experts_per_tok}) exceeds `n_routed_experts` "

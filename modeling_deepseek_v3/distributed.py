@@ -152,7 +152,7 @@ def check_distributed_config(model_class, config, distributed_config, world: int
         )
     if dc.ep_size > 1:
         _check_ep_implementation(dc.ep_implementation)
-    grouped = config.topk_method == "noaux_tc"
+    grouped = config.plugin("topk_method").group_limited  # the router's class says so, whatever its name
     if dc.ep_size > 1 and grouped and not expert_placement.groups_align_with_ranks(config.n_group, dc.ep_size):
         warnings.warn(
             f"ep_size={dc.ep_size} and n_group={config.n_group}: neither divides the other, so routing groups straddle "

@@ -46,8 +46,9 @@ def max_destination_ranks(config, ep_size: int) -> int:
     the largest number of ranks any ``topk_group`` groups together touch, and never more than the number of experts
     chosen or of ranks.
     """
-    n_group = config.n_group if config.topk_method == "noaux_tc" else 1
-    topk_group = config.topk_group if config.topk_method == "noaux_tc" else 1
+    grouped = config.plugin("topk_method").group_limited  # the router's class (RouterPlugin.group_limited)
+    n_group = config.n_group if grouped else 1
+    topk_group = config.topk_group if grouped else 1
     touched = sorted(
         (len(ranks_of_group(g, config.n_routed_experts, n_group, ep_size)) for g in range(n_group)), reverse=True
     )

@@ -59,7 +59,12 @@ class RouterPlugin(_ConfigChecked, nn.Module):
     step from the loads of the whole batch, on the device (it reads nothing on the host: the optimizer step's one
     host read is the statistics); ``modeling_deepseek_v3.training.update_expert_bias`` reads the counts,
     sums them over every rank, calls ``update_bias`` and resets them.
+
+    ``group_limited`` says whether the router keeps each token inside ``topk_group`` of ``n_group`` contiguous expert
+    groups (``noaux_tc``); the config's expert-count check and the expert-parallel placement read it, never the name.
     """
+
+    group_limited = False
 
 
 class ExpertsPlugin(nn.Module):
@@ -133,6 +138,15 @@ CALLED_AS = {
     EXPERTS_KIND: ("module", "hidden_states", "top_k_index", "top_k_weights"),
 }
 REQUIRED_METHOD = {"attention": "forward", "router": "forward", "mtp": "forward", "quantizer": "apply"}
+# How the model calls that method (after self): the positional arguments, then the keywords. The decoder layer passes
+# the attention's inputs by keyword, and the MTP modules get `past_key_values` when they draft.
+METHOD_CALLED_AS = {
+    "attention": (("hidden_states",), ("position_embeddings", "attention_mask", "past_key_values", "position_ids")),
+    "router": (("hidden_states",), ("token_mask",)),
+    "mtp": (("hidden_prev", "next_token_embeds", "position_embeddings", "attention_mask"),
+            ("past_key_values", "position_ids", "token_mask", "return_normed")),
+    "quantizer": (("model",), ()),
+}
 
 _PLUGINS: dict[str, dict[str, type]] = {kind: {} for kind in PLUGIN_BASES}
 _entry_points_loaded = False
@@ -211,6 +225,7 @@ def register_plugin(kind: str, name: str):
         if getattr(cls, method) is getattr(nn.Module if method == "forward" else base, method):
             raise TypeError(f"{kind} plugin {name!r} ({cls.__qualname__}) must define {method}() itself.")
         _check_called_as(kind, name, cls)
+        _check_method_called_as(kind, name, cls, method)
         _check_not_builtin(kind, name, cls)
         previous = _PLUGINS[kind].get(name)
         if previous is not None and previous is not cls:
@@ -234,6 +249,23 @@ def _check_called_as(kind: str, name: str, obj) -> None:
             f"{what} takes {inspect.signature(obj)}."
         ) from None
     except ValueError:  # no signature to inspect (a builtin): nothing to check
+        pass
+
+
+def _check_method_called_as(kind: str, name: str, cls: type, method: str) -> None:
+    """``cls.<method>`` accepts the call the model makes: a renamed or missing argument would otherwise be a TypeError
+    of the first forward (or of the model's ``__init__``, for a quantizer), far from the plugin."""
+    positional, keywords = METHOD_CALLED_AS[kind]
+    function = getattr(cls, method)
+    try:
+        inspect.signature(function).bind(None, *positional, **dict.fromkeys(keywords))
+    except TypeError:
+        call = ", ".join([*positional, *(f"{k}=..." for k in keywords)])
+        raise TypeError(
+            f"{kind} plugin {name!r} is called as {cls.__qualname__}.{method}({call}), but it takes "
+            f"{inspect.signature(function)}."
+        ) from None
+    except ValueError:  # no signature to inspect: nothing to check
         pass
 
 

@@ -26,6 +26,8 @@ from .topk_router import TopKRouter
 
 @register_plugin("router", "noaux_tc")
 class NoAuxTCRouter(TopKRouter):
+    group_limited = True
+
     def __init__(self, config):
         super().__init__(config)
         self.n_group = config.n_group
