@@ -13,7 +13,8 @@ Two pieces, both running each projection of all experts as ONE grouped FP8 GEMM 
 
 The scale grid of ``gate_up_proj`` is the gate's grid stacked over the up's: ``[E, 2·ceil(I/128), ceil(H/128)]``.
 When ``I`` is a multiple of 128 (DeepSeek-V3: 2048) that is exactly the grid of the concatenated matrix and one
-GEMM covers both; otherwise gate and up run as two GEMMs on their halves.
+GEMM covers both; otherwise gate and up run as two GEMMs on their halves, in training (``deepseek_fp8``) as in
+inference, so both quantize the same blocks.
 """
 
 from __future__ import annotations
@@ -37,8 +38,15 @@ def deepseek_fp8_experts_forward(self, hidden_states: torch.Tensor, top_k_index:
     power_of_two = self.config.fp8_power_of_two_scales
     slots = SortedSlots(top_k_index, self.num_experts)
     x = slots.gather(hidden_states)
-    gate_up = fp8_grouped_linear_trainable(x, slots.tokens_per_expert, self.gate_up_proj, power_of_two)
-    out = fp8_grouped_linear_trainable(self._apply_gate(gate_up), slots.tokens_per_expert, self.down_proj, power_of_two)
+    counts, inter = slots.tokens_per_expert, self.gate_up_proj.shape[1] // 2
+    if inter % BLOCK == 0:  # no 128×128 block straddles the gate and the up rows: one GEMM
+        gate_up = fp8_grouped_linear_trainable(x, counts, self.gate_up_proj, power_of_two)
+    else:
+        # gate and up get their own blocks, as in the checkpoint and in FP8Experts (a block holding rows of both would
+        # scale the gate by the up's amax, so training would compute other numbers than the model it saves)
+        halves = self.gate_up_proj.split(inter, dim=1)
+        gate_up = torch.cat([fp8_grouped_linear_trainable(x, counts, w, power_of_two) for w in halves], dim=-1)
+    out = fp8_grouped_linear_trainable(self._apply_gate(gate_up), counts, self.down_proj, power_of_two)
     return slots.combine(out, top_k_weights, hidden_states)
 
 
