@@ -427,7 +427,8 @@ def check_tensor(name: str, expected: tuple, dtype: torch.dtype, headers: dict, 
             )
         raise CheckpointError(
             f"Tensor {name!r} in {path} is {info['dtype']}, but the checkpoint is declared FP8 (quantization_config) and "
-            f"{owner!r} is an FP8 layer: convert the folder with `python -m modeling_deepseek_v3.quantization.converter`."
+            f"{owner!r} is an FP8 layer: convert the folder with `python -m modeling_deepseek_v3.quantization.converter`, "
+            f"or list {owner!r} in `quantization_config.modules_to_not_convert` to keep it in high precision."
         )
 
 

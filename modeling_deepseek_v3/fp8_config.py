@@ -83,6 +83,15 @@ class DeepseekV3FP8Config(FineGrainedFP8Config):
     def to_diff_dict(self) -> dict:
         return self.to_dict()
 
+    def get_loading_attributes(self) -> dict:
+        """What a config passed to ``from_pretrained`` sets on the folder's block. ``modules_to_not_convert`` only
+        when given: the usual ``DeepseekV3FP8Config(dequantize=False)`` would otherwise wipe the folder's list, and
+        the layers it keeps in high precision would be refused as "stored in high precision, expected FP8"."""
+        attributes = {"dequantize": self.dequantize}
+        if self.modules_to_not_convert is not None:
+            attributes["modules_to_not_convert"] = self.modules_to_not_convert
+        return attributes
+
     # transformers' `get_hf_quantizer` reads `config.quantization_config` as a mapping when it is one
     def get(self, key, default=None):
         return getattr(self, key, default)
