@@ -50,6 +50,8 @@ PEFT's ``_MODEL_TO_CONVERSION_PATTERN``,                   the ``target_modules`
                                                            trainer's balance-loss tap hooks the model (``training``)
 accelerate's ``module._hf_hook.weights_map``               the offload store of a module accelerate offloaded, whose
                                                            tensors are meta outside its forward (saving, scale checks)
+torch's ``CheckpointWrapper._checkpoint_wrapped_module``   whether activation checkpointing wraps the layers (accelerate's
+                                                           FSDP ``activation_checkpointing``): training builds no cache
 =========================================================  ===========================================================
 """
 
@@ -126,6 +128,8 @@ def check() -> None:
         problems.append("torch.nn.Module._forward_hooks is not the dict of a module's forward hooks")
     if not _offload_store_is_read():
         problems.append("accelerate's module._hf_hook.weights_map is not the offload store of an AlignDevicesHook")
+    if not _checkpoint_wrapper_is_recognised():
+        problems.append("torch's checkpoint_wrapper no longer marks the module it wraps as `_checkpoint_wrapped_module`")
     if problems:
         import transformers
 
@@ -258,13 +262,27 @@ def dtype_of_to_call(*args, **kwargs) -> torch.dtype | None:
     return torch._C._nn._parse_to(*args, **kwargs)[1]
 
 
+def _checkpoint_wrapper_is_recognised() -> bool:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    return checkpoint_wrapped(checkpoint_wrapper(torch.nn.Linear(1, 1))) and not checkpoint_wrapped(torch.nn.Linear(1, 1))
+
+
+def checkpoint_wrapped(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is torch's activation-checkpointing wrapper (``checkpoint_wrapper``), which accelerate's
+    FSDP ``activation_checkpointing`` and torch's ``apply_activation_checkpointing`` put around each layer. Read as
+    accelerate reads it (no import: it runs inside compiled training steps too)."""
+    return hasattr(module, "_checkpoint_wrapped_module")
+
+
 def in_backward_pass() -> bool:
     """True while the autograd engine runs a backward pass (never inside a compiled graph, see the router)."""
     return torch._C._current_graph_task_id() != -1
 
 
 __all__ = [
-    "IncompatibleVersionError", "auto_compile_applies", "base_load_pretrained_model", "check", "dtype_of_to_call",
+    "IncompatibleVersionError", "auto_compile_applies", "base_load_pretrained_model", "check", "checkpoint_wrapped",
+    "dtype_of_to_call",
     "forward_hooks", "in_backward_pass", "offload_store", "official_field_defaults", "parse_shard_size",
     "peft_renamed_targets", "prefill_mask_length", "static_layer_length", "undecorated_forward", "without_output_capture",
 ]

@@ -463,6 +463,12 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         input_checks.check_attention_mask(
             attention_mask, (batch_size, seq_len), past, capacity, self.config.num_attention_heads, model_dtype,
         )
+        if use_cache and past_key_values is None and self.training and any(map(compat.checkpoint_wrapped, self.layers)):
+            # Layers under an activation-checkpointing wrapper (accelerate's FSDP `activation_checkpointing`) run
+            # again in the backward: each would append its keys to the cache a second time and attend over twice the
+            # keys (torch's CheckpointError). No one reads a training forward's cache; transformers' own gradient
+            # checkpointing drops it too.
+            use_cache = False
         fresh_cache = use_cache and past_key_values is None
         if fresh_cache:
             past_key_values = DynamicCache(config=self.config)
