@@ -367,7 +367,8 @@ class DeepseekV3FP8Converter(OptimumQuantizer):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m modeling_deepseek_v3.quantization.converter",
+        # the console script's name (README, docs and error messages name it); `python -m` runs the same main
+        prog="deepseek-v3-convert",
         description="Convert a DeepSeek-V3 checkpoint between BF16 and the official FP8 (e4m3, 128x128 block scales) format, shard by shard.",
     )
     parser.add_argument("source", help="checkpoint folder (or Hub repository id)")
