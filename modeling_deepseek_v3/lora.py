@@ -61,13 +61,15 @@ def prepare_lora_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
         raise TypeError(f"prepare_lora_config needs a peft.LoraConfig, got {type(config).__name__}.")
     if isinstance(model, PeftModel):
         model = model.get_base_model()
+    # the parameters the user listed, not those "all-linear" adds (which exclude_modules may leave out entirely)
+    listed_parameters = bool(config.target_parameters)
     if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
         # PEFT's own expansion knows nn.Linear only, not FP8Linear
         config.target_modules, config.target_parameters = _all_linear(model, config.target_parameters)
     _check_scaling(config)
-    _check_target_modules(model, config.target_modules)
-    _check_target_parameters(model, config.target_parameters)
-    config.target_parameters = _select_target_parameters(model, config)
+    _check_target_modules(model, config)
+    _check_target_parameters(model, config)
+    config.target_parameters = _select_target_parameters(model, config, listed_parameters)
     _check_init(model, config)
     _check_patterns(model, config)
     _check_modules_to_save(model, config.modules_to_save, config.task_type)
@@ -144,13 +146,18 @@ def _lora_module_types() -> tuple[type, ...]:
     return (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D, FP8Linear)
 
 
-def _check_matched_modules(model: nn.Module, target: str, matched: dict[str, nn.Module], renamed: set[str]) -> None:
+def _check_matched_modules(
+    model: nn.Module, config: LoraConfig, target: str, matched: dict[str, nn.Module], renamed: set[str]
+) -> None:
     """Each module a target name or pattern reaches must be one LoRA adapts; PEFT's own error prints the module's
     whole repr (a decoder layer's runs to pages) and not its name."""
     supported = _lora_module_types()
     for name, module in matched.items():
         if name.rpartition(".")[2] in renamed:
             continue  # PEFT turns it into a target parameter (the router's weight, the stacked experts)
+        if _excluded(config, name) or not _in_transformed_layers(config, name):
+            # PEFT leaves it out: `exclude_modules` is how a tensor-parallel "all-linear" drops o_proj
+            continue
         if isinstance(module, ExpertsPlugin):
             raise ValueError(
                 f"LoRA target module {target!r} reaches {name}, the routed experts module, whose weights are stacked "
@@ -207,8 +214,9 @@ def _check_module_follows_tensor_parallel(model: nn.Module, name: str) -> None:
     raise ValueError(
         f"LoRA target module {name}: DistributedConfig(tp_size={size}) splits it with the {style!r} tensor-parallel "
         f"style, and {reason}. Under tensor parallelism LoRA adapts the modules split column-wise or kept whole on "
-        f"every rank ({supported}); load with fsdp_size instead of tp_size (FSDP gathers whole weights for each "
-        "forward) to adapt it."
+        f"every rank ({supported}): leave it out (e.g. exclude_modules={[name.rpartition('.')[2]]} beside "
+        "\"all-linear\"), or load with fsdp_size instead of tp_size (FSDP gathers whole weights for each forward) to "
+        "adapt it."
     )
 
 
@@ -268,7 +276,8 @@ def _check_modules_to_save(model: nn.Module, modules_to_save, task_type=None) ->
             )
 
 
-def _check_target_modules(model: nn.Module, targets) -> None:
+def _check_target_modules(model: nn.Module, config: LoraConfig) -> None:
+    targets = config.target_modules
     if targets is None:
         return
     modules = _named_modules(model)
@@ -281,7 +290,7 @@ def _check_target_modules(model: nn.Module, targets) -> None:
                 "regular expression matched against whole module names (e.g. r'.*\\.q_a_proj'); pass a list for "
                 "module names (e.g. ['q_a_proj'])."
             )
-        _check_matched_modules(model, targets, matched, renamed)
+        _check_matched_modules(model, config, targets, matched, renamed)
         return
     for target in sorted(targets):
         matched = {name: m for name, m in modules.items() if name == target or name.endswith("." + target)}
@@ -296,7 +305,7 @@ def _check_target_modules(model: nn.Module, targets) -> None:
                 f"LoRA target module {target!r} is the routed experts module, whose weights are stacked tensors, not "
                 f"Linear layers: adapt them with target_parameters={list(STACKED_EXPERT_PARAMETERS)}."
             )
-        _check_matched_modules(model, target, matched, renamed)
+        _check_matched_modules(model, config, target, matched, renamed)
 
 
 def _expert_hint(name: str) -> str:
@@ -309,7 +318,8 @@ def _expert_hint(name: str) -> str:
     return ""
 
 
-def _check_target_parameters(model: nn.Module, targets) -> None:
+def _check_target_parameters(model: nn.Module, config: LoraConfig) -> None:
+    targets = config.target_parameters
     if not targets:
         return
     owners = _parameter_owners(model)
@@ -323,6 +333,8 @@ def _check_target_parameters(model: nn.Module, targets) -> None:
                 + f"Stacked expert parameters: {list(STACKED_EXPERT_PARAMETERS)}."
             )
         for key, module in matched.items():
+            if _excluded(config, key.rpartition(".")[0]) or not _in_transformed_layers(config, key.rpartition(".")[0]):
+                continue  # left out by `_select_target_parameters` below
             if isinstance(module, FP8Experts):
                 raise ValueError(
                     f"LoRA target parameter {key!r} is stored in FP8 (FP8Experts): an adapter cannot be added to FP8 "
@@ -432,7 +444,7 @@ def _in_transformed_layers(config: LoraConfig, module_name: str) -> bool:
     return index == indexes if isinstance(indexes, int) else index in indexes
 
 
-def _select_target_parameters(model: nn.Module, config: LoraConfig):
+def _select_target_parameters(model: nn.Module, config: LoraConfig, listed: bool = True):
     """``target_parameters`` with ``exclude_modules`` and ``layers_to_transform`` applied. PEFT applies them to
     target modules only and adapts every parameter a target name reaches, in every layer (for transformers' own class
     too), so ``layers_to_transform=[3]`` with the stacked experts would still adapt the experts of every MoE layer and
@@ -447,6 +459,8 @@ def _select_target_parameters(model: nn.Module, config: LoraConfig):
             if not _excluded(config, key.rpartition(".")[0]) and _in_transformed_layers(config, key.rpartition(".")[0])]
     if len(kept) == len(matched):
         return targets
+    if not kept and not listed:
+        return None  # "all-linear" with every MLP and the experts excluded (under tensor parallelism, say)
     if not kept:
         selection = " and ".join(f"{field}={getattr(config, field)!r}" for field in ("exclude_modules", "layers_to_transform")
                                  if getattr(config, field, None) not in (None, []))

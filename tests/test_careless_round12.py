@@ -1,0 +1,57 @@
+"""Bad or odd input on the newest features, as a careless user writes it: LoRA configs under tensor parallelism
+that leave the refused layers out, ... Each test feeds the input and checks that it is accepted as PEFT/transformers
+read it, or refused naming what is wrong."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+
+from conftest import build_model, tiny_config
+from modeling_deepseek_v3 import parallel_plans
+from modeling_deepseek_v3.lora import prepare_lora_config
+
+
+# --- LoRA under tensor parallelism ------------------------------------------------------------------------------
+
+
+def as_if_tensor_parallel(model, size=2):
+    """The two things prepare_lora_config reads of a model transformers' engine split: the distributed config and
+    the plan it applied (no process group needed to check a LoRA config)."""
+    model.config.distributed_config = transformers.DistributedConfig(tp_size=size)
+    model.tp_plan = {"lm_head": "colwise_gather_output",
+                     **{"model." + k: v for k, v in parallel_plans.tp_plan(model.config.q_lora_rank).items()}}
+    return model
+
+
+def adapted(peft_model) -> set[str]:
+    return {name for name, module in peft_model.base_model.model.named_modules() if hasattr(module, "lora_A")}
+
+
+@pytest.mark.parametrize("exclude", [["o_proj", "kv_a_proj_with_mqa", "experts", "gate_proj", "up_proj", "down_proj"],
+                                     r".*(o_proj|kv_a_proj_with_mqa|mlp\..*)"])
+def test_tensor_parallel_all_linear_with_the_refused_layers_excluded_is_taken(exclude):
+    # the refusal named o_proj (and then the stacked experts) though exclude_modules, which PEFT applies, left them out
+    model = as_if_tensor_parallel(build_model(tiny_config(num_hidden_layers=2)))
+    with pytest.raises(ValueError, match=r"kv_a_proj_with_mqa.*'mla_kv_a_proj' tensor-parallel style"):
+        prepare_lora_config(model, LoraConfig(r=2, target_modules="all-linear"))
+    config = prepare_lora_config(model, LoraConfig(r=2, target_modules="all-linear", exclude_modules=exclude))
+    assert config.target_parameters is None
+    names = adapted(get_peft_model(model, config))
+    assert names == {f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_a_proj", "q_b_proj", "kv_b_proj")}
+
+
+def test_tensor_parallel_lora_still_refuses_what_the_selection_keeps():
+    model = as_if_tensor_parallel(build_model(tiny_config(num_hidden_layers=2)))
+    # layers_to_transform keeps layer 1's o_proj: refused by name; [0] of a 2-layer model's experts: none left
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.o_proj: .*'rowwise'"):
+        prepare_lora_config(model, LoraConfig(r=2, target_modules=["q_a_proj", "o_proj"], layers_to_transform=[1]))
+    config = prepare_lora_config(model, LoraConfig(r=2, target_modules=["q_a_proj", "o_proj"], exclude_modules=["o_proj"]))
+    assert adapted(get_peft_model(model, config)) == {"model.layers.0.self_attn.q_a_proj", "model.layers.1.self_attn.q_a_proj"}
+    model = as_if_tensor_parallel(build_model(tiny_config(num_hidden_layers=2)))
+    with pytest.raises(ValueError, match=r"'model\.layers\.1\.mlp\.experts\.gate_up_proj': the routed experts are split"):
+        prepare_lora_config(model, LoraConfig(r=2, target_parameters=["mlp.experts.gate_up_proj"], layers_to_transform=[1]))
+    with pytest.raises(ValueError, match=r"layers_to_transform=\[0\] leave out every parameter"):
+        prepare_lora_config(model, LoraConfig(r=2, target_parameters=["mlp.experts.gate_up_proj"], layers_to_transform=[0]))
