@@ -10,7 +10,9 @@ import math
 import numbers
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, EncoderDecoderCache, StaticLayer, StaticSlidingWindowLayer
+from transformers.cache_utils import (
+    BaseQuantizedLayer, Cache, DynamicLayer, EncoderDecoderCache, StaticLayer, StaticSlidingWindowLayer,
+)
 from transformers.modeling_flash_attention_utils import FlashAttentionKwargs
 from transformers.utils.generic import TransformersKwargs
 
@@ -385,3 +387,15 @@ def check_generate_kwargs(kwargs: dict, generation_config) -> None:
             "be dropped: drop `use_mtp` for beam search, or `num_beams`."
         )
     check_cache_type(kwargs.get("past_key_values"))
+    # Assisted decoding crops the cache after each rejected draft; transformers' quantized layers keep their states
+    # in a layout of their own that the crop they inherit cannot cut (an IndexError inside the first crop)
+    drafts = [name for name in ("use_mtp", "assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+              if value(name) not in (None, False)]
+    layers = getattr(kwargs.get("past_key_values"), "layers", None) or ()
+    quantized = value("cache_implementation") == "quantized" or any(isinstance(layer, BaseQuantizedLayer) for layer in layers)
+    if drafts and quantized:
+        raise ValueError(
+            f"`{drafts[0]}` (assisted decoding) crops the cache after every rejected draft, which transformers' "
+            "quantized cache (`cache_implementation=\"quantized\"`) cannot do: decode with the default dynamic cache "
+            "to draft, or drop the draft source to decode with the quantized cache."
+        )

@@ -9,9 +9,51 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 
-from conftest import build_model, tiny_config
+from conftest import build_model, save_checkpoint, tiny_config
+from transformers.cache_utils import Cache, QuantizedLayer
 from modeling_deepseek_v3 import parallel_plans
 from modeling_deepseek_v3.lora import prepare_lora_config
+
+
+@pytest.fixture(scope="module")
+def causal(tmp_path_factory):
+    folder = save_checkpoint(tiny_config(num_nextn_predict_layers=1), tmp_path_factory.mktemp("careless12"))
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+PROMPT = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
+GREEDY = dict(do_sample=False, pad_token_id=0, max_new_tokens=4)
+
+
+class _ExactQuantizedLayer(QuantizedLayer):
+    def _quantize(self, tensor, axis):
+        return tensor.clone()
+
+    def _dequantize(self, q_tensor):
+        return q_tensor
+
+
+# --- quantized KV cache with assisted decoding ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("draft", ["use_mtp", "prompt_lookup_num_tokens", "assistant_model"])
+@pytest.mark.parametrize("cache", ["cache_implementation", "past_key_values"])
+def test_assisted_decoding_over_a_quantized_cache_is_refused_by_name(causal, draft, cache):
+    # the assisted loop crops the cache after a rejected draft: "IndexError: too many indices for tensor of dimension
+    # 1" inside transformers' cache layer (transformers' class fails the same)
+    options = {"use_mtp": dict(use_mtp=True), "prompt_lookup_num_tokens": dict(prompt_lookup_num_tokens=2),
+               "assistant_model": dict(assistant_model=causal)}[draft]
+    layers = causal.config.num_hidden_layers
+    options |= {"cache_implementation": dict(cache_implementation="quantized", cache_config={"backend": "fp8"}),
+                "past_key_values": dict(past_key_values=Cache(layers=[_ExactQuantizedLayer() for _ in range(layers)]))}[cache]
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"`{draft}` \(assisted decoding\) crops the cache .* quantized"):
+        causal.generate(PROMPT, **GREEDY, **options)
+    with torch.no_grad():  # each alone decodes
+        plain = causal.generate(PROMPT, **GREEDY)
+        assert torch.equal(causal.generate(PROMPT, **GREEDY, **{
+            k: v for k, v in options.items() if k not in ("cache_implementation", "cache_config", "past_key_values")}), plain)
+        quantized = Cache(layers=[_ExactQuantizedLayer() for _ in range(layers)])
+        assert torch.equal(causal.generate(PROMPT, **GREEDY, past_key_values=quantized), plain)
 
 
 # --- LoRA under tensor parallelism ------------------------------------------------------------------------------
