@@ -251,6 +251,12 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
             legacy = {k: v for k, v in rope.items() if k != "rope_type"}
             legacy["type"] = rope["rope_type"]
             output["rope_scaling"] = legacy
+        # The released config.json's `auto_map` names its own configuration_deepseek.py / modeling_deepseek.py, which
+        # save_pretrained does not copy: kept, it sent `trust_remote_code=True` (transformers' AutoConfig, and vLLM and
+        # SGLang, whose DeepSeek-V3 instructions pass it) looking for files the saved folder lacks. Without it the
+        # folder loads by its model_type. A config registered for an auto class gets its own code and map written.
+        if getattr(self, "_auto_class", None) is None:
+            output.pop("auto_map", None)
         return output
 
     @classmethod
