@@ -198,12 +198,49 @@ class DeepseekV3MoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None):
         # token_mask [B, T]: True at real tokens; the router leaves padding out of its loads and balance loss.
         batch_size, seq_len, hidden_size = hidden_states.shape
-        _, topk_weights, topk_indices, aux_loss = self.gate(hidden_states, token_mask=token_mask)
+        _, topk_weights, topk_indices, aux_loss = _router_output(self.gate, hidden_states, token_mask)
         routed = self.experts(hidden_states.reshape(-1, hidden_size), topk_indices, topk_weights)
+        _check_experts_output(self.experts, routed, hidden_states)
         routed = routed.view(batch_size, seq_len, hidden_size)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(hidden_states)
         return routed, aux_loss
+
+
+def _router_output(router: nn.Module, hidden_states: torch.Tensor, token_mask: torch.Tensor | None) -> tuple:
+    """The router plugin's output as docs/plugins.md gives it, checked by shape and dtype only (free, inside compiled
+    graphs too): a plugin's wrong output failed deep inside transformers' experts functions, or ran (float ids)."""
+    output = router(hidden_states, token_mask=token_mask)
+    name = f"router plugin {getattr(router, 'plugin_name', type(router).__name__)!r} (`topk_method`)"
+    if not isinstance(output, tuple) or len(output) != 4:
+        got = f"a tuple of {len(output)}" if isinstance(output, tuple) else type(output).__name__
+        raise ValueError(f"The {name} must return (router_logits, topk_weights, topk_indices, aux_loss), got {got}.")
+    _, weights, indices, aux_loss = output
+    rows = hidden_states.shape[0] * hidden_states.shape[1]
+    if not (isinstance(indices, torch.Tensor) and isinstance(weights, torch.Tensor)):
+        raise ValueError(f"The {name} must return topk_weights and topk_indices as tensors, got "
+                         f"{type(weights).__name__} and {type(indices).__name__}.")
+    if indices.dtype.is_floating_point or indices.dtype == torch.bool:
+        raise ValueError(f"The {name} returned topk_indices of dtype {indices.dtype}: they must be integer expert ids.")
+    if indices.dim() != 2 or indices.shape[0] != rows or weights.shape != indices.shape:
+        raise ValueError(f"The {name} must return topk_weights and topk_indices both [tokens={rows}, top_k], got "
+                         f"{list(weights.shape)} and {list(indices.shape)}.")
+    if aux_loss is not None and not (isinstance(aux_loss, torch.Tensor) and aux_loss.dim() == 0):
+        got = list(aux_loss.shape) if isinstance(aux_loss, torch.Tensor) else type(aux_loss).__name__
+        raise ValueError(f"The {name} must return aux_loss as None or a 0-dim tensor, got {got}.")
+    return output
+
+
+def _check_experts_output(experts: nn.Module, routed, hidden_states: torch.Tensor) -> None:
+    """An experts function's output is [tokens, hidden] (a wrong one failed in a reshape, naming neither the
+    function nor the shape it should have). The dtype is left alone: under autocast it differs from the residual's."""
+    rows, width = hidden_states.shape[0] * hidden_states.shape[1], hidden_states.shape[2]
+    if isinstance(routed, torch.Tensor) and tuple(routed.shape) == (rows, width):
+        return
+    implementation = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+    got = list(routed.shape) if isinstance(routed, torch.Tensor) else type(routed).__name__
+    raise ValueError(f"The routed experts ({type(experts).__name__}, experts implementation {implementation!r}) must "
+                     f"return [tokens={rows}, hidden={width}], got {got}.")
 
 
 class DeepseekV3DecoderLayer(GradientCheckpointingLayer):

@@ -11,7 +11,8 @@ from peft import LoraConfig, get_peft_model
 
 from conftest import build_model, save_checkpoint, tiny_config
 from transformers.cache_utils import Cache, QuantizedLayer
-from modeling_deepseek_v3 import parallel_plans
+from modeling_deepseek_v3 import parallel_plans, register_plugin
+from modeling_deepseek_v3.plugins.routing.topk_router import TopKRouter
 from modeling_deepseek_v3.lora import prepare_lora_config
 
 
@@ -97,3 +98,63 @@ def test_tensor_parallel_lora_still_refuses_what_the_selection_keeps():
         prepare_lora_config(model, LoraConfig(r=2, target_parameters=["mlp.experts.gate_up_proj"], layers_to_transform=[1]))
     with pytest.raises(ValueError, match=r"layers_to_transform=\[0\] leave out every parameter"):
         prepare_lora_config(model, LoraConfig(r=2, target_parameters=["mlp.experts.gate_up_proj"], layers_to_transform=[0]))
+
+
+# --- plugins that return the wrong thing at runtime -------------------------------------------------------------
+
+
+def router_returning(name, change):
+    class Router(TopKRouter):
+        def forward(self, hidden_states, token_mask=None):
+            logits = self.router_logits(hidden_states).view(-1, self.n_routed_experts)
+            weights, indices = self.scores(logits).topk(self.top_k, dim=-1)
+            return change(logits, self.scale_weights(weights), indices)
+
+    register_plugin("router", name)(Router)
+    return name
+
+
+ROUTERS = {
+    "a 3-tuple": (lambda l, w, i: (l, w, i), r"must return \(router_logits, topk_weights, topk_indices, aux_loss\), got a tuple of 3"),
+    "float ids": (lambda l, w, i: (l, w, i.float(), None), r"returned topk_indices of dtype torch\.float32"),
+    "fewer weights": (lambda l, w, i: (l, w[:, :1], i, None), r"both \[tokens=14, top_k\], got \[14, 1\] and \[14, 3\]"),
+    "[B, T, K]": (lambda l, w, i: (l, w.view(2, 7, -1), i.view(2, 7, -1), None), r"both \[tokens=14, top_k\], got \[2, 7, 3\]"),
+    "a float aux_loss": (lambda l, w, i: (l, w, i, 0.5), r"aux_loss as None or a 0-dim tensor, got float"),
+    "a vector aux_loss": (lambda l, w, i: (l, w, i, l.sum(0)), r"aux_loss as None or a 0-dim tensor, got \[8\]"),
+}
+
+
+@pytest.mark.parametrize("index", range(len(ROUTERS)))
+def test_a_router_plugin_returning_the_wrong_thing_is_named(index):
+    # these failed deep inside transformers' experts functions ("index 18 is out of bounds"), in the loss sum
+    # ("'float' object has no attribute 'to'"), or ran: float ids were used as ids, a vector aux_loss summed
+    change, message = list(ROUTERS.values())[index]
+    name = router_returning(f"careless12_router_{index}", change)
+    ids = PROMPT[:, :7].repeat(2, 1)
+    model = build_model(tiny_config(num_hidden_layers=2, topk_method=name)).train()
+    with pytest.raises(ValueError, match=rf"router plugin '{name}' \(`topk_method`\) .*" + message):
+        model(ids, labels=ids)
+
+
+def test_a_router_plugin_with_int32_ids_runs_as_with_int64():
+    logits = []
+    for name, change in (("careless12_int64", lambda l, w, i: (l, w, i, None)),
+                         ("careless12_int32", lambda l, w, i: (l, w, i.int(), None))):
+        with torch.no_grad():
+            logits.append(build_model(tiny_config(num_hidden_layers=2, topk_method=router_returning(name, change))).eval()(PROMPT).logits)
+    torch.testing.assert_close(logits[0], logits[1])
+
+
+EXPERTS = [(lambda h: h[:, :5], r"\[10, 5\]"), (lambda h: h[:3], r"\[3, 64\]"), (lambda h: (h, None), "tuple")]
+
+
+@pytest.mark.parametrize("index", range(len(EXPERTS)))
+def test_an_experts_plugin_returning_the_wrong_shape_is_named(index):
+    # "shape '[1, 10, 64]' is invalid for input of size 50" in the MoE block's reshape, naming no plugin
+    output, got = EXPERTS[index]
+    name = f"careless12_experts_{index}"
+    register_plugin("experts", name)(lambda module, hidden, top_k_index, top_k_weights: output(hidden))
+    model = build_model(tiny_config(num_hidden_layers=2, experts_backend=name)).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"experts implementation '{name}'\) must return "
+                                                          rf"\[tokens=10, hidden=64\], got {got}"):
+        model(PROMPT)
