@@ -1,5 +1,6 @@
-"""Bad or odd input on the newest features, as a careless user writes it: LoRA configs under tensor parallelism
-that leave the refused layers out, ... Each test feeds the input and checks that it is accepted as PEFT/transformers
+"""Bad or odd input on the newest features, as a careless user writes it: assisted decoding over transformers'
+quantized cache, LoRA configs under tensor parallelism that leave the refused layers out, router and experts plugins
+that return the wrong thing at runtime. Each test feeds the input and checks that it is accepted as PEFT/transformers
 read it, or refused naming what is wrong."""
 
 from __future__ import annotations
