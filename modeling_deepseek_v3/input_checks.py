@@ -142,6 +142,23 @@ def static_capacity(past_key_values) -> int | None:
     return None
 
 
+def check_cached_prompt(past_key_values, prompt_len: int) -> None:
+    """A cache passed to ``generate`` holds a strict prefix of the prompt (``generate`` takes the whole sequence as the
+    prompt and feeds the positions after the cached ones). One that holds the whole prompt or more leaves nothing to
+    feed: transformers' prefill then runs the last positions again over their cached selves and the tokens come out
+    different, without a word (its own class too)."""
+    if not isinstance(past_key_values, Cache):
+        return
+    past = past_key_values.get_seq_length()
+    if past >= prompt_len:
+        raise ValueError(
+            f"`past_key_values` already holds {past} positions and the prompt has {prompt_len}: `generate` takes the "
+            "whole sequence (the cached positions and the new ones) as the prompt, and the cache must hold fewer "
+            f"positions than it (when the cache starts with this very prompt, `past_key_values.crop(-{past - prompt_len + 1})` "
+            "drops the positions from its last prompt token on, which is then fed; a reused static cache needs `reset()`)."
+        )
+
+
 def cached_length(past_key_values) -> int | None:
     """The positions ``past_key_values`` holds when its tensors' shapes say it (no cache, or a dynamic one: 0 or the
     cached length), else None (a static cache counts its positions on the device)."""

@@ -550,6 +550,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
                 raise ValueError(f"`generate` takes token ids of shape [batch, seq_len], got a prompt of shape {tuple(prompt.shape)}.")
             input_checks.check_attention_mask(kwargs.get("attention_mask"), prompt.shape)
             self._check_static_cache_room(prompt.shape[1], kwargs)
+            input_checks.check_cached_prompt(kwargs.get("past_key_values"), prompt.shape[1])
         if not self.training:
             return super().generate(inputs, *args, **kwargs)
         # A model left in training mode (a sampling callback inside a training run) would count the generated tokens

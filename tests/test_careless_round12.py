@@ -159,3 +159,21 @@ def test_an_experts_plugin_returning_the_wrong_shape_is_named(index):
     with torch.no_grad(), pytest.raises(ValueError, match=rf"experts implementation '{name}'\) must return "
                                                           rf"\[tokens=10, hidden=64\], got {got}"):
         model(PROMPT)
+
+
+# --- a cache passed to generate that holds the whole prompt -------------------------------------------------------
+
+
+@pytest.mark.parametrize("cached", [len(PROMPT[0]), len(PROMPT[0]) + 2])
+def test_a_cache_holding_the_whole_prompt_is_refused_and_the_crop_it_names_decodes(causal, cached):
+    # the prefill found nothing left to feed and ran the last positions again over their cached selves: different
+    # tokens without a word (transformers' class too)
+    longer = torch.cat([PROMPT, torch.tensor([[9, 9]])], dim=1)[:, :cached]
+    cache = transformers.DynamicCache(config=causal.config)
+    with torch.no_grad():
+        causal(longer, past_key_values=cache, use_cache=True)
+        plain = causal.generate(PROMPT, **GREEDY)
+        with pytest.raises(ValueError, match=rf"holds {cached} positions and the prompt has {PROMPT.shape[1]}.*crop\(-{cached - 9}\)"):
+            causal.generate(PROMPT, past_key_values=cache, **GREEDY)
+        cache.crop(-(cached - 9))
+        assert torch.equal(causal.generate(PROMPT, past_key_values=cache, **GREEDY), plain)
