@@ -1,8 +1,9 @@
 """One rank of ``test_distributed_round5.py``'s multi-process tests, started by ``torchrun``.
 
-``python -m torch.distributed.run --nproc-per-node 2 _distributed_round5_worker.py CHECKPOINT OUT SCENARIO ARGS...``
-loads the checkpoint sharded as the scenario says and writes what the test compares against one process (or
-between the ranks) into ``OUT/SCENARIO.rank{r}.pt``.
+``python -m torch.distributed.run --nproc-per-node 2 _distributed_round5_worker.py OUT SCENARIO=CHECKPOINT[,ARG...]...``
+runs each scenario in turn in one launch (a launch costs each rank seconds of imports): it loads the scenario's
+checkpoint sharded as the scenario says and writes what the test compares against one process (or between the
+ranks) into ``OUT/SCENARIO.rank{r}.pt``.
 
 Scenarios:
 
@@ -36,9 +37,7 @@ def generate(model, rank: int, eos: int, return_dict: bool = False):
                           pad_token_id=0, return_dict_in_generate=return_dict)
 
 
-def main() -> None:
-    checkpoint, out, name, *args = sys.argv[1:]
-    torch.set_num_threads(1)
+def run(out: str, name: str, checkpoint: str, *args: str) -> None:
     result = {}
     if name == "new_head_tp2":
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -54,8 +53,15 @@ def main() -> None:
         eos = int(args[dist.get_rank()])  # the process group exists once the engine has loaded the model
         result["sequences"] = generate(model, dist.get_rank(), eos)
         result["dict_sequences"] = generate(model, dist.get_rank(), eos, return_dict=True).sequences
-    rank = dist.get_rank()
-    torch.save(result, os.path.join(out, f"{name}.rank{rank}.pt"))
+    torch.save(result, os.path.join(out, f"{name}.rank{dist.get_rank()}.pt"))
+
+
+def main() -> None:
+    out, *scenarios = sys.argv[1:]
+    torch.set_num_threads(1)
+    for scenario in scenarios:
+        name, arguments = scenario.split("=", 1)
+        run(out, name, *arguments.split(","))
     dist.barrier()
     dist.destroy_process_group()
 

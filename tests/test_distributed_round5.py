@@ -1,6 +1,6 @@
 """Ordinary distributed use that was refused without a reason or went silently wrong (round 5 of the distributed
 probes). Layout checks run without a launch (they must fail before any process group exists); the multi-process
-tests run one ``torchrun`` of 2 gloo ranks each."""
+tests share one ``torchrun`` of 2 gloo ranks (``launched``), which runs the scenario of each."""
 
 from __future__ import annotations
 
@@ -24,14 +24,35 @@ sys.path.insert(0, str(HERE))
 import _distributed_round5_worker as worker  # noqa: E402
 
 
-def launch(checkpoint: str, out: Path, scenario: str, *args: str) -> list[dict]:
-    """The worker's results for ``scenario`` on 2 gloo ranks, one dict per rank."""
+def launch(out: Path, scenarios: dict[str, list[str]]) -> dict[str, list[dict]]:
+    """The worker's results for each of ``scenarios`` ({name: [checkpoint, *args]}) on 2 gloo ranks, one dict per
+    rank."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(HERE / "_distributed_round5_worker.py"), checkpoint, str(out), scenario, *args]
+               str(HERE / "_distributed_round5_worker.py"), str(out),
+               *(f"{name}={','.join(arguments)}" for name, arguments in scenarios.items())]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
-    return [torch.load(out / f"{scenario}.rank{r}.pt", weights_only=False) for r in range(2)]
+    return {name: [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in range(2)] for name in scenarios}
+
+
+@pytest.fixture(scope="module")
+def mtp_eos(tmp_path_factory):
+    """An MTP checkpoint, an EOS id per rank that stops rank 0 early and not rank 1, and one process's sequences."""
+    checkpoint = save_checkpoint(tiny_config(num_nextn_predict_layers=1), tmp_path_factory.mktemp("mtp") / "tiny")
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    free = [worker.generate(model, rank, eos=0)[0, 6:].tolist() for rank in range(2)]  # eos 0 (the pad id) is not drawn here
+    eos = [free[0][2], next(t for t in range(1, 97) if t not in free[1])]  # rank 0 stops after 3 tokens, rank 1 runs on
+    return checkpoint, eos, [worker.generate(model, rank, eos[rank]) for rank in range(2)]
+
+
+@pytest.fixture(scope="module")
+def launched(mtp_eos, tmp_path_factory):
+    checkpoint, eos, _ = mtp_eos
+    plain = save_checkpoint(tiny_config(), tmp_path_factory.mktemp("plain") / "tiny")
+    # the head first: its ranks start from the random state of fresh processes, as in a launch of its own
+    return launch(tmp_path_factory.mktemp("ranks"), {"new_head_tp2": [plain],
+                                                     "mtp_generate_eos": [checkpoint, *map(str, eos)]})
 
 
 @pytest.mark.parametrize("sizes", [dict(ep_size=2, fsdp_size=2), dict(tp_size=2)])
@@ -79,24 +100,19 @@ def test_train_distributed_refuses_tp_on_cpu_processes_by_name(monkeypatch, caps
     assert example.parse_args(["--tp-size", "2"]).tp_size == 2
 
 
-def test_mtp_decoding_on_a_sharded_model_stops_at_each_ranks_eos(tmp_path):
+def test_mtp_decoding_on_a_sharded_model_stops_at_each_ranks_eos(mtp_eos, launched):
     # generate turns synced_gpus on for an FSDP-managed model; transformers' assisted loop then kept appending the
     # accepted tokens of the rank that had reached its EOS while the other rank went on: it returned tokens past EOS
-    checkpoint = save_checkpoint(tiny_config(num_nextn_predict_layers=1), tmp_path / "tiny")
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    free = [worker.generate(model, rank, eos=0)[0, 6:].tolist() for rank in range(2)]  # eos 0 (the pad id) is not drawn here
-    eos = [free[0][2], next(t for t in range(1, 97) if t not in free[1])]  # rank 0 stops after 3 tokens, rank 1 runs on
-    expected = [worker.generate(model, rank, eos[rank]) for rank in range(2)]
+    _, _, expected = mtp_eos
     assert expected[0].shape[1] <= 6 + 3 < expected[1].shape[1] == 6 + worker.MAX_NEW_TOKENS
-    for rank, result in enumerate(launch(checkpoint, tmp_path, "mtp_generate_eos", *map(str, eos))):
+    for rank, result in enumerate(launched["mtp_generate_eos"]):
         assert torch.equal(result["sequences"], expected[rank]), rank
         assert torch.equal(result["dict_sequences"], expected[rank]), rank
 
 
-def test_a_head_initialised_at_load_is_the_same_on_every_tensor_parallel_rank(tmp_path):
+def test_a_head_initialised_at_load_is_the_same_on_every_tensor_parallel_rank(launched):
     # A classification head over a causal-LM checkpoint is initialised by from_pretrained; under TP it stays whole on
     # each rank, and each rank drew its own values: two ranks sharing a batch gave it different logits
-    checkpoint = save_checkpoint(tiny_config(), tmp_path / "tiny")
-    ranks = launch(checkpoint, tmp_path, "new_head_tp2")
+    ranks = launched["new_head_tp2"]
     assert torch.equal(ranks[0]["score"], ranks[1]["score"])
     assert torch.equal(ranks[0]["logits"], ranks[1]["logits"])
