@@ -165,12 +165,21 @@ def hand_loop(config, ids, micro_batches, steps=3, num_items=False):
     return model, total_losses
 
 
-@pytest.mark.parametrize("micro_batches,num_items", [(2, False), (4, True)])
-def test_a_hand_loop_with_accumulation_ends_like_one_large_batch(micro_batches, num_items):
-    config = tiny_config(num_nextn_predict_layers=2, router_bias_update_speed=0.01, aux_loss_alpha=0.01)
+def accumulation_config():
+    return tiny_config(num_nextn_predict_layers=2, router_bias_update_speed=0.01, aux_loss_alpha=0.01)
+
+
+@pytest.fixture(scope="module")
+def one_large_batch():
+    """The hand loop over the whole batch at once: the reference of both accumulation cases (only read by them)."""
     ids = torch.randint(1, VOCAB, (8, 12), generator=torch.Generator().manual_seed(1))
-    large, large_losses = hand_loop(config, ids, 1)
-    small, small_losses = hand_loop(config, ids, micro_batches, num_items=num_items)
+    return ids, *hand_loop(accumulation_config(), ids, 1)
+
+
+@pytest.mark.parametrize("micro_batches,num_items", [(2, False), (4, True)])
+def test_a_hand_loop_with_accumulation_ends_like_one_large_batch(one_large_batch, micro_batches, num_items):
+    ids, large, large_losses = one_large_batch
+    small, small_losses = hand_loop(accumulation_config(), ids, micro_batches, num_items=num_items)
     assert small_losses == pytest.approx(large_losses, abs=1e-6)
     mine = small.state_dict()
     for name, tensor in large.state_dict().items():
